@@ -1,0 +1,176 @@
+//! [`MemoryStore`]: a process-local [`StateStore`] for tests and the offline plugin harness.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use super::{StateError, StateStore, add_to_counter, now_ms};
+
+/// Entries of one namespace: key -> (expiry ms since the epoch, 0 = never; value).
+type Entries = BTreeMap<String, (u64, Vec<u8>)>;
+
+/// A [`StateStore`] kept in memory behind one mutex; lost when the process exits.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    namespaces: Mutex<HashMap<String, Entries>>,
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Entries>> {
+        // A panic while holding the lock cannot leave an entry half-written (every update is
+        // one insert or remove), so a poisoned lock is still consistent.
+        self.namespaces
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+fn live<'a>(entries: Option<&'a Entries>, key: &str, now: u64) -> Option<&'a (u64, Vec<u8>)> {
+    entries
+        .and_then(|e| e.get(key))
+        .filter(|(exp, _)| *exp == 0 || *exp > now)
+}
+
+fn expiry(ttl: Option<Duration>, now: u64) -> u64 {
+    match ttl {
+        None => 0,
+        Some(ttl) => now
+            .saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX))
+            .max(1),
+    }
+}
+
+impl StateStore for MemoryStore {
+    fn get(&self, ns: &str, key: &str) -> Result<Option<Vec<u8>>, StateError> {
+        let map = self.lock();
+        Ok(live(map.get(ns), key, now_ms()).map(|(_, v)| v.clone()))
+    }
+
+    fn set(
+        &self,
+        ns: &str,
+        key: &str,
+        value: &[u8],
+        ttl: Option<Duration>,
+    ) -> Result<(), StateError> {
+        let now = now_ms();
+        self.lock()
+            .entry(ns.to_owned())
+            .or_default()
+            .insert(key.to_owned(), (expiry(ttl, now), value.to_vec()));
+        Ok(())
+    }
+
+    fn incr(
+        &self,
+        ns: &str,
+        key: &str,
+        delta: i64,
+        ttl: Option<Duration>,
+    ) -> Result<i64, StateError> {
+        let now = now_ms();
+        let mut map = self.lock();
+        let (exp, next) = match live(map.get(ns), key, now) {
+            Some((exp, v)) => (*exp, add_to_counter(key, Some(v), delta)?),
+            None => (expiry(ttl, now), add_to_counter(key, None, delta)?),
+        };
+        map.entry(ns.to_owned())
+            .or_default()
+            .insert(key.to_owned(), (exp, next.to_string().into_bytes()));
+        Ok(next)
+    }
+
+    fn cas(
+        &self,
+        ns: &str,
+        key: &str,
+        expected: Option<&[u8]>,
+        new: Option<&[u8]>,
+        ttl: Option<Duration>,
+    ) -> Result<bool, StateError> {
+        let now = now_ms();
+        let mut map = self.lock();
+        let current = live(map.get(ns), key, now).map(|(_, v)| v.as_slice());
+        if current != expected {
+            return Ok(false);
+        }
+        let entries = map.entry(ns.to_owned()).or_default();
+        match new {
+            Some(v) => entries.insert(key.to_owned(), (expiry(ttl, now), v.to_vec())),
+            None => entries.remove(key),
+        };
+        Ok(true)
+    }
+
+    fn delete(&self, ns: &str, key: &str) -> Result<bool, StateError> {
+        let now = now_ms();
+        let mut map = self.lock();
+        let was_live = live(map.get(ns), key, now).is_some();
+        if let Some(entries) = map.get_mut(ns) {
+            entries.remove(key);
+        }
+        Ok(was_live)
+    }
+
+    fn scan_prefix(
+        &self,
+        ns: &str,
+        prefix: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StateError> {
+        let now = now_ms();
+        let map = self.lock();
+        let Some(entries) = map.get(ns) else {
+            return Ok(Vec::new());
+        };
+        Ok(entries
+            .range(prefix.to_owned()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .filter(|(_, (exp, _))| *exp == 0 || *exp > now)
+            .take(limit)
+            .map(|(k, (_, v))| (k.clone(), v.clone()))
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::tests as shared;
+    use std::sync::Arc;
+
+    #[test]
+    fn basic() {
+        shared::basic(&MemoryStore::new());
+    }
+
+    #[test]
+    fn cas() {
+        shared::cas(&MemoryStore::new());
+    }
+
+    #[test]
+    fn incr() {
+        shared::incr(&MemoryStore::new());
+    }
+
+    #[test]
+    fn ttl() {
+        shared::ttl(&MemoryStore::new());
+    }
+
+    #[test]
+    fn scan_10k() {
+        shared::scan(&MemoryStore::new());
+    }
+
+    #[test]
+    fn concurrent_incr_is_exact() {
+        shared::concurrent_incr(Arc::new(MemoryStore::new()));
+    }
+}
