@@ -1,0 +1,2 @@
+//! The WASM plugin host (wasmtime component model), implementing
+//! [`PluginRuntime`](super::contract::PluginRuntime).
