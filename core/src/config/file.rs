@@ -1,0 +1,188 @@
+//! File shapes: what `weir.toml` may contain. Every struct rejects unknown keys and every
+//! field says what it does. These types are only read by [`super::Config`]'s constructors.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+
+use crate::provider::ProviderConfig;
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// `[server]`: listener and limits.
+    #[serde(default)]
+    pub server: ServerConfig,
+    /// `[log]`: log format and level.
+    #[serde(default)]
+    pub log: LogConfig,
+    /// `[retry]`: retries and backoff before falling back to the next target.
+    #[serde(default)]
+    pub retry: RetryConfig,
+    /// `[providers.NAME]`: upstreams, each with a `kind`.
+    #[serde(default)]
+    pub providers: BTreeMap<String, ProviderConfig>,
+    /// `[[models]]`: the models clients can ask for.
+    #[serde(default)]
+    pub models: Vec<ModelConfig>,
+}
+
+/// `[server]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address to listen on. Default `127.0.0.1:8080`; `weir serve --listen` overrides it.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// Largest request body accepted, in bytes; larger bodies get a 413. Default 10 MiB.
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: u64,
+    /// Seconds in-flight requests (streams included) get to finish after SIGTERM/SIGINT.
+    /// Default 30.
+    #[serde(default = "default_grace")]
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: default_listen(),
+            max_body_bytes: default_max_body(),
+            shutdown_grace_secs: default_grace(),
+        }
+    }
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:8080".to_owned()
+}
+fn default_max_body() -> u64 {
+    10 * 1024 * 1024
+}
+fn default_grace() -> u64 {
+    30
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `pretty` (default, for terminals) or `json` (one object per line, for collectors).
+    #[serde(default)]
+    pub format: LogFormat,
+    /// A `tracing` filter: `info` (default), `weir=debug`, ... `RUST_LOG` overrides it.
+    #[serde(default = "default_level")]
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { format: LogFormat::default(), level: default_level() }
+    }
+}
+
+fn default_level() -> String {
+    "info".to_owned()
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Pretty,
+    /// JSON objects, one per line.
+    Json,
+}
+
+/// `[retry]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Attempts on each target before falling back to the next (1 = no retry). Default 2.
+    #[serde(default = "default_attempts")]
+    pub attempts_per_target: u32,
+    /// Backoff before the first retry, in ms; doubles per retry. Default 100.
+    #[serde(default = "default_backoff")]
+    pub backoff_ms: u64,
+    /// Backoff ceiling, in ms. Default 2000.
+    #[serde(default = "default_max_backoff")]
+    pub max_backoff_ms: u64,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            attempts_per_target: default_attempts(),
+            backoff_ms: default_backoff(),
+            max_backoff_ms: default_max_backoff(),
+        }
+    }
+}
+
+fn default_attempts() -> u32 {
+    2
+}
+fn default_backoff() -> u64 {
+    100
+}
+fn default_max_backoff() -> u64 {
+    2000
+}
+
+/// `timeouts` of a provider.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimeoutsConfig {
+    /// TCP + TLS connect, ms. Default 5,000.
+    #[serde(default = "default_connect")]
+    pub connect_ms: u64,
+    /// Until response headers (and for streams the first event), ms. Default 60,000.
+    #[serde(default = "default_first_byte")]
+    pub first_byte_ms: u64,
+    /// Whole exchange including a stream, ms. Default 600,000.
+    #[serde(default = "default_total")]
+    pub total_ms: u64,
+}
+
+impl Default for TimeoutsConfig {
+    fn default() -> Self {
+        TimeoutsConfig {
+            connect_ms: default_connect(),
+            first_byte_ms: default_first_byte(),
+            total_ms: default_total(),
+        }
+    }
+}
+
+fn default_connect() -> u64 {
+    5_000
+}
+fn default_first_byte() -> u64 {
+    60_000
+}
+fn default_total() -> u64 {
+    600_000
+}
+
+/// `[[models]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// The name clients send as `model`.
+    pub name: String,
+    /// Targets in order: primary first, then fallbacks.
+    pub targets: Vec<TargetConfig>,
+}
+
+/// One target of a model.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetConfig {
+    /// A name from `[providers]`.
+    pub provider: String,
+    /// The model name the provider knows; defaults to the model's own name.
+    #[serde(default)]
+    pub model: Option<String>,
+}

@@ -1,0 +1,276 @@
+//! Configuration: the TOML file shapes ([`file`]), `${ENV}` interpolation ([`env`]), and the
+//! validated runtime [`Config`] built from them.
+//!
+//! Loading is two steps, as everywhere in Weir: deserialize the file shape (unknown keys are
+//! rejected, every error names the file, the key and the reason), then convert into runtime
+//! types with `TryFrom`-style constructors that check everything a request would otherwise
+//! trip over (URLs, header values, targets naming unknown providers). A config that loads
+//! serves.
+
+pub mod env;
+pub mod file;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use file::{FileConfig, LogFormat, TimeoutsConfig};
+
+use crate::provider::{self, ProviderKind};
+
+/// Error loading or validating configuration. Every variant names where the problem is.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        /// Path of the file.
+        file: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML.
+    #[error("{file}: {reason}")]
+    Syntax {
+        /// Path of the file.
+        file: PathBuf,
+        /// Parser message with line and column.
+        reason: String,
+    },
+    /// A key is unknown, missing, of the wrong type, or has an invalid value.
+    #[error("{file}: {key}: {reason}")]
+    Invalid {
+        /// Path of the file (filled in by [`Config::load`]).
+        file: PathBuf,
+        /// Dotted key path, e.g. `providers.openai.base_url`.
+        key: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+impl ConfigError {
+    /// An invalid value at `key`; the file is filled in by the loader.
+    pub fn invalid(key: impl Into<String>, reason: impl Into<String>) -> Self {
+        ConfigError::Invalid { file: PathBuf::new(), key: key.into(), reason: reason.into() }
+    }
+
+    fn in_file(self, path: &Path) -> Self {
+        match self {
+            ConfigError::Invalid { key, reason, .. } => {
+                ConfigError::Invalid { file: path.to_owned(), key, reason }
+            }
+            other => other,
+        }
+    }
+}
+
+/// Checks a provider base URL and strips its trailing slash.
+pub fn validate_base_url(provider: &str, url: &str) -> Result<String, ConfigError> {
+    let key = format!("providers.{provider}.base_url");
+    let trimmed = url.trim_end_matches('/');
+    let rest = trimmed
+        .strip_prefix("https://")
+        .or_else(|| trimmed.strip_prefix("http://"))
+        .ok_or_else(|| ConfigError::invalid(&key, format!("'{url}' must start with http:// or https://")))?;
+    if rest.is_empty() || rest.starts_with('/') {
+        return Err(ConfigError::invalid(&key, format!("'{url}' has no host")));
+    }
+    if trimmed.parse::<http::Uri>().is_err() {
+        return Err(ConfigError::invalid(&key, format!("'{url}' is not a valid URL")));
+    }
+    Ok(trimmed.to_owned())
+}
+
+/// Upstream timeouts of one provider.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// TCP + TLS connect.
+    pub connect: Duration,
+    /// From sending the request to the response headers (and, for streams, the first event).
+    pub first_byte: Duration,
+    /// Whole exchange, streams included.
+    pub total: Duration,
+}
+
+impl From<&TimeoutsConfig> for Timeouts {
+    fn from(t: &TimeoutsConfig) -> Self {
+        Timeouts {
+            connect: Duration::from_millis(t.connect_ms),
+            first_byte: Duration::from_millis(t.first_byte_ms),
+            total: Duration::from_millis(t.total_ms),
+        }
+    }
+}
+
+/// A configured provider instance.
+pub struct ProviderEntry {
+    /// Name from the config table (`[providers.NAME]`).
+    pub name: String,
+    /// Which dialect it speaks.
+    pub kind: ProviderKind,
+    /// The translation (or, for `mock`, the in-process responder).
+    pub imp: provider::ProviderImpl,
+    /// Timeouts.
+    pub timeouts: Timeouts,
+}
+
+impl std::fmt::Debug for ProviderEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the provider itself: it holds credentials.
+        f.debug_struct("ProviderEntry").field("name", &self.name).field("kind", &self.kind).finish()
+    }
+}
+
+/// One upstream target of a model: a provider and the model name it knows.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// The provider.
+    pub provider: Arc<ProviderEntry>,
+    /// Upstream model name.
+    pub model: String,
+}
+
+/// A model the gateway serves.
+#[derive(Debug, Clone)]
+pub struct Model {
+    /// The name clients ask for.
+    pub name: String,
+    /// Targets in order: the first is primary, the rest are fallbacks.
+    pub targets: Vec<Target>,
+}
+
+/// Retry and fallback policy.
+#[derive(Debug, Clone, Copy)]
+pub struct Retry {
+    /// Attempts per target (1 = no retry on the same target).
+    pub attempts_per_target: u32,
+    /// First backoff; doubled per retry.
+    pub backoff: Duration,
+    /// Backoff ceiling.
+    pub max_backoff: Duration,
+}
+
+/// The validated, runtime configuration.
+#[derive(Debug)]
+pub struct Config {
+    /// Where the file came from.
+    pub path: PathBuf,
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// Largest request body accepted.
+    pub max_body_bytes: usize,
+    /// How long in-flight requests may run after a shutdown signal.
+    pub shutdown_grace: Duration,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Log filter (`info`, `weir=debug`, ...).
+    pub log_level: String,
+    /// Retry policy.
+    pub retry: Retry,
+    /// Providers by name (disabled ones excluded).
+    pub providers: HashMap<String, Arc<ProviderEntry>>,
+    /// Served models by name.
+    pub models: HashMap<String, Arc<Model>>,
+    /// Model names in config order, for `/v1/models`.
+    pub model_order: Vec<String>,
+    /// The file shape, kept for subsystems that read their own sections (plugins).
+    pub file: FileConfig,
+}
+
+impl Config {
+    /// Reads, interpolates, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { file: path.to_owned(), source })?;
+        Self::from_toml(path, &text)
+    }
+
+    /// Parses and validates config text; `path` is used in messages and for relative paths.
+    pub fn from_toml(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let mut value: toml::Value = toml::from_str(text)
+            .map_err(|e| ConfigError::Syntax { file: path.to_owned(), reason: e.to_string() })?;
+        let disabled = env::interpolate(&mut value, &|k| std::env::var(k).ok()).map_err(|e| e.in_file(path))?;
+        let file: FileConfig = serde_path_to_error::deserialize(value).map_err(|e| {
+            let key = e.path().to_string();
+            ConfigError::Invalid { file: path.to_owned(), key, reason: e.inner().to_string() }
+        })?;
+        Self::build(path, file, &disabled).map_err(|e| e.in_file(path))
+    }
+
+    fn build(path: &Path, file: FileConfig, disabled: &[String]) -> Result<Config, ConfigError> {
+        let listen = file
+            .server
+            .listen
+            .parse::<SocketAddr>()
+            .map_err(|e| ConfigError::invalid("server.listen", format!("'{}': {e}", file.server.listen)))?;
+        if file.server.max_body_bytes == 0 {
+            return Err(ConfigError::invalid("server.max_body_bytes", "must be greater than 0"));
+        }
+        if file.retry.attempts_per_target == 0 {
+            return Err(ConfigError::invalid("retry.attempts_per_target", "must be at least 1"));
+        }
+        let mut providers = HashMap::new();
+        for (name, spec) in &file.providers {
+            if disabled.iter().any(|d| d == name) {
+                tracing::warn!(provider = %name, "Provider disabled: its api_key is empty (set the environment variable it names to enable it).");
+                continue;
+            }
+            let entry = provider::build(name, spec)?;
+            providers.insert(name.clone(), Arc::new(entry));
+        }
+        let mut models = HashMap::new();
+        let mut model_order = Vec::new();
+        for (i, m) in file.models.iter().enumerate() {
+            let key = format!("models[{i}]");
+            if m.name.is_empty() {
+                return Err(ConfigError::invalid(format!("{key}.name"), "must not be empty"));
+            }
+            if models.contains_key(&m.name) {
+                return Err(ConfigError::invalid(format!("{key}.name"), format!("model '{}' is defined twice", m.name)));
+            }
+            if m.targets.is_empty() {
+                return Err(ConfigError::invalid(format!("{key}.targets"), "needs at least one target"));
+            }
+            let mut targets = Vec::new();
+            for (j, t) in m.targets.iter().enumerate() {
+                if disabled.iter().any(|d| d == &t.provider) {
+                    continue;
+                }
+                let provider = providers.get(&t.provider).ok_or_else(|| {
+                    ConfigError::invalid(
+                        format!("{key}.targets[{j}].provider"),
+                        format!("no provider named '{}' in [providers]", t.provider),
+                    )
+                })?;
+                let model = t.model.clone().unwrap_or_else(|| m.name.clone());
+                targets.push(Target { provider: provider.clone(), model });
+            }
+            if targets.is_empty() {
+                tracing::warn!(model = %m.name, "Model not served: all of its providers are disabled.");
+                continue;
+            }
+            model_order.push(m.name.clone());
+            models.insert(m.name.clone(), Arc::new(Model { name: m.name.clone(), targets }));
+        }
+        Ok(Config {
+            path: path.to_owned(),
+            listen,
+            max_body_bytes: usize::try_from(file.server.max_body_bytes).unwrap_or(usize::MAX),
+            shutdown_grace: Duration::from_secs(file.server.shutdown_grace_secs),
+            log_format: file.log.format,
+            log_level: file.log.level.clone(),
+            retry: Retry {
+                attempts_per_target: file.retry.attempts_per_target,
+                backoff: Duration::from_millis(file.retry.backoff_ms),
+                max_backoff: Duration::from_millis(file.retry.max_backoff_ms),
+            },
+            providers,
+            models,
+            model_order,
+            file,
+        })
+    }
+}

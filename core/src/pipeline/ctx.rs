@@ -1,0 +1,79 @@
+//! [`RequestCtx`]: everything the pipeline and the plugins know about one request.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use http::HeaderMap;
+
+use crate::api::openai::{ChatRequest, EmbeddingsRequest};
+
+/// The API dialect the client spoke; errors and responses are encoded back in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    /// `/v1/chat/completions`, `/v1/embeddings`.
+    OpenAi,
+    /// `/v1/messages`.
+    Anthropic,
+}
+
+impl Dialect {
+    /// Label for logs and plugins.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Dialect::OpenAi => "openai",
+            Dialect::Anthropic => "anthropic",
+        }
+    }
+}
+
+/// The request body, parsed once into the canonical form.
+#[derive(Debug, Clone)]
+pub enum Body {
+    /// A chat completion (from either dialect).
+    Chat(ChatRequest),
+    /// An embeddings request.
+    Embeddings(EmbeddingsRequest),
+}
+
+impl Body {
+    /// The model the body asks for.
+    pub fn model(&self) -> &str {
+        match self {
+            Body::Chat(c) => &c.model,
+            Body::Embeddings(e) => &e.model,
+        }
+    }
+
+    /// Whether the client asked for a stream.
+    pub fn stream(&self) -> bool {
+        matches!(self, Body::Chat(c) if c.stream)
+    }
+}
+
+/// A target chosen by a plugin (routing): a provider name from config and an upstream model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetOverride {
+    /// A name from `[providers]`.
+    pub provider: String,
+    /// The upstream model name.
+    pub model: String,
+}
+
+/// Per-request state shared by the pipeline phases and the plugins, in order.
+#[derive(Debug)]
+pub struct RequestCtx {
+    /// `x-request-id`, accepted from the client or generated.
+    pub request_id: String,
+    /// Inbound dialect.
+    pub dialect: Dialect,
+    /// When the gateway received the request.
+    pub started: Instant,
+    /// Inbound headers; plugins may add or remove (e.g. strip the client's key).
+    pub headers: HeaderMap,
+    /// The canonical body; plugins may rewrite it (redaction, model change).
+    pub body: Body,
+    /// Targets set by a plugin; `None` means the model's configured targets.
+    pub targets: Option<Vec<TargetOverride>>,
+    /// Request-scoped key-value bag shared by the plugins of one request (`tenant`, `key`...).
+    pub metadata: BTreeMap<String, String>,
+}

@@ -1,0 +1,172 @@
+//! [`GatewayError`]: every way a request can fail, and the one place errors become HTTP.
+
+use axum::response::{IntoResponse, Response};
+use http::{HeaderValue, StatusCode};
+use serde_json::json;
+
+use super::ctx::Dialect;
+use crate::api::BadRequest;
+
+/// A request failure. Client-facing messages never contain credentials or internals; the
+/// details go to the log.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// The body is not JSON.
+    #[error("request body is not valid JSON: {0}")]
+    MalformedJson(String),
+    /// The body is JSON but not a valid request.
+    #[error("{0}")]
+    BadRequest(#[from] BadRequest),
+    /// The body exceeds `server.max_body_bytes`.
+    #[error("request body exceeds the limit of {0} bytes")]
+    PayloadTooLarge(usize),
+    /// No such model in config.
+    #[error("model '{0}' does not exist or is not served by this gateway")]
+    ModelNotFound(String),
+    /// The chosen provider cannot serve this kind of request.
+    #[error("{0}")]
+    Unsupported(String),
+    /// The upstream answered with an error status that is not retried (or retries ran out).
+    #[error("upstream {provider} answered {status}: {message}")]
+    UpstreamStatus {
+        /// Provider name.
+        provider: String,
+        /// The upstream's status, passed on to the client.
+        status: StatusCode,
+        /// The upstream's message.
+        message: String,
+    },
+    /// The upstream could not be reached or sent something unusable.
+    #[error("upstream {provider} failed: {reason}")]
+    UpstreamFailed {
+        /// Provider name.
+        provider: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The upstream did not answer in time.
+    #[error("upstream {provider} timed out ({phase})")]
+    UpstreamTimeout {
+        /// Provider name.
+        provider: String,
+        /// `connect`, `first byte` or `total`.
+        phase: &'static str,
+    },
+    /// A plugin with `failure = "closed"` failed.
+    #[error("plugin '{plugin}' failed and is configured to fail closed")]
+    PluginFailed {
+        /// Plugin instance name.
+        plugin: String,
+    },
+    /// A bug or resource failure inside the gateway.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl GatewayError {
+    /// The HTTP status for the client.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            GatewayError::MalformedJson(_) | GatewayError::BadRequest(_) | GatewayError::Unsupported(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            GatewayError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            GatewayError::ModelNotFound(_) => StatusCode::NOT_FOUND,
+            GatewayError::UpstreamStatus { status, .. } => *status,
+            GatewayError::UpstreamFailed { .. } => StatusCode::BAD_GATEWAY,
+            GatewayError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            GatewayError::PluginFailed { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// A short, stable reason for metrics and logs.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            GatewayError::MalformedJson(_) => "malformed_json",
+            GatewayError::BadRequest(_) => "bad_request",
+            GatewayError::PayloadTooLarge(_) => "payload_too_large",
+            GatewayError::ModelNotFound(_) => "model_not_found",
+            GatewayError::Unsupported(_) => "unsupported",
+            GatewayError::UpstreamStatus { .. } => "upstream_status",
+            GatewayError::UpstreamFailed { .. } => "upstream_failed",
+            GatewayError::UpstreamTimeout { .. } => "upstream_timeout",
+            GatewayError::PluginFailed { .. } => "plugin_failed",
+            GatewayError::Internal(_) => "internal",
+        }
+    }
+
+    /// The OpenAI `error.type` for this error.
+    fn openai_type(&self) -> &'static str {
+        match self.status() {
+            StatusCode::UNAUTHORIZED => "authentication_error",
+            StatusCode::FORBIDDEN => "permission_error",
+            StatusCode::NOT_FOUND => "not_found_error",
+            StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
+            s if s.is_client_error() => "invalid_request_error",
+            _ => "api_error",
+        }
+    }
+
+    /// The client-facing message. Upstream messages are passed on (they describe the
+    /// client's request); internal details are not.
+    pub fn client_message(&self) -> String {
+        match self {
+            GatewayError::Internal(_) => "internal error; see the gateway log for the request id".to_owned(),
+            other => other.to_string(),
+        }
+    }
+
+    /// The error body in the client's dialect.
+    pub fn body(&self, dialect: Dialect) -> serde_json::Value {
+        let message = self.client_message();
+        match dialect {
+            Dialect::OpenAi => {
+                let param = match self {
+                    GatewayError::BadRequest(b) => b.field.clone(),
+                    _ => None,
+                };
+                let code = match self {
+                    GatewayError::ModelNotFound(_) => Some("model_not_found"),
+                    GatewayError::PayloadTooLarge(_) => Some("payload_too_large"),
+                    GatewayError::UpstreamTimeout { .. } => Some("upstream_timeout"),
+                    GatewayError::PluginFailed { .. } => Some("plugin_failed"),
+                    _ => None,
+                };
+                json!({"error": {"message": message, "type": self.openai_type(), "param": param, "code": code}})
+            }
+            Dialect::Anthropic => crate::api::anthropic::error_body(self.status(), &message),
+        }
+    }
+
+    /// The full HTTP response in the client's dialect.
+    pub fn into_response_for(self, dialect: Dialect) -> Response {
+        let status = self.status();
+        let body = self.body(dialect);
+        let mut resp = (status, axum::Json(body)).into_response();
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            resp.headers_mut().insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_request_names_the_field() {
+        let e = GatewayError::BadRequest(BadRequest::field("messages[0].role", "missing field `role`"));
+        assert_eq!(e.status(), StatusCode::BAD_REQUEST);
+        let body = e.body(Dialect::OpenAi);
+        assert_eq!(body["error"]["param"], "messages[0].role");
+        assert_eq!(body["error"]["type"], "invalid_request_error");
+    }
+
+    #[test]
+    fn internal_details_stay_out_of_the_body() {
+        let e = GatewayError::Internal("secret path /etc/x".into());
+        assert!(!e.body(Dialect::OpenAi).to_string().contains("/etc/x"));
+    }
+}

@@ -1,0 +1,314 @@
+//! HTTP surface: the axum router, body reading, request ids, and graceful shutdown. Nothing
+//! here knows about providers or policies; handlers parse the body once and hand over to
+//! [`crate::pipeline`].
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use http::{HeaderMap, HeaderValue, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use serde::de::DeserializeOwned;
+use serde_json::json;
+use tracing::Instrument;
+
+use crate::api::BadRequest;
+use crate::api::openai::{ChatRequest, EmbeddingsRequest};
+use crate::pipeline::ctx::Body as CtxBody;
+use crate::pipeline::{self, Dialect, Gateway, GatewayError, RequestCtx};
+
+/// Header carrying the request id, accepted from clients and always returned.
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// Builds the router. Tests call this and drive it with `tower::ServiceExt::oneshot`.
+pub fn router(gw: Arc<Gateway>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/embeddings", post(embeddings))
+        .route("/v1/messages", post(messages))
+        .route("/v1/models", get(models))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .with_state(gw)
+}
+
+/// A request id: the client's if it is sane, otherwise a fresh one.
+fn request_id(headers: &HeaderMap) -> String {
+    headers
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_owned)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string())
+}
+
+fn with_request_id(mut resp: Response, id: &str) -> Response {
+    if let Ok(v) = HeaderValue::from_str(id) {
+        resp.headers_mut().insert(REQUEST_ID, v);
+    }
+    resp
+}
+
+/// Reads the body up to the configured limit.
+async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, GatewayError> {
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(GatewayError::PayloadTooLarge(limit)),
+        Err(e) => Err(GatewayError::BadRequest(BadRequest { field: None, message: format!("cannot read body: {e}") })),
+    }
+}
+
+/// Parses JSON into `T`, naming the offending field on type errors.
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, GatewayError> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    match serde_path_to_error::deserialize::<_, T>(&mut de) {
+        Ok(v) => {
+            de.end().map_err(|e| GatewayError::MalformedJson(e.to_string()))?;
+            Ok(v)
+        }
+        Err(err) => {
+            let path = err.path().to_string();
+            let inner = err.into_inner();
+            if inner.is_syntax() || inner.is_eof() {
+                return Err(GatewayError::MalformedJson(inner.to_string()));
+            }
+            let field = if path == "." { None } else { Some(path) };
+            let message = match &field {
+                Some(f) => format!("invalid field '{f}': {inner}"),
+                None => format!("invalid request: {inner}"),
+            };
+            Err(GatewayError::BadRequest(BadRequest { field, message }))
+        }
+    }
+}
+
+const ROLES: &[&str] = &["system", "developer", "user", "assistant", "tool", "function"];
+
+/// Checks what serde cannot: a non-empty conversation with known roles.
+fn validate_chat(req: &ChatRequest) -> Result<(), GatewayError> {
+    if req.messages.is_empty() {
+        return Err(BadRequest::field("messages", "messages must not be empty").into());
+    }
+    for (i, m) in req.messages.iter().enumerate() {
+        if !ROLES.contains(&m.role.as_str()) {
+            return Err(BadRequest::field(
+                format!("messages[{i}].role"),
+                format!("unknown role '{}' (expected one of {})", m.role, ROLES.join(", ")),
+            )
+            .into());
+        }
+        if m.role == "tool" && m.tool_call_id.is_none() {
+            return Err(BadRequest::field(
+                format!("messages[{i}].tool_call_id"),
+                "a tool message needs tool_call_id",
+            )
+            .into());
+        }
+    }
+    if req.n == Some(0) {
+        return Err(BadRequest::field("n", "n must be at least 1").into());
+    }
+    Ok(())
+}
+
+/// Everything a handler needs before the pipeline: id, span, snapshot limits, body bytes.
+async fn prologue(
+    gw: &Gateway,
+    req: Request,
+    dialect: Dialect,
+) -> Result<(String, HeaderMap, bytes::Bytes), (String, Response)> {
+    let (parts, body) = req.into_parts();
+    let id = request_id(&parts.headers);
+    let limit = gw.snapshot().config.max_body_bytes;
+    match read_body(body, limit).await {
+        Ok(bytes) => Ok((id, parts.headers, bytes)),
+        Err(e) => {
+            tracing::info!(error = e.reason(), "Request rejected.");
+            let resp = e.into_response_for(dialect);
+            Err((id.clone(), with_request_id(resp, &id)))
+        }
+    }
+}
+
+fn span_for(id: &str, route: &'static str, dialect: Dialect) -> tracing::Span {
+    tracing::info_span!(
+        "request",
+        id = %id,
+        route,
+        dialect = dialect.as_str(),
+        model = tracing::field::Empty,
+        provider = tracing::field::Empty,
+        status = tracing::field::Empty,
+    )
+}
+
+async fn chat_completions(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
+    let started = Instant::now();
+    let (id, headers, bytes) = match prologue(&gw, req, Dialect::OpenAi).await {
+        Ok(v) => v,
+        Err((_, resp)) => return resp,
+    };
+    let span = span_for(&id, "chat", Dialect::OpenAi);
+    let resp = async {
+        let parsed = parse_json::<ChatRequest>(&bytes).and_then(|r| validate_chat(&r).map(|()| r));
+        let chat = match parsed {
+            Ok(c) => c,
+            Err(e) => return reject(&gw, e, Dialect::OpenAi, "unknown"),
+        };
+        let ctx = new_ctx(&id, Dialect::OpenAi, started, headers, CtxBody::Chat(chat));
+        pipeline::chat(&gw, ctx).await
+    }
+    .instrument(span)
+    .await;
+    with_request_id(resp, &id)
+}
+
+async fn messages(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
+    let started = Instant::now();
+    let (id, headers, bytes) = match prologue(&gw, req, Dialect::Anthropic).await {
+        Ok(v) => v,
+        Err((_, resp)) => return resp,
+    };
+    let span = span_for(&id, "messages", Dialect::Anthropic);
+    let resp = async {
+        let parsed = parse_json::<crate::api::anthropic::MessagesRequest>(&bytes).and_then(|m| {
+            crate::api::anthropic::to_chat_request(m).map_err(GatewayError::from)
+        });
+        let chat = match parsed.and_then(|r| validate_chat(&r).map(|()| r)) {
+            Ok(c) => c,
+            Err(e) => return reject(&gw, e, Dialect::Anthropic, "unknown"),
+        };
+        let ctx = new_ctx(&id, Dialect::Anthropic, started, headers, CtxBody::Chat(chat));
+        pipeline::chat(&gw, ctx).await
+    }
+    .instrument(span)
+    .await;
+    with_request_id(resp, &id)
+}
+
+async fn embeddings(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
+    let started = Instant::now();
+    let (id, headers, bytes) = match prologue(&gw, req, Dialect::OpenAi).await {
+        Ok(v) => v,
+        Err((_, resp)) => return resp,
+    };
+    let span = span_for(&id, "embeddings", Dialect::OpenAi);
+    let resp = async {
+        let e = match parse_json::<EmbeddingsRequest>(&bytes) {
+            Ok(e) => e,
+            Err(err) => return reject(&gw, err, Dialect::OpenAi, "unknown"),
+        };
+        let ctx = new_ctx(&id, Dialect::OpenAi, started, headers, CtxBody::Embeddings(e));
+        pipeline::embeddings(&gw, ctx).await
+    }
+    .instrument(span)
+    .await;
+    with_request_id(resp, &id)
+}
+
+fn new_ctx(id: &str, dialect: Dialect, started: Instant, headers: HeaderMap, body: CtxBody) -> RequestCtx {
+    RequestCtx {
+        request_id: id.to_owned(),
+        dialect,
+        started,
+        headers,
+        body,
+        targets: None,
+        metadata: BTreeMap::new(),
+    }
+}
+
+/// A request rejected before the pipeline: counted and logged like any other.
+fn reject(gw: &Gateway, e: GatewayError, dialect: Dialect, model: &str) -> Response {
+    gw.metrics.requests.with_label_values(&[model, "none", e.status().as_str()]).inc();
+    tracing::info!(error = e.reason(), message = %e, "Request rejected.");
+    e.into_response_for(dialect)
+}
+
+async fn models(State(gw): State<Arc<Gateway>>) -> Response {
+    let snap = gw.snapshot();
+    let data: Vec<_> = snap
+        .config
+        .model_order
+        .iter()
+        .map(|name| json!({"id": name, "object": "model", "created": 0, "owned_by": "weir"}))
+        .collect();
+    axum::Json(json!({"object": "list", "data": data})).into_response()
+}
+
+async fn healthz() -> Response {
+    axum::Json(json!({"status": "ok"})).into_response()
+}
+
+async fn readyz(State(gw): State<Arc<Gateway>>) -> Response {
+    let snap = gw.snapshot();
+    axum::Json(json!({"status": "ready", "models": snap.config.model_order.len()})).into_response()
+}
+
+async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
+    let mut resp = gw.metrics.render().into_response();
+    resp.headers_mut()
+        .insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
+    resp
+}
+
+async fn not_found(req: Request) -> Response {
+    let body = json!({"error": {"message": format!("no route for {} {}", req.method(), req.uri().path()),
+        "type": "invalid_request_error", "param": null, "code": "not_found"}});
+    (StatusCode::NOT_FOUND, axum::Json(body)).into_response()
+}
+
+/// Serves until SIGTERM or SIGINT, then stops accepting and gives in-flight requests (streams
+/// included) up to `grace` to finish before returning.
+pub async fn serve(listener: tokio::net::TcpListener, gw: Arc<Gateway>, grace: Duration) -> std::io::Result<()> {
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let app = router(gw);
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        let _ = stop_rx.wait_for(|stop| *stop).await;
+    });
+    let mut server = tokio::spawn(server.into_future());
+    tokio::select! {
+        res = &mut server => return res.map_err(std::io::Error::other)?,
+        () = shutdown_signal() => {}
+    }
+    tracing::info!(grace_secs = grace.as_secs(), "Shutdown signal received; draining in-flight requests.");
+    let _ = stop_tx.send(true);
+    match tokio::time::timeout(grace, &mut server).await {
+        Ok(res) => res.map_err(std::io::Error::other)?,
+        Err(_) => {
+            tracing::warn!("Grace period over; closing the remaining connections.");
+            server.abort();
+            Ok(())
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}
