@@ -1,0 +1,21 @@
+//! End-to-end tests: the real `weir` binary against mock upstreams on loopback.
+//!
+//! Every test starts its own gateway ([`support::TestGateway`]) on a port from the OS and its
+//! own upstreams ([`support::MockUpstream`]), so tests run in parallel and share nothing.
+//! Every test is bounded in time ([`support::bounded`]).
+//!
+//! Run: `cargo test -p weir --test e2e` (the binary is built first by cargo).
+
+#![allow(clippy::unwrap_used, missing_docs)]
+
+mod support;
+
+mod anthropic_inbound;
+mod anthropic_upstream;
+mod check;
+mod errors;
+mod fallback;
+mod gemini_upstream;
+mod lifecycle;
+mod openai;
+mod streaming;
