@@ -43,6 +43,9 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { config } => match Config::load(&config) {
             Ok(cfg) => {
+                for w in &cfg.warnings {
+                    println!("warning: {w}");
+                }
                 println!(
                     "{}: ok ({} models, {} providers enabled)",
                     config.display(),
@@ -71,6 +74,9 @@ fn serve(path: PathBuf, listen: Option<SocketAddr>) -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let mut config = Config::load(&path)?;
     telemetry::init_logging(config.log_format, &config.log_level);
+    for w in &config.warnings {
+        tracing::warn!("{w}");
+    }
     if let Some(addr) = listen {
         config.listen = addr;
     }

@@ -178,6 +178,8 @@ pub struct Config {
     pub model_order: Vec<String>,
     /// The file shape, kept for subsystems that read their own sections (plugins).
     pub file: FileConfig,
+    /// Non-fatal findings (disabled providers, unserved models), logged once logging is up.
+    pub warnings: Vec<String>,
 }
 
 impl Config {
@@ -195,7 +197,11 @@ impl Config {
         let disabled = env::interpolate(&mut value, &|k| std::env::var(k).ok()).map_err(|e| e.in_file(path))?;
         let file: FileConfig = serde_path_to_error::deserialize(value).map_err(|e| {
             let key = e.path().to_string();
-            ConfigError::Invalid { file: path.to_owned(), key, reason: e.inner().to_string() }
+            ConfigError::Invalid {
+                file: path.to_owned(),
+                key,
+                reason: e.inner().to_string().lines().next().unwrap_or_default().to_owned(),
+            }
         })?;
         Self::build(path, file, &disabled).map_err(|e| e.in_file(path))
     }
@@ -212,10 +218,13 @@ impl Config {
         if file.retry.attempts_per_target == 0 {
             return Err(ConfigError::invalid("retry.attempts_per_target", "must be at least 1"));
         }
+        let mut warnings = Vec::new();
         let mut providers = HashMap::new();
         for (name, spec) in &file.providers {
             if disabled.iter().any(|d| d == name) {
-                tracing::warn!(provider = %name, "Provider disabled: its api_key is empty (set the environment variable it names to enable it).");
+                warnings.push(format!(
+                    "provider '{name}' is disabled: its api_key is empty (export the variable it names to enable it)"
+                ));
                 continue;
             }
             let entry = provider::build(name, spec)?;
@@ -249,7 +258,7 @@ impl Config {
                 targets.push(Target { provider: provider.clone(), model });
             }
             if targets.is_empty() {
-                tracing::warn!(model = %m.name, "Model not served: all of its providers are disabled.");
+                warnings.push(format!("model '{}' is not served: all of its providers are disabled", m.name));
                 continue;
             }
             model_order.push(m.name.clone());
@@ -271,6 +280,7 @@ impl Config {
             models,
             model_order,
             file,
+            warnings,
         })
     }
 }
