@@ -754,9 +754,8 @@ impl AnthropicDecoder {
         )
     }
 
-    fn tool_delta(&self, index: u32, call: ToolCallDelta) -> ChatChunk {
-        let mut call = call;
-        call.index = index;
+    /// A chunk carrying one tool-call fragment.
+    fn tool_delta(&self, call: ToolCallDelta) -> ChatChunk {
         self.delta_chunk(
             Delta {
                 tool_calls: Some(vec![call]),
@@ -816,18 +815,15 @@ impl StreamDecoder for AnthropicDecoder {
                 "tool_use" => {
                     let k = u32::try_from(self.tool_index.len()).unwrap_or(u32::MAX);
                     self.tool_index.insert(index, k);
-                    chunks.push(self.tool_delta(
-                        k,
-                        ToolCallDelta {
-                            index: k,
-                            id: content_block.id,
-                            kind: Some("function".to_owned()),
-                            function: Some(FunctionCallDelta {
-                                name: content_block.name,
-                                arguments: Some(String::new()),
-                            }),
-                        },
-                    ));
+                    chunks.push(self.tool_delta(ToolCallDelta {
+                        index: k,
+                        id: content_block.id,
+                        kind: Some("function".to_owned()),
+                        function: Some(FunctionCallDelta {
+                            name: content_block.name,
+                            arguments: Some(String::new()),
+                        }),
+                    }));
                 }
                 _ => {}
             },
@@ -850,16 +846,14 @@ impl StreamDecoder for AnthropicDecoder {
                         ))
                     })?;
                     if let Some(json) = delta.partial_json.filter(|j| !j.is_empty()) {
-                        chunks.push(self.tool_delta(
-                            k,
-                            ToolCallDelta {
-                                function: Some(FunctionCallDelta {
-                                    name: None,
-                                    arguments: Some(json),
-                                }),
-                                ..ToolCallDelta::default()
-                            },
-                        ));
+                        chunks.push(self.tool_delta(ToolCallDelta {
+                            function: Some(FunctionCallDelta {
+                                name: None,
+                                arguments: Some(json),
+                            }),
+                            index: k,
+                            ..ToolCallDelta::default()
+                        }));
                     }
                 }
                 // thinking_delta, signature_delta, citations_delta: not canonical.
