@@ -1,2 +1,381 @@
-//! The WASM plugin host (wasmtime component model), implementing
-//! [`PluginRuntime`](super::contract::PluginRuntime).
+//! The WASM plugin host: wasmtime's component model running `wasm32-wasip2` components
+//! built against `sdk/wit/weir.wit`, implementing [`PluginRuntime`].
+//!
+//! Start with [`WasmPlugin::load`]. The pieces:
+//! - [`WasmEngine`] (`engine.rs`): one engine for all plugins, with epoch interruption (a
+//!   ticker thread advances the epoch every millisecond), the pooling allocator, a 512 KiB
+//!   wasm stack and compiled components cached by content hash.
+//! - `store.rs`: per-instance data: the memory limiter, the `weir:plugin/host` imports
+//!   backed by the plugin's [`HostApi`], and a WASI context that grants nothing but
+//!   randomness (no preopened directories, environment, network, stdio or clocks; calls to
+//!   any other WASI function trap).
+//! - [`WasmPlugin`] (here): an `InstancePre` plus a pool of ready instances. Each call takes
+//!   an instance from the pool (or instantiates one and runs `init(config)`), arms the
+//!   epoch deadline for the hook, runs it, and returns the instance to the pool. An
+//!   instance whose call failed (trap, panic, timeout, out of memory) is dropped, never
+//!   reused.
+
+mod engine;
+mod store;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use wasmtime::component::Linker;
+use wasmtime::{Store, Trap};
+
+pub use engine::{EPOCH_TICK, EngineOptions, MAX_MEMORY_BYTES, MAX_WASM_STACK, WasmEngine};
+
+use crate::plugin::contract::{
+    ChunkAction, Decision, Hook, HookCtx, HookError, HostApi, LogEntry, PluginRuntime, RequestView,
+    ResponseDecision, ResponseView, StreamEvent,
+};
+use store::StoreState;
+
+/// Host bindings generated from the contract; the hook types are the ones in
+/// [`crate::plugin::contract`], so the WIT and the Rust types are checked against each
+/// other at compile time.
+#[allow(missing_docs, clippy::all)]
+mod bindings {
+    wasmtime::component::bindgen!({
+        path: "../sdk/wit",
+        world: "plugin",
+        with: {
+            "weir:plugin/types": super::types,
+        },
+    });
+}
+
+/// The `weir:plugin/types` interface as `bindgen!` expects a remapped interface to look:
+/// the contract types, plus the (empty) host trait and linker function of an interface
+/// that has no functions.
+#[doc(hidden)]
+pub mod types {
+    pub use crate::plugin::contract::*;
+
+    /// Host side of `weir:plugin/types`: nothing to implement.
+    pub trait Host {}
+
+    impl<T: ?Sized> Host for T {}
+
+    /// Host side of `weir:plugin/types` with store access: nothing to implement.
+    pub trait HostWithStore<T>: wasmtime::component::HasData {}
+
+    impl<T, D: wasmtime::component::HasData> HostWithStore<T> for D {}
+
+    /// `weir:plugin/types` has no functions, so there is nothing to link.
+    pub fn add_to_linker<T, D>(
+        _linker: &mut wasmtime::component::Linker<T>,
+        _host_getter: fn(&mut T) -> D::Data<'_>,
+    ) -> wasmtime::Result<()>
+    where
+        D: HostWithStore<T>,
+    {
+        Ok(())
+    }
+}
+
+use bindings::{Plugin, PluginPre};
+
+/// Errors loading a WASM plugin.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum WasmError {
+    /// The engine could not be built.
+    #[error("wasm engine: {0}")]
+    Engine(String),
+    /// The plugin file could not be read.
+    #[error("read {path}: {message}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        message: String,
+    },
+    /// The bytes are not a valid component.
+    #[error("compile: {0}")]
+    Compile(String),
+    /// The component does not match the `weir:plugin/plugin` world.
+    #[error("link: {0}")]
+    Link(String),
+    /// `init(config)` failed or trapped.
+    #[error("init: {0}")]
+    Init(String),
+}
+
+/// Resource limits for one WASM plugin (from its manifest's `[limits]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WasmLimits {
+    /// Linear memory cap per instance (default 32 MiB, at most [`MAX_MEMORY_BYTES`]).
+    pub memory_bytes: usize,
+    /// CPU deadline of `on-request` and `on-response` (default 5 ms).
+    pub request_deadline: Duration,
+    /// CPU deadline of `on-response-chunk` (default 2 ms).
+    pub chunk_deadline: Duration,
+    /// CPU deadline of `on-log`, which runs off the hot path (default 50 ms).
+    pub log_deadline: Duration,
+    /// Deadline for instantiating and running `init` (default 200 ms).
+    pub init_deadline: Duration,
+    /// Ready instances kept for reuse (default: twice the CPU count). More may exist
+    /// briefly under load; extras are dropped when returned.
+    pub max_idle_instances: usize,
+}
+
+impl Default for WasmLimits {
+    fn default() -> Self {
+        let cpus = std::thread::available_parallelism().map_or(2, usize::from);
+        Self {
+            memory_bytes: 32 << 20,
+            request_deadline: Duration::from_millis(5),
+            chunk_deadline: Duration::from_millis(2),
+            log_deadline: Duration::from_millis(50),
+            init_deadline: Duration::from_millis(200),
+            max_idle_instances: cpus * 2,
+        }
+    }
+}
+
+impl WasmLimits {
+    /// The deadline of `hook`.
+    pub fn deadline(&self, hook: Hook) -> Duration {
+        match hook {
+            Hook::Init => self.init_deadline,
+            Hook::OnRequest | Hook::OnResponse => self.request_deadline,
+            Hook::OnResponseChunk => self.chunk_deadline,
+            Hook::OnLog => self.log_deadline,
+        }
+    }
+}
+
+/// Epoch ticks for a deadline: rounded up, plus one because the current tick has already
+/// partly elapsed.
+fn ticks(deadline: Duration) -> u64 {
+    let tick = EPOCH_TICK.as_micros().max(1);
+    let n = deadline.as_micros().div_ceil(tick);
+    u64::try_from(n).unwrap_or(u64::MAX).saturating_add(1)
+}
+
+/// An instance ready to run a hook.
+struct Ready {
+    store: Store<StoreState>,
+    plugin: Plugin,
+}
+
+/// A loaded WASM plugin: a pre-linked component and a pool of initialized instances.
+pub struct WasmPlugin {
+    name: String,
+    engine: WasmEngine,
+    pre: PluginPre<StoreState>,
+    config_json: String,
+    limits: WasmLimits,
+    host: Arc<dyn HostApi>,
+    idle: Mutex<Vec<Ready>>,
+}
+
+impl std::fmt::Debug for WasmPlugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WasmPlugin")
+            .field("name", &self.name)
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
+    }
+}
+
+impl WasmPlugin {
+    /// Compiles (or reuses the cached compilation of) `wasm`, links it against the host
+    /// API, and creates a first instance with `init(config_json)`, so a bad component or
+    /// a config the plugin rejects fails here, at load, not on the first request.
+    ///
+    /// `host` backs the plugin's host imports (key-value namespaced by plugin name,
+    /// metrics, logs, fetch); `name` labels logs and errors.
+    pub fn load(
+        engine: &WasmEngine,
+        name: &str,
+        wasm: &[u8],
+        config_json: &str,
+        limits: WasmLimits,
+        host: Arc<dyn HostApi>,
+    ) -> Result<WasmPlugin, WasmError> {
+        let component = engine.compile(wasm)?;
+        let mut linker = Linker::new(engine.engine());
+        store::add_to_linker(&mut linker).map_err(|e| WasmError::Link(format!("{e:#}")))?;
+        // Every import not granted above (filesystem, sockets, stdio, clocks...) traps
+        // when called: the sandbox is "nothing but the host API".
+        linker
+            .define_unknown_imports_as_traps(&component)
+            .map_err(|e| WasmError::Link(format!("{e:#}")))?;
+        let instance_pre = linker
+            .instantiate_pre(&component)
+            .map_err(|e| WasmError::Link(format!("{e:#}")))?;
+        let pre = PluginPre::new(instance_pre).map_err(|e| WasmError::Link(format!("{e:#}")))?;
+        let limits = WasmLimits {
+            memory_bytes: limits.memory_bytes.min(MAX_MEMORY_BYTES),
+            ..limits
+        };
+        let plugin = WasmPlugin {
+            name: name.to_owned(),
+            engine: engine.clone(),
+            pre,
+            config_json: config_json.to_owned(),
+            limits,
+            host,
+            idle: Mutex::new(Vec::new()),
+        };
+        let first = plugin
+            .instantiate()
+            .map_err(|e| WasmError::Init(e.to_string()))?;
+        plugin.release(first);
+        Ok(plugin)
+    }
+
+    /// [`WasmPlugin::load`] from a file (a plugin folder's `plugin.wasm`).
+    pub fn load_file(
+        engine: &WasmEngine,
+        name: &str,
+        path: &Path,
+        config_json: &str,
+        limits: WasmLimits,
+        host: Arc<dyn HostApi>,
+    ) -> Result<WasmPlugin, WasmError> {
+        let wasm = std::fs::read(path).map_err(|e| WasmError::Read {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        Self::load(engine, name, &wasm, config_json, limits, host)
+    }
+
+    /// The limits this plugin runs under.
+    pub fn limits(&self) -> &WasmLimits {
+        &self.limits
+    }
+
+    /// Ready instances currently pooled (for tests and metrics).
+    pub fn idle_instances(&self) -> usize {
+        self.lock_idle().len()
+    }
+
+    fn lock_idle(&self) -> std::sync::MutexGuard<'_, Vec<Ready>> {
+        self.idle.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A fresh instance with `init(config)` done.
+    fn instantiate(&self) -> Result<Ready, HookError> {
+        let mut store = Store::new(
+            self.engine.engine(),
+            StoreState::new(Arc::clone(&self.host), self.limits.memory_bytes),
+        );
+        store.limiter(|state| state);
+        let deadline = self.limits.init_deadline;
+        store.set_epoch_deadline(ticks(deadline));
+        let plugin = self.pre.instantiate(&mut store).map_err(|e| {
+            let err = classify(e, store.data().out_of_memory, deadline);
+            HookError::Unavailable(err.to_string())
+        })?;
+        match plugin.call_init(&mut store, &self.config_json) {
+            Ok(Ok(())) => Ok(Ready { store, plugin }),
+            Ok(Err(message)) => Err(HookError::Plugin(format!("init: {message}"))),
+            Err(e) => Err(classify(e, store.data().out_of_memory, deadline)),
+        }
+    }
+
+    fn release(&self, ready: Ready) {
+        let mut idle = self.lock_idle();
+        if idle.len() < self.limits.max_idle_instances {
+            idle.push(ready);
+        }
+    }
+
+    /// Runs one hook on a pooled instance; a failed instance is dropped.
+    fn call<R>(
+        &self,
+        hook: Hook,
+        metadata: &mut BTreeMap<String, String>,
+        run: impl FnOnce(&Plugin, &mut Store<StoreState>) -> wasmtime::Result<R>,
+    ) -> Result<R, HookError> {
+        let pooled = self.lock_idle().pop();
+        let mut ready = match pooled {
+            Some(ready) => ready,
+            None => self.instantiate().inspect_err(|err| {
+                tracing::warn!(plugin = %self.name, error = %err, "WASM plugin instantiation failed.");
+            })?,
+        };
+        let deadline = self.limits.deadline(hook);
+        ready.store.set_epoch_deadline(ticks(deadline));
+        std::mem::swap(&mut ready.store.data_mut().metadata, metadata);
+        let result = run(&ready.plugin, &mut ready.store);
+        std::mem::swap(&mut ready.store.data_mut().metadata, metadata);
+        match result {
+            Ok(value) => {
+                self.release(ready);
+                Ok(value)
+            }
+            Err(e) => {
+                let err = classify(e, ready.store.data().out_of_memory, deadline);
+                tracing::warn!(
+                    plugin = %self.name,
+                    hook = hook.as_str(),
+                    kind = err.kind(),
+                    error = %err,
+                    "WASM plugin call failed; instance discarded."
+                );
+                Err(err)
+            }
+        }
+    }
+}
+
+/// Maps a wasmtime error to the failure kinds the chain counts.
+fn classify(err: wasmtime::Error, out_of_memory: bool, deadline: Duration) -> HookError {
+    if out_of_memory {
+        return HookError::OutOfMemory;
+    }
+    match err.downcast_ref::<Trap>() {
+        Some(Trap::Interrupt) => HookError::Timeout {
+            deadline_ms: u64::try_from(deadline.as_millis()).unwrap_or(u64::MAX),
+        },
+        Some(trap) => HookError::Trap(trap.to_string()),
+        None => HookError::Trap(format!("{err:#}")),
+    }
+}
+
+impl PluginRuntime for WasmPlugin {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn on_request(&self, ctx: &mut HookCtx<'_>, req: &RequestView) -> Result<Decision, HookError> {
+        self.call(Hook::OnRequest, ctx.metadata, |plugin, store| {
+            plugin.call_on_request(store, req)
+        })
+    }
+
+    fn on_response(
+        &self,
+        ctx: &mut HookCtx<'_>,
+        resp: &ResponseView,
+    ) -> Result<ResponseDecision, HookError> {
+        self.call(Hook::OnResponse, ctx.metadata, |plugin, store| {
+            plugin.call_on_response(store, resp)
+        })
+    }
+
+    fn on_chunk(
+        &self,
+        ctx: &mut HookCtx<'_>,
+        event: &StreamEvent,
+    ) -> Result<ChunkAction, HookError> {
+        self.call(Hook::OnResponseChunk, ctx.metadata, |plugin, store| {
+            plugin.call_on_response_chunk(store, event)
+        })
+    }
+
+    fn on_log(&self, ctx: &mut HookCtx<'_>, entry: &LogEntry) -> Result<(), HookError> {
+        self.call(Hook::OnLog, ctx.metadata, |plugin, store| {
+            plugin.call_on_log(store, entry)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

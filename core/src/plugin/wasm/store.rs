@@ -1,0 +1,195 @@
+//! Per-instance store data: the memory limiter, the minimal WASI context, and the
+//! `weir:plugin/host` imports backed by the plugin's [`HostApi`].
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use wasmtime::component::{Linker, ResourceTable};
+use wasmtime::{ResourceLimiter, StoreLimits, StoreLimitsBuilder};
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+use super::bindings::weir::plugin::host;
+use crate::plugin::contract::{FetchRequest, HostApi, LogLevel};
+
+/// Data of one instance's `Store`.
+pub(crate) struct StoreState {
+    limits: StoreLimits,
+    /// Set when a memory grow was refused, so the trap that follows is reported as OOM.
+    pub(crate) out_of_memory: bool,
+    wasi: WasiCtx,
+    table: ResourceTable,
+    host: Arc<dyn HostApi>,
+    /// The request's metadata bag, moved in for the duration of one call.
+    pub(crate) metadata: BTreeMap<String, String>,
+}
+
+impl StoreState {
+    pub(crate) fn new(host: Arc<dyn HostApi>, memory_bytes: usize) -> Self {
+        // No preopened directories, no environment, no arguments, no network: the WASI
+        // context only exists so that `wasi:random` (used by std's HashMap) works.
+        let wasi = WasiCtxBuilder::new()
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build();
+        Self {
+            limits: StoreLimitsBuilder::new()
+                .memory_size(memory_bytes)
+                .instances(16)
+                .tables(16)
+                .memories(4)
+                .build(),
+            out_of_memory: false,
+            wasi,
+            table: ResourceTable::new(),
+            host,
+            metadata: BTreeMap::new(),
+        }
+    }
+}
+
+impl ResourceLimiter for StoreState {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let allowed = self.limits.memory_growing(current, desired, maximum)?;
+        if !allowed {
+            self.out_of_memory = true;
+        }
+        Ok(allowed)
+    }
+
+    fn table_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        self.limits.table_growing(current, desired, maximum)
+    }
+
+    fn instances(&self) -> usize {
+        self.limits.instances()
+    }
+
+    fn tables(&self) -> usize {
+        self.limits.tables()
+    }
+
+    fn memories(&self) -> usize {
+        self.limits.memories()
+    }
+}
+
+impl WasiView for StoreState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+/// Adds the host API and the few side-effect-free WASI interfaces (random, an empty
+/// environment, exit) to `linker`. Everything else a component imports (filesystem,
+/// sockets, stdio, clocks) is stubbed per component to trap when called, see
+/// [`super::WasmPlugin::load`].
+pub(crate) fn add_to_linker(linker: &mut Linker<StoreState>) -> wasmtime::Result<()> {
+    use wasmtime::component::HasSelf;
+    use wasmtime_wasi::cli::WasiCli;
+    use wasmtime_wasi::cli::WasiCliView;
+    use wasmtime_wasi::p2::bindings::{cli, random};
+    use wasmtime_wasi::random::WasiRandom;
+
+    host::add_to_linker::<StoreState, HasSelf<StoreState>>(linker, |s| s)?;
+    random::random::add_to_linker::<StoreState, WasiRandom>(linker, |s| s.wasi.random())?;
+    random::insecure::add_to_linker::<StoreState, WasiRandom>(linker, |s| s.wasi.random())?;
+    random::insecure_seed::add_to_linker::<StoreState, WasiRandom>(linker, |s| s.wasi.random())?;
+    cli::environment::add_to_linker::<StoreState, WasiCli>(linker, StoreState::cli)?;
+    cli::exit::add_to_linker::<StoreState, WasiCli>(linker, StoreState::cli)?;
+    Ok(())
+}
+
+impl host::Host for StoreState {
+    fn kv_get(&mut self, key: String) -> Result<Option<Vec<u8>>, String> {
+        self.host.kv_get(&key)
+    }
+
+    fn kv_set(&mut self, key: String, value: Vec<u8>, ttl_ms: Option<u64>) -> Result<(), String> {
+        self.host.kv_set(&key, &value, ttl_ms)
+    }
+
+    fn kv_incr(&mut self, key: String, delta: i64, ttl_ms: Option<u64>) -> Result<i64, String> {
+        self.host.kv_incr(&key, delta, ttl_ms)
+    }
+
+    fn kv_cas(
+        &mut self,
+        key: String,
+        expected: Option<Vec<u8>>,
+        value: Option<Vec<u8>>,
+        ttl_ms: Option<u64>,
+    ) -> Result<bool, String> {
+        self.host
+            .kv_cas(&key, expected.as_deref(), value.as_deref(), ttl_ms)
+    }
+
+    fn kv_delete(&mut self, key: String) -> Result<bool, String> {
+        self.host.kv_delete(&key)
+    }
+
+    fn log(&mut self, level: host::Level, message: String) {
+        let level = match level {
+            host::Level::Trace => LogLevel::Trace,
+            host::Level::Debug => LogLevel::Debug,
+            host::Level::Info => LogLevel::Info,
+            host::Level::Warn => LogLevel::Warn,
+            host::Level::Error => LogLevel::Error,
+        };
+        self.host.log(level, &message);
+    }
+
+    fn counter_add(&mut self, name: String, value: u64) {
+        self.host.counter_add(&name, value);
+    }
+
+    fn histogram_observe(&mut self, name: String, value: f64) {
+        self.host.histogram_observe(&name, value);
+    }
+
+    fn now_ms(&mut self) -> u64 {
+        self.host.now_ms()
+    }
+
+    fn ctx_get(&mut self, key: String) -> Option<String> {
+        self.metadata.get(&key).cloned()
+    }
+
+    fn ctx_set(&mut self, key: String, value: String) {
+        self.metadata.insert(key, value);
+    }
+
+    fn count_tokens(&mut self, text: String) -> u32 {
+        self.host.count_tokens(&text)
+    }
+
+    fn http_fetch(&mut self, request: host::FetchRequest) -> Result<host::FetchResponse, String> {
+        let request = FetchRequest {
+            method: request.method,
+            url: request.url,
+            headers: request.headers,
+            body: request.body,
+            timeout_ms: request.timeout_ms,
+        };
+        self.host
+            .http_fetch(&request)
+            .map(|response| host::FetchResponse {
+                status: response.status,
+                headers: response.headers,
+                body: response.body,
+            })
+    }
+}
