@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Runs every test of the repository: Rust unit, golden and end-to-end tests (the e2e suite
+# starts the real `weir` binary against mock upstreams), then the real-client tests (the
+# official `openai` and `anthropic` Python packages against a running `weir`).
+#
+#   scripts/test.sh
+#
+# Needs the Rust toolchain of rust-toolchain.toml and Python 3 with venv; everything else
+# (the wasm32-wasip2 target, plugin builds, the Python packages) it sets up itself.
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+
+step() { printf '\n==> %s\n' "$*"; }
+die() {
+  printf '\ntest.sh: %s\n' "$*" >&2
+  exit 1
+}
+
+command -v cargo >/dev/null || die "cargo not found: install Rust with rustup (https://rustup.rs)"
+
+step "Rust target wasm32-wasip2"
+if command -v rustup >/dev/null; then
+  if rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2; then
+    echo "already installed"
+  else
+    rustup target add wasm32-wasip2 || die "could not install the wasm32-wasip2 target (rustup target add wasm32-wasip2)"
+  fi
+else
+  echo "rustup not found; assuming the toolchain already has wasm32-wasip2"
+fi
+
+if [[ -f scripts/build-plugins.sh ]]; then
+  step "Build plugins (scripts/build-plugins.sh)"
+  bash scripts/build-plugins.sh || die "scripts/build-plugins.sh failed"
+fi
+
+step "cargo build --workspace"
+cargo build --workspace --locked || die "cargo build failed"
+
+target_dir="$(cargo metadata --format-version 1 --no-deps --locked |
+  python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')" ||
+  die "cannot read the cargo target directory"
+export WEIR_BIN="${WEIR_BIN:-$target_dir/debug/weir}"
+[[ -x "$WEIR_BIN" ]] || die "the weir binary is missing at $WEIR_BIN after the build"
+
+failed=()
+
+if cargo nextest --version >/dev/null 2>&1; then
+  step "cargo nextest run --workspace"
+  cargo nextest run --workspace --locked --no-fail-fast || failed+=("Rust tests (cargo nextest)")
+  step "cargo test --workspace --doc"
+  cargo test --workspace --locked --doc || failed+=("Rust doc tests")
+else
+  step "cargo test --workspace"
+  cargo test --workspace --locked --no-fail-fast || failed+=("Rust tests (cargo test)")
+fi
+
+step "Python real-client tests (tests/python)"
+bash scripts/setup-python.sh || die "could not set up the Python environment"
+pyenv="${WEIR_PYENV:-$root/target/pyenv}"
+set +e
+(cd tests/python && "$pyenv/bin/python" -m pytest -q)
+code=$?
+set -e
+case "$code" in
+  0) ;;
+  5) failed+=("Python tests (pytest collected no tests)") ;;
+  *) failed+=("Python tests (pytest exit $code)") ;;
+esac
+
+if ((${#failed[@]})); then
+  printf '\ntest.sh: FAILED:\n' >&2
+  printf '  - %s\n' "${failed[@]}" >&2
+  exit 1
+fi
+printf '\ntest.sh: all tests passed\n'
