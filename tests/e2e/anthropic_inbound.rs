@@ -271,3 +271,60 @@ fn assert_block_order(events: &[(String, Value)]) {
     assert!(open.is_none(), "block {open:?} never stopped");
     assert!(next > 0, "no content blocks at all");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_to_anthropic_upstream_stream_and_not() {
+    bounded(async {
+        let up = MockUpstream::start().await;
+        let cfg = ConfigBuilder::new()
+            .anthropic("an", &up.url(""), "sk-ant-e2e", None)
+            .model("c", &[("an", "claude-up")]);
+        let gw = TestGateway::start(&cfg.build()).await;
+        let mut body = request(false);
+        body["model"] = json!("c");
+        body["metadata"] = json!({"user_id": "u-1"});
+        let resp = gw
+            .client
+            .post_json_with("/v1/messages", &body, &HEADERS)
+            .await;
+        assert_eq!(resp.status, 200, "{}", resp.text);
+        let v = resp.json();
+        assert_eq!(
+            v["content"],
+            json!([{"type": "text", "text": "Echo: hello anthropic"}])
+        );
+        assert_eq!(v["stop_reason"], "end_turn");
+        assert_eq!(v["usage"]["input_tokens"], 11);
+        let sent = up.single_request();
+        assert!(sent.path.ends_with("/v1/messages"), "{}", sent.path);
+        assert_eq!(sent.body["model"], "claude-up");
+        assert_eq!(
+            sent.header("x-api-key"),
+            "sk-ant-e2e",
+            "the provider's key, not the client's"
+        );
+        let system = match &sent.body["system"] {
+            Value::String(s) => s.clone(),
+            Value::Array(blocks) => blocks.iter().filter_map(|b| b["text"].as_str()).collect(),
+            other => panic!("system: {other}"),
+        };
+        assert_eq!(system, "Be kind.");
+
+        body["stream"] = json!(true);
+        let resp = gw
+            .client
+            .post_json_with("/v1/messages", &body, &HEADERS)
+            .await;
+        assert_eq!(resp.status, 200, "{}", resp.text);
+        let events = named_events(&resp.text);
+        assert_block_order(&events);
+        let text: String = events
+            .iter()
+            .filter(|(n, _)| n == "content_block_delta")
+            .filter_map(|(_, v)| v["delta"]["text"].as_str())
+            .collect();
+        assert_eq!(text, "Echo: hello anthropic");
+        assert_eq!(events.last().map(|(n, _)| n.as_str()), Some("message_stop"));
+    })
+    .await;
+}

@@ -122,23 +122,30 @@ async fn metrics_count_requests_latency_and_tokens() {
                 .status,
             200
         );
-        let resp = gw.client.get("/metrics").await;
-        assert_eq!(resp.status, 200);
-        assert!(
-            resp.header("content-type").starts_with("text/plain"),
-            "{:?}",
-            resp.headers
-        );
-        let m = resp.text;
-        let count = sample(
-            &m,
-            "weir_requests_total",
-            &["model=\"m\"", "provider=\"up\"", "status=\"200\""],
-        )
-        .unwrap_or_else(|| {
-            panic!("no weir_requests_total{{model=\"m\",provider=\"up\",status=\"200\"}}:\n{m}")
-        });
-        assert_eq!(count, 3.0, "{m}");
+        // A stream is counted when it ends, which may be a moment after the client saw its
+        // last byte: poll until all three requests show up.
+        let labels = ["model=\"m\"", "provider=\"up\"", "status=\"200\""];
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let m = loop {
+            let resp = gw.client.get("/metrics").await;
+            assert_eq!(resp.status, 200);
+            assert!(
+                resp.header("content-type").starts_with("text/plain"),
+                "{:?}",
+                resp.headers
+            );
+            let count = sample(&resp.text, "weir_requests_total", &labels);
+            if count == Some(3.0) || tokio::time::Instant::now() >= deadline {
+                assert_eq!(
+                    count,
+                    Some(3.0),
+                    "weir_requests_total for m/up/200:\n{}",
+                    resp.text
+                );
+                break resp.text;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
         for name in [
             "weir_request_duration_seconds",
             "weir_upstream_duration_seconds",

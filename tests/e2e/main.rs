@@ -12,6 +12,7 @@ mod support;
 
 mod anthropic_inbound;
 mod anthropic_upstream;
+mod azure_upstream;
 mod check;
 mod errors;
 mod fallback;
