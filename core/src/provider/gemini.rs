@@ -330,7 +330,7 @@ fn contents(messages: &[ChatMessage]) -> Result<(Vec<Value>, Vec<Value>), Provid
                 if !text.is_empty() {
                     parts.push(json!({ "text": text }));
                 }
-                for call in msg.tool_calls.iter().flatten() {
+                for (i, call) in msg.tool_calls.iter().flatten().enumerate() {
                     call_names.insert(&call.id, &call.function.name);
                     let args = call_arguments(&call.function.arguments).ok_or_else(|| {
                         unsupported(format!(
@@ -338,9 +338,16 @@ fn contents(messages: &[ChatMessage]) -> Result<(Vec<Value>, Vec<Value>), Provid
                             call.id
                         ))
                     })?;
-                    parts.push(
-                        json!({ "functionCall": { "name": call.function.name, "args": args } }),
-                    );
+                    let mut part =
+                        json!({ "functionCall": { "name": call.function.name, "args": args } });
+                    // Gemini 3 rejects a replayed function call without the thought signature
+                    // it came with, which the OpenAI shape cannot carry. Google documents this
+                    // placeholder for history it did not produce; it belongs on the first call
+                    // of a turn only.
+                    if i == 0 {
+                        part["thoughtSignature"] = json!(SKIP_THOUGHT_SIGNATURE);
+                    }
+                    parts.push(part);
                 }
                 if !parts.is_empty() {
                     turns.push(json!({ "role": "model", "parts": parts }));
@@ -378,6 +385,10 @@ fn contents(messages: &[ChatMessage]) -> Result<(Vec<Value>, Vec<Value>), Provid
     }
     Ok((system, turns))
 }
+
+/// The `thoughtSignature` Google documents for function calls replayed without their real
+/// signature (see <https://ai.google.dev/gemini-api/docs/thought-signatures>).
+const SKIP_THOUGHT_SIGNATURE: &str = "skip_thought_signature_validator";
 
 /// Parses tool-call arguments: empty means no arguments; otherwise a JSON object.
 fn call_arguments(arguments: &str) -> Option<Value> {
