@@ -1,4 +1,5 @@
-//! The `weir` command: `serve`, `check`.
+//! The `weir` command: `serve`, `check`, and the admin clients (`status`, `reload`,
+//! `rollback`, `generations`, `logs`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -8,7 +9,7 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 
 use weir::config::Config;
-use weir::pipeline::{Gateway, Snapshot};
+use weir::pipeline::{Services, Snapshot};
 use weir::telemetry::{self, Metrics};
 
 /// Weir: a plugin-first AI gateway.
@@ -36,6 +37,9 @@ enum Command {
         #[arg(long, short, env = "WEIR_CONFIG")]
         config: PathBuf,
     },
+    /// Admin API clients.
+    #[command(flatten)]
+    Admin(weir::admin::cli::AdminCommand),
 }
 
 fn main() -> ExitCode {
@@ -59,6 +63,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Admin(cmd) => weir::admin::cli::run(cmd),
         Command::Serve { config, listen } => match serve(config, listen) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -86,8 +91,14 @@ fn serve(path: PathBuf, listen: Option<SocketAddr>) -> anyhow::Result<()> {
         let grace = config.shutdown_grace;
         let metrics = Metrics::new()?;
         let models = config.model_order.len();
-        let snapshot = Snapshot::build(config)?;
-        let gw = Arc::new(Gateway::new(snapshot, metrics));
+        let admin = config.admin.clone();
+        // One state store per process (sled locks its directory).
+        let state = weir::state::open(&config.file.state, &path)?;
+        let services = Services::new(state.clone(), &metrics)?;
+        // Loading plugins compiles WASM and runs `init`: keep it off the async workers.
+        let snapshot = tokio::task::spawn_blocking(move || Snapshot::build(config, &services)).await??;
+        let (gw, reloader) = weir::reload::Reloader::start(snapshot, metrics, state.clone())?;
+        start_lifecycle(&reloader, &admin, state).await?;
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
@@ -96,4 +107,34 @@ fn serve(path: PathBuf, listen: Option<SocketAddr>) -> anyhow::Result<()> {
         tracing::info!("Weir stopped.");
         Ok(())
     })
+}
+
+/// Hot reload (file watcher, SIGHUP), the request log and the admin listener.
+async fn start_lifecycle(
+    reloader: &Arc<weir::reload::Reloader>,
+    admin: &weir::config::Admin,
+    state: Arc<dyn weir::state::StateStore>,
+) -> anyhow::Result<()> {
+    weir::reload::spawn_watcher(reloader.clone())?;
+    weir::reload::spawn_sighup(reloader.clone())?;
+    if admin.token.is_none() {
+        tracing::info!(
+            "Admin API off: set `[admin] token = \"${{WEIR_ADMIN_TOKEN}}\"` and export WEIR_ADMIN_TOKEN (16+ characters) to enable it."
+        );
+        return Ok(());
+    }
+    let gw = reloader.gateway();
+    let log = if admin.request_log_max_records > 0 {
+        let (log, tx) = weir::requestlog::RequestLog::start(state, admin.request_log_max_records, &gw.metrics.registry)?;
+        gw.request_log.install(&log, tx);
+        Some(log)
+    } else {
+        None
+    };
+    let listener = tokio::net::TcpListener::bind(admin.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {} (admin): {e}", admin.listen))?;
+    tracing::info!(addr = %admin.listen, "Admin API listening.");
+    weir::admin::spawn(listener, weir::admin::AdminState { reloader: reloader.clone(), log });
+    Ok(())
 }

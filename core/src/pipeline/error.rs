@@ -58,6 +58,17 @@ pub enum GatewayError {
         /// Plugin instance name.
         plugin: String,
     },
+    /// A plugin ended a stream (budget exhausted, policy violation).
+    #[error("{message}")]
+    PluginStopped {
+        /// Plugin instance name.
+        plugin: String,
+        /// The plugin's message for the client.
+        message: String,
+    },
+    /// A plugin of the config could not be loaded (startup and reload only).
+    #[error("plugin load failed: {0}")]
+    PluginLoad(String),
     /// A bug or resource failure inside the gateway.
     #[error("internal error: {0}")]
     Internal(String),
@@ -76,7 +87,8 @@ impl GatewayError {
             GatewayError::UpstreamFailed { .. } => StatusCode::BAD_GATEWAY,
             GatewayError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::PluginFailed { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            GatewayError::PluginStopped { .. } => StatusCode::FORBIDDEN,
+            GatewayError::Internal(_) | GatewayError::PluginLoad(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -92,6 +104,8 @@ impl GatewayError {
             GatewayError::UpstreamFailed { .. } => "upstream_failed",
             GatewayError::UpstreamTimeout { .. } => "upstream_timeout",
             GatewayError::PluginFailed { .. } => "plugin_failed",
+            GatewayError::PluginStopped { .. } => "plugin_stopped",
+            GatewayError::PluginLoad(_) => "plugin_load",
             GatewayError::Internal(_) => "internal",
         }
     }
@@ -112,7 +126,9 @@ impl GatewayError {
     /// client's request); internal details are not.
     pub fn client_message(&self) -> String {
         match self {
-            GatewayError::Internal(_) => "internal error; see the gateway log for the request id".to_owned(),
+            GatewayError::Internal(_) | GatewayError::PluginLoad(_) => {
+                "internal error; see the gateway log for the request id".to_owned()
+            }
             other => other.to_string(),
         }
     }
@@ -131,6 +147,7 @@ impl GatewayError {
                     GatewayError::PayloadTooLarge(_) => Some("payload_too_large"),
                     GatewayError::UpstreamTimeout { .. } => Some("upstream_timeout"),
                     GatewayError::PluginFailed { .. } => Some("plugin_failed"),
+                    GatewayError::PluginStopped { .. } => Some("stopped_by_policy"),
                     _ => None,
                 };
                 json!({"error": {"message": message, "type": self.openai_type(), "param": param, "code": code}})

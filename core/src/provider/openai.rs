@@ -71,16 +71,21 @@ pub fn header_map(name: &str, map: &BTreeMap<String, String>) -> Result<HeaderMa
     Ok(headers)
 }
 
-/// Serializes a request body, with the upstream model name substituted.
+/// Serializes a request body with the upstream model name. The pipeline has usually set the
+/// model already, so the common case encodes without copying the request.
 fn body_with_model<T: serde::Serialize + Clone>(
     req: &T,
+    has_model: bool,
     set_model: impl FnOnce(&mut T),
 ) -> Result<Bytes, ProviderError> {
-    let mut req = req.clone();
-    set_model(&mut req);
-    serde_json::to_vec(&req)
-        .map(Bytes::from)
-        .map_err(|e| ProviderError::Unsupported(format!("cannot encode request: {e}")))
+    let encoded = if has_model {
+        serde_json::to_vec(req)
+    } else {
+        let mut req = req.clone();
+        set_model(&mut req);
+        serde_json::to_vec(&req)
+    };
+    encoded.map(Bytes::from).map_err(|e| ProviderError::Unsupported(format!("cannot encode request: {e}")))
 }
 
 impl Provider for OpenAi {
@@ -88,7 +93,7 @@ impl Provider for OpenAi {
         Ok(UpstreamRequest {
             url: format!("{}/chat/completions", self.base_url),
             headers: self.headers.clone(),
-            body: body_with_model(req, |r| r.model = model.to_owned())?,
+            body: body_with_model(req, req.model == model, |r| r.model = model.to_owned())?,
         })
     }
 
@@ -104,7 +109,7 @@ impl Provider for OpenAi {
         Ok(UpstreamRequest {
             url: format!("{}/embeddings", self.base_url),
             headers: self.headers.clone(),
-            body: body_with_model(req, |r| r.model = model.to_owned())?,
+            body: body_with_model(req, req.model == model, |r| r.model = model.to_owned())?,
         })
     }
 
