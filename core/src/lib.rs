@@ -12,11 +12,14 @@
 //! - [`config`]: the TOML file and its validation;
 //! - [`telemetry`]: logs and Prometheus metrics.
 
+pub mod admin;
 pub mod api;
 pub mod config;
 pub mod pipeline;
 pub mod plugin;
 pub mod provider;
+pub mod reload;
+pub mod requestlog;
 pub mod server;
 pub mod state;
 pub mod telemetry;

@@ -25,6 +25,12 @@ pub struct FileConfig {
     /// `[[models]]`: the models clients can ask for.
     #[serde(default)]
     pub models: Vec<ModelConfig>,
+    /// `[admin]`: the admin API (status, reload, rollback, request log).
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// `[reload]`: hot reload of the config and plugin files.
+    #[serde(default)]
+    pub reload: ReloadConfig,
 }
 
 /// `[server]`.
@@ -185,4 +191,77 @@ pub struct TargetConfig {
     /// The model name the provider knows; defaults to the model's own name.
     #[serde(default)]
     pub model: Option<String>,
+}
+
+/// `[admin]`.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address of the admin listener, separate from the API listener. Default `127.0.0.1:8081`.
+    /// Read at startup only.
+    #[serde(default = "default_admin_listen")]
+    pub listen: String,
+    /// Bearer token every admin call must send (`Authorization: Bearer <token>`), at least 16
+    /// characters; usually `"${WEIR_ADMIN_TOKEN:-}"`. Without a token the admin API does not
+    /// start, on any address. Re-read on reload (rotation needs no restart).
+    #[serde(default)]
+    pub token: Option<String>,
+    /// Request-log records kept (the oldest are deleted first). Default 100,000; 0 turns the
+    /// request log off.
+    #[serde(default = "default_request_log_max")]
+    pub request_log_max_records: u64,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: default_admin_listen(),
+            token: None,
+            request_log_max_records: default_request_log_max(),
+        }
+    }
+}
+
+impl std::fmt::Debug for AdminConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the token.
+        f.debug_struct("AdminConfig")
+            .field("listen", &self.listen)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("request_log_max_records", &self.request_log_max_records)
+            .finish()
+    }
+}
+
+fn default_admin_listen() -> String {
+    "127.0.0.1:8081".to_owned()
+}
+fn default_request_log_max() -> u64 {
+    100_000
+}
+
+/// `[reload]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReloadConfig {
+    /// Quiet time after the last file event before reloading, ms (editors write a file in
+    /// several steps). Default 250.
+    #[serde(default = "default_debounce")]
+    pub debounce_ms: u64,
+    /// Previous generations kept in memory, ready for rollback. Default 5.
+    #[serde(default = "default_keep_generations")]
+    pub keep_generations: usize,
+}
+
+impl Default for ReloadConfig {
+    fn default() -> Self {
+        ReloadConfig { debounce_ms: default_debounce(), keep_generations: default_keep_generations() }
+    }
+}
+
+fn default_debounce() -> u64 {
+    250
+}
+fn default_keep_generations() -> usize {
+    5
 }

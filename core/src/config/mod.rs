@@ -153,6 +153,26 @@ pub struct Retry {
     pub max_backoff: Duration,
 }
 
+/// The admin API, validated (see [`file::AdminConfig`]).
+#[derive(Debug, Clone)]
+pub struct Admin {
+    /// Admin listener address (read at startup only).
+    pub listen: SocketAddr,
+    /// The token admin calls must present; `None` means the admin API does not start.
+    pub token: Option<crate::admin::AdminToken>,
+    /// Request-log records kept; 0 turns the request log off.
+    pub request_log_max_records: u64,
+}
+
+/// Hot-reload settings (see [`file::ReloadConfig`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Reload {
+    /// Quiet time after the last file event before reloading.
+    pub debounce: Duration,
+    /// Previous generations kept in memory for rollback.
+    pub keep_generations: usize,
+}
+
 /// The validated, runtime configuration.
 #[derive(Debug)]
 pub struct Config {
@@ -176,6 +196,10 @@ pub struct Config {
     pub models: HashMap<String, Arc<Model>>,
     /// Model names in config order, for `/v1/models`.
     pub model_order: Vec<String>,
+    /// The admin API.
+    pub admin: Admin,
+    /// Hot reload.
+    pub reload: Reload,
     /// The file shape, kept for subsystems that read their own sections (plugins).
     pub file: FileConfig,
     /// Non-fatal findings (disabled providers, unserved models), logged once logging is up.
@@ -218,6 +242,18 @@ impl Config {
         if file.retry.attempts_per_target == 0 {
             return Err(ConfigError::invalid("retry.attempts_per_target", "must be at least 1"));
         }
+        let admin = Admin {
+            listen: file.admin.listen.parse::<SocketAddr>().map_err(|e| {
+                ConfigError::invalid("admin.listen", format!("'{}': {e}", file.admin.listen))
+            })?,
+            token: crate::admin::AdminToken::from_config(file.admin.token.as_deref())
+                .map_err(|reason| ConfigError::invalid("admin.token", reason))?,
+            request_log_max_records: file.admin.request_log_max_records,
+        };
+        let reload = Reload {
+            debounce: Duration::from_millis(file.reload.debounce_ms),
+            keep_generations: file.reload.keep_generations,
+        };
         let mut warnings = Vec::new();
         let mut providers = HashMap::new();
         for (name, spec) in &file.providers {
@@ -279,6 +315,8 @@ impl Config {
             providers,
             models,
             model_order,
+            admin,
+            reload,
             file,
             warnings,
         })
