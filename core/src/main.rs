@@ -9,7 +9,7 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 
 use weir::config::Config;
-use weir::pipeline::Snapshot;
+use weir::pipeline::{Services, Snapshot};
 use weir::telemetry::{self, Metrics};
 
 /// Weir: a plugin-first AI gateway.
@@ -93,8 +93,10 @@ fn serve(path: PathBuf, listen: Option<SocketAddr>) -> anyhow::Result<()> {
         let models = config.model_order.len();
         let admin = config.admin.clone();
         // One state store per process (sled locks its directory).
-        let state = weir::state::open(&weir::state::StateConfig::default(), &path)?;
-        let snapshot = Snapshot::build(config)?;
+        let state = weir::state::open(&config.file.state, &path)?;
+        let services = Services::new(state.clone(), &metrics)?;
+        // Loading plugins compiles WASM and runs `init`: keep it off the async workers.
+        let snapshot = tokio::task::spawn_blocking(move || Snapshot::build(config, &services)).await??;
         let (gw, reloader) = weir::reload::Reloader::start(snapshot, metrics, state.clone())?;
         start_lifecycle(&reloader, &admin, state).await?;
         let listener = tokio::net::TcpListener::bind(addr)

@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::config::{Config, ConfigError};
-use crate::pipeline::{Gateway, GatewayError, Snapshot};
+use crate::pipeline::{Gateway, GatewayError, Services, Snapshot};
 use crate::requestlog::now_ms;
 use crate::state::{StateError, StateStore};
 use crate::telemetry::Metrics;
@@ -322,8 +322,8 @@ fn hash_dir(dir: &Path, inputs: &mut Inputs, depth: usize) -> Result<(), ReloadE
 }
 
 /// Builds the snapshot for a loaded config: the one place a reload constructs the pipeline.
-fn build(config: Config) -> Result<Snapshot, ReloadError> {
-    Ok(Snapshot::build(config)?)
+fn build(config: Config, services: &Services) -> Result<Snapshot, ReloadError> {
+    Ok(Snapshot::build(config, services)?)
 }
 
 /// What the watcher should watch.
@@ -633,6 +633,8 @@ impl Reloader {
         let serving = self.current();
         let last_seen = history.last_seen.clone();
         let path = self.config_path.clone();
+        // A new snapshot shares the process-wide services (state store, plugin metrics).
+        let services = self.gateway().snapshot().services.clone();
         let prepared = tokio::task::spawn_blocking(move || {
             let (inputs, config) = read_inputs(&path);
             // A watch event that changed nothing since we last looked (or that leads back to
@@ -643,7 +645,7 @@ impl Reloader {
             {
                 return Prepared::Unchanged;
             }
-            match config.and_then(build) {
+            match config.and_then(|c| build(c, &services)) {
                 Ok(snapshot) => Prepared::Built(Box::new(snapshot), inputs),
                 Err(e) => Prepared::Failed(e, Some(inputs.hash)),
             }
@@ -982,7 +984,8 @@ mod tests {
         let path = dir.join("weir.toml");
         let config = Config::load(&path).unwrap();
         let metrics = Metrics::new().unwrap();
-        Reloader::start(Snapshot::build(config).unwrap(), metrics, store).unwrap()
+        let services = Services::new(store.clone(), &metrics).unwrap();
+        Reloader::start(Snapshot::build(config, &services).unwrap(), metrics, store).unwrap()
     }
 
     #[tokio::test]

@@ -44,12 +44,46 @@ use crate::api::anthropic::MessagesStreamEncoder;
 use crate::api::openai::{ChatChunk, StreamOptions, Usage};
 use crate::api::sse;
 use crate::config::{Config, Model, Target};
+use crate::plugin::contract::LogEntry;
+use crate::plugin::host::PluginMetrics;
+use crate::plugin::{Chain, ChunkFilter, Flow, Plugins, response_headers};
+use crate::state::StateStore;
 use crate::telemetry::Metrics;
+
+/// Process-wide services every snapshot shares. Built once at startup; they outlive
+/// reloads (sled locks its directory, and Prometheus metrics register once).
+#[derive(Clone)]
+pub struct Services {
+    /// Plugin key-value state (sled by default).
+    pub state: Arc<dyn StateStore>,
+    /// `weir_plugin_*` metrics.
+    pub plugin_metrics: PluginMetrics,
+}
+
+impl Services {
+    /// Services whose plugin metrics are registered in `metrics`' registry.
+    pub fn new(state: Arc<dyn StateStore>, metrics: &Metrics) -> Result<Services, GatewayError> {
+        let plugin_metrics = PluginMetrics::register(&metrics.registry)
+            .map_err(|e| GatewayError::Internal(format!("registering plugin metrics: {e}")))?;
+        Ok(Services { state, plugin_metrics })
+    }
+
+    /// Services with unregistered metrics (tests, `weir plugin test`).
+    pub fn unregistered(state: Arc<dyn StateStore>) -> Result<Services, GatewayError> {
+        let plugin_metrics = PluginMetrics::unregistered()
+            .map_err(|e| GatewayError::Internal(format!("plugin metrics: {e}")))?;
+        Ok(Services { state, plugin_metrics })
+    }
+}
 
 /// Everything a request needs that a reload replaces as a whole.
 pub struct Snapshot {
     /// Validated configuration.
     pub config: Config,
+    /// The loaded plugin instances and each model's chain.
+    pub plugins: Plugins,
+    /// The shared services this snapshot was built with (a reload builds with the same).
+    pub services: Services,
     /// The generation that accepted this snapshot (0 until [`crate::reload`] numbers it).
     pub generation: u64,
     /// One pooled HTTP client per provider.
@@ -57,8 +91,9 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// Builds the HTTP clients for a config.
-    pub fn build(config: Config) -> Result<Snapshot, GatewayError> {
+    /// Builds the HTTP clients and loads every plugin of a config. Loading plugins compiles
+    /// WASM and runs `init`: call it off the async workers (`spawn_blocking`).
+    pub fn build(config: Config, services: &Services) -> Result<Snapshot, GatewayError> {
         let mut clients = HashMap::new();
         for (name, entry) in &config.providers {
             let client = reqwest::Client::builder()
@@ -71,18 +106,24 @@ impl Snapshot {
                 .map_err(|e| GatewayError::Internal(format!("HTTP client for provider {name}: {e}")))?;
             clients.insert(name.clone(), client);
         }
-        Ok(Snapshot { config, generation: 0, clients })
+        let plugins = Plugins::load(&config, services.state.clone(), &services.plugin_metrics)
+            .map_err(|e| GatewayError::PluginLoad(e.to_string()))?;
+        Ok(Snapshot { config, plugins, services: services.clone(), generation: 0, clients })
     }
 
     fn model(&self, name: &str) -> Result<Arc<Model>, GatewayError> {
         self.config.models.get(name).cloned().ok_or_else(|| GatewayError::ModelNotFound(name.to_owned()))
     }
 
-    /// The targets for a request: a plugin's override, else the model's configured list.
-    fn targets(&self, overrides: &Option<Vec<ctx::TargetOverride>>, model: &Model) -> Result<Vec<Target>, GatewayError> {
+    /// The targets for a request: a plugin's override (routing), else the configured list of
+    /// the model the request names after the request plugins ran.
+    fn targets(&self, overrides: &Option<Vec<ctx::TargetOverride>>, model: &str) -> Result<Vec<Target>, GatewayError> {
         let Some(overrides) = overrides else {
-            return Ok(model.targets.clone());
+            return Ok(self.model(model)?.targets.clone());
         };
+        if overrides.is_empty() {
+            return Err(GatewayError::Internal("a plugin routed to an empty target list".into()));
+        }
         overrides
             .iter()
             .map(|t| {
@@ -138,6 +179,12 @@ struct Accounting {
     error: Option<&'static str>,
     /// Request-log fields the rest of the accounting does not track.
     log: crate::requestlog::Details,
+    /// The chain whose `on_log` runs once the request is over (only if it has log hooks).
+    log_chain: Option<Chain>,
+    /// The request metadata at the end of the request, for `on_log`.
+    metadata: std::collections::BTreeMap<String, String>,
+    /// The upstream model that answered.
+    target_model: String,
 }
 
 impl Accounting {
@@ -156,10 +203,13 @@ impl Accounting {
             complete: false,
             error: None,
             log: Default::default(),
+            log_chain: None,
+            metadata: Default::default(),
+            target_model: String::new(),
         }
     }
 
-    fn failed(mut self, e: &GatewayError) {
+    fn failed(&mut self, e: &GatewayError) {
         self.status = e.status();
         self.error = Some(e.reason());
         self.complete = true;
@@ -203,6 +253,28 @@ impl Drop for Accounting {
         } else {
             tracing::info!(latency_ms, tokens_in, tokens_out, stream = self.stream, "Request served.");
         }
+        if let Some(chain) = self.log_chain.take() {
+            let entry = LogEntry {
+                request_id: self.log.request_id.clone(),
+                model: self.model.clone(),
+                provider: self.provider.clone(),
+                target_model: self.target_model.clone(),
+                status: self.status.as_u16(),
+                stream: self.stream,
+                usage: self.usage.map(|u| crate::plugin::contract::Usage {
+                    prompt_tokens: u.prompt_tokens,
+                    completion_tokens: u.completion_tokens,
+                    cached_tokens: u.prompt_tokens_details.map(|d| d.cached_tokens).unwrap_or(0),
+                }),
+                latency_ms: u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
+                ttft_ms: self.first_token.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
+                metadata: std::mem::take(&mut self.metadata).into_iter().collect(),
+            };
+            // Off the hot path: the response is already on its way.
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn_blocking(move || chain.on_log(&entry));
+            }
+        }
         self.gw.request_log.push(|| crate::requestlog::Record {
             seq: 0,
             time_ms: crate::requestlog::now_ms(),
@@ -232,28 +304,53 @@ impl Drop for Accounting {
     }
 }
 
+/// Runs the request plugins and resolves the targets. `Err` is the response that ends the
+/// request (a plugin's reply, a fail-closed plugin failure, an unknown model).
+fn admit(snap: &Snapshot, ctx: &mut RequestCtx, acct: &mut Accounting) -> Result<(Chain, Vec<Target>), Response> {
+    let dialect = ctx.dialect;
+    let chain = snap.plugins.chain(ctx.body.model()).clone();
+    match chain.on_request(ctx) {
+        Ok(Flow::Continue) => {}
+        Ok(Flow::Reply(reply)) => {
+            acct.status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            acct.complete = true;
+            acct.metadata.clone_from(&ctx.metadata);
+            return Err(with_plugin_headers(reply_response(reply), &ctx.metadata));
+        }
+        Err(failure) => {
+            tracing::warn!(plugin = %failure.plugin, kind = failure.kind, "Fail-closed plugin failed; refusing the request.");
+            let resp = fail_ref(acct, GatewayError::PluginFailed { plugin: failure.plugin }, dialect);
+            return Err(with_plugin_headers(resp, &ctx.metadata));
+        }
+    }
+    if chain.wants_log() {
+        acct.log_chain = Some(chain.clone());
+    }
+    match snap.targets(&ctx.targets, ctx.body.model()) {
+        Ok(t) => Ok((chain, t)),
+        Err(e) => Err(with_plugin_headers(fail_ref(acct, e, dialect), &ctx.metadata)),
+    }
+}
+
 /// Serves a chat completion (from either dialect).
 pub async fn chat(gw: &Arc<Gateway>, mut ctx: RequestCtx) -> Response {
     let snap = gw.snapshot();
     let dialect = ctx.dialect;
-    let ctx::Body::Chat(req) = &mut ctx.body else {
-        return GatewayError::Internal("chat called without a chat body".into()).into_response_for(dialect);
-    };
-    let client_model = req.model.clone();
+    let client_model = ctx.body.model().to_owned();
     tracing::Span::current().record("model", client_model.as_str());
     let mut acct = Accounting::new(gw, ctx.started, &client_model);
     acct.log.request_id.clone_from(&ctx.request_id);
     acct.log.generation = snap.generation;
-    let model = match snap.model(&client_model) {
-        Ok(m) => m,
-        Err(e) => return fail(acct, e, dialect),
+    let (chain, targets) = match admit(&snap, &mut ctx, &mut acct) {
+        Ok(v) => v,
+        Err(resp) => return resp,
     };
-    let targets = match snap.targets(&ctx.targets, &model) {
-        Ok(t) => t,
-        Err(e) => return fail(acct, e, dialect),
+    let ctx::Body::Chat(req) = &mut ctx.body else {
+        return fail(acct, GatewayError::Internal("a plugin replaced a chat body with another kind".into()), dialect);
     };
     let client_usage = req.include_usage();
-    if req.stream {
+    let stream = req.stream;
+    if stream {
         // Ask every OpenAI-dialect upstream for usage; the chunk is dropped again below if the
         // client did not ask for it.
         let opts = req.stream_options.get_or_insert_with(|| StreamOptions {
@@ -267,66 +364,120 @@ pub async fn chat(gw: &Arc<Gateway>, mut ctx: RequestCtx) -> Response {
         retry: snap.config.retry,
         metrics: &gw.metrics,
     };
-    let passthrough_ok = dialect == Dialect::OpenAi;
+    // Forward upstream chunks untouched only when nobody needs to see or change them.
+    let passthrough_ok = dialect == Dialect::OpenAi && !chain.wants_chunks();
     let served = match up.chat(req, &targets, passthrough_ok).await {
         Ok(s) => s,
-        Err(e) => return fail(acct, e, dialect),
+        Err(e) => {
+            acct.metadata.clone_from(&ctx.metadata);
+            return with_plugin_headers(fail(acct, e, dialect), &ctx.metadata);
+        }
     };
     let Served { target, answer, upstream_time, attempts } = served;
     acct.provider.clone_from(&target.provider.name);
     acct.log.target_model = Some(target.model.clone());
+    acct.target_model.clone_from(&target.model);
     acct.upstream_time = upstream_time;
     tracing::debug!(provider = %target.provider.name, upstream_model = %target.model, attempts, "Upstream answered.");
-    ctx.metadata.insert("provider".to_owned(), target.provider.name.clone());
     match answer {
-        Answer::Json(resp) => {
+        Answer::Json(mut resp) => {
             acct.usage = resp.usage;
+            match chain.on_response(&mut ctx, &mut resp) {
+                Ok(Flow::Continue) => {}
+                Ok(Flow::Reply(reply)) => {
+                    acct.status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+                    acct.complete = true;
+                    acct.metadata.clone_from(&ctx.metadata);
+                    return with_plugin_headers(reply_response(reply), &ctx.metadata);
+                }
+                Err(failure) => {
+                    acct.metadata.clone_from(&ctx.metadata);
+                    let resp = fail(acct, GatewayError::PluginFailed { plugin: failure.plugin }, dialect);
+                    return with_plugin_headers(resp, &ctx.metadata);
+                }
+            }
             let body = match dialect {
                 Dialect::OpenAi => serde_json::to_vec(&resp),
                 Dialect::Anthropic => {
                     serde_json::to_vec(&crate::api::anthropic::from_chat_response(&resp, &client_model))
                 }
             };
-            match body {
+            acct.metadata.clone_from(&ctx.metadata);
+            let out = match body {
                 Ok(b) => {
                     acct.complete = true;
                     json_response(StatusCode::OK, b)
                 }
                 Err(e) => fail(acct, GatewayError::Internal(format!("encoding response: {e}")), dialect),
-            }
+            };
+            with_plugin_headers(out, &ctx.metadata)
         }
-        Answer::Stream(stream) => {
+        Answer::Stream(upstream) => {
             acct.stream = true;
             gw.metrics.active_streams.with_label_values(&[client_model.as_str()]).inc();
             let encoder = match dialect {
                 Dialect::OpenAi => Encoder::OpenAi { include_usage: client_usage },
                 Dialect::Anthropic => Encoder::Anthropic(Box::new(MessagesStreamEncoder::new(&client_model))),
             };
-            sse_response(SseBody { stream, encoder, out: VecDeque::new(), finished: false, acct })
+            let filter = chain.wants_chunks().then(|| chain.chunk_filter(&ctx));
+            acct.metadata.clone_from(&ctx.metadata);
+            let resp = sse_response(SseBody {
+                stream: upstream,
+                encoder,
+                filter,
+                out: VecDeque::new(),
+                finished: false,
+                acct,
+            });
+            with_plugin_headers(resp, &ctx.metadata)
         }
     }
+}
+
+/// The response for a plugin's reply. The body is sent as the plugin wrote it.
+fn reply_response(reply: crate::plugin::Reply) -> Response {
+    let status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut resp = (status, reply.body).into_response();
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    for (name, value) in reply.headers {
+        match (http::HeaderName::try_from(name.as_str()), HeaderValue::try_from(value.as_str())) {
+            (Ok(n), Ok(v)) => {
+                h.insert(n, v);
+            }
+            _ => tracing::warn!(header = %name, "A plugin reply carried an invalid header; dropped."),
+        }
+    }
+    resp
+}
+
+/// Adds the response headers plugins asked for (rate-limit counters, cache status...).
+fn with_plugin_headers(mut resp: Response, metadata: &std::collections::BTreeMap<String, String>) -> Response {
+    let h = resp.headers_mut();
+    for (name, value) in response_headers(metadata) {
+        if let (Ok(n), Ok(v)) = (http::HeaderName::try_from(name), HeaderValue::try_from(value)) {
+            h.insert(n, v);
+        }
+    }
+    resp
 }
 
 /// Serves an embeddings request.
 pub async fn embeddings(gw: &Arc<Gateway>, mut ctx: RequestCtx) -> Response {
     let snap = gw.snapshot();
     let dialect = ctx.dialect;
-    let ctx::Body::Embeddings(req) = &mut ctx.body else {
-        return GatewayError::Internal("embeddings called without an embeddings body".into())
-            .into_response_for(dialect);
-    };
-    let client_model = req.model.clone();
+    let client_model = ctx.body.model().to_owned();
     tracing::Span::current().record("model", client_model.as_str());
     let mut acct = Accounting::new(gw, ctx.started, &client_model);
     acct.log.request_id.clone_from(&ctx.request_id);
     acct.log.generation = snap.generation;
-    let model = match snap.model(&client_model) {
-        Ok(m) => m,
-        Err(e) => return fail(acct, e, dialect),
+    let (_chain, targets) = match admit(&snap, &mut ctx, &mut acct) {
+        Ok(v) => v,
+        Err(resp) => return resp,
     };
-    let targets = match snap.targets(&ctx.targets, &model) {
-        Ok(t) => t,
-        Err(e) => return fail(acct, e, dialect),
+    acct.metadata.clone_from(&ctx.metadata);
+    let ctx::Body::Embeddings(req) = &mut ctx.body else {
+        return fail(acct, GatewayError::Internal("a plugin replaced an embeddings body with another kind".into()), dialect);
     };
     let up = Upstream {
         clients: &snap.clients,
@@ -352,7 +503,12 @@ pub async fn embeddings(gw: &Arc<Gateway>, mut ctx: RequestCtx) -> Response {
     }
 }
 
-fn fail(acct: Accounting, e: GatewayError, dialect: Dialect) -> Response {
+fn fail(mut acct: Accounting, e: GatewayError, dialect: Dialect) -> Response {
+    fail_ref(&mut acct, e, dialect)
+}
+
+/// Marks the request failed (the accounting records it when dropped) and encodes the error.
+fn fail_ref(acct: &mut Accounting, e: GatewayError, dialect: Dialect) -> Response {
     if matches!(e, GatewayError::Internal(_)) {
         tracing::error!(error = %e, "Internal error.");
     }
@@ -376,6 +532,8 @@ enum Encoder {
 struct SseBody {
     stream: ChunkStream,
     encoder: Encoder,
+    /// The chain's chunk hooks, when any plugin has one.
+    filter: Option<ChunkFilter>,
     out: VecDeque<Bytes>,
     finished: bool,
     acct: Accounting,
@@ -391,28 +549,42 @@ impl SseBody {
                 return None;
             }
             match self.stream.next().await {
+                Some(Ok(StreamItem::Chunk(chunk))) if self.filter.is_some() => {
+                    let mut filtered = Vec::new();
+                    let result = match &mut self.filter {
+                        Some(f) => f.on_chunk(chunk, &mut filtered),
+                        None => Ok(()),
+                    };
+                    for c in filtered {
+                        self.encode(StreamItem::Chunk(c));
+                    }
+                    if let Err(stop) = result {
+                        tracing::info!(plugin = %stop.plugin, "A plugin stopped the stream.");
+                        self.end_with_error(GatewayError::PluginStopped { plugin: stop.plugin, message: stop.message });
+                    }
+                }
                 Some(Ok(item)) => self.encode(item),
                 Some(Err(e)) => {
                     tracing::warn!(error = %e, "Upstream stream failed after it started; ending it with an error event.");
-                    self.acct.error = Some(e.reason());
-                    self.finished = true;
-                    self.acct.complete = true;
-                    let message = e.client_message();
-                    match &mut self.encoder {
-                        Encoder::OpenAi { .. } => {
-                            let body = e.body(Dialect::OpenAi);
-                            self.out.push_back(sse::data_frame(body.to_string().as_bytes()));
-                        }
-                        Encoder::Anthropic(enc) => {
-                            let mut frames = Vec::new();
-                            enc.error(&message, &mut frames);
-                            self.out.extend(frames);
-                        }
-                    }
+                    self.end_with_error(e);
                 }
                 None => {
+                    if let Some(f) = &mut self.filter {
+                        let mut held = Vec::new();
+                        let result = f.finish(&mut held);
+                        for c in held {
+                            self.encode(StreamItem::Chunk(c));
+                        }
+                        if let Err(stop) = result {
+                            self.end_with_error(GatewayError::PluginStopped { plugin: stop.plugin, message: stop.message });
+                            continue;
+                        }
+                    }
                     self.finished = true;
                     self.acct.complete = true;
+                    if let Some(f) = &self.filter {
+                        self.acct.metadata.clone_from(f.metadata());
+                    }
                     match &mut self.encoder {
                         Encoder::OpenAi { .. } => self.out.push_back(Bytes::from_static(sse::DONE_FRAME)),
                         Encoder::Anthropic(enc) => {
@@ -422,6 +594,28 @@ impl SseBody {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// Ends the stream with an error event in the client's dialect.
+    fn end_with_error(&mut self, e: GatewayError) {
+        self.acct.error = Some(e.reason());
+        self.finished = true;
+        self.acct.complete = true;
+        if let Some(f) = &self.filter {
+            self.acct.metadata.clone_from(f.metadata());
+        }
+        let message = e.client_message();
+        match &mut self.encoder {
+            Encoder::OpenAi { .. } => {
+                let body = e.body(Dialect::OpenAi);
+                self.out.push_back(sse::data_frame(body.to_string().as_bytes()));
+            }
+            Encoder::Anthropic(enc) => {
+                let mut frames = Vec::new();
+                enc.error(&message, &mut frames);
+                self.out.extend(frames);
             }
         }
     }
