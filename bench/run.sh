@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# Weir's benchmark suite, one command:
+#
+#   bench/run.sh                 # everything: build, criterion micro-benchmarks, side by side
+#   bench/run.sh --quick         # 2 s runs, 200 slow streams, short criterion runs
+#   bench/run.sh --no-micro      # skip criterion
+#   bench/run.sh -- --duration 10   # anything after -- goes to the suite (see `suite --help`)
+#
+# Environment: WEIR_BIN=path uses a prebuilt weir binary instead of building one.
+#
+# It installs wrk and nginx from Debian if they are missing, builds `weir` and the bench
+# binaries in release mode, runs the criterion benches pinned to CPU 1, then the side-by-side
+# suite (mock + load generator on CPU 0, proxy on CPU 1), and writes the tables into
+# BENCHMARKS.md. Loopback only; every process it starts is stopped on exit.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+COMMAND="bench/run.sh${*:+ $*}"
+MICRO=1
+QUICK=0
+SUITE_ARGS=()
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --quick) QUICK=1 ;;
+        --no-micro) MICRO=0 ;;
+        --) shift; SUITE_ARGS+=("$@"); break ;;
+        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+        *) echo "unknown option $1 (try --help)" >&2; exit 2 ;;
+    esac
+    shift
+done
+
+SUDO=""
+if [[ "$(id -u)" -ne 0 ]]; then SUDO=sudo; fi
+missing=()
+command -v wrk >/dev/null 2>&1 || missing+=(wrk)
+[[ -x /usr/sbin/nginx ]] || missing+=(nginx-light)
+command -v taskset >/dev/null 2>&1 || missing+=(util-linux)
+if [[ ${#missing[@]} -gt 0 ]]; then
+    echo "installing ${missing[*]} from Debian" >&2
+    $SUDO apt-get install -y --no-install-recommends "${missing[@]}" \
+        || { $SUDO apt-get update && $SUDO apt-get install -y --no-install-recommends "${missing[@]}"; }
+fi
+
+# 1,000 streams through a proxy need ~3 descriptors each across the processes.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+if [[ "$(ulimit -n)" != unlimited && "$(ulimit -n)" -lt 8192 ]]; then
+    echo "warning: open-file limit $(ulimit -n) may be too low for 1,000 streams" >&2
+fi
+
+OUT="$ROOT/target/weir-bench"
+BIN="$OUT/bin"
+mkdir -p "$BIN"
+echo "building (release) ..." >&2
+nice cargo build --release -p weir-bench --bins
+cp target/release/mock-upstream target/release/load target/release/suite "$BIN/"
+if [[ -n "${WEIR_BIN:-}" ]]; then
+    cp "$WEIR_BIN" "$BIN/weir"
+else
+    nice cargo build --release -p weir
+    cp target/release/weir "$BIN/weir"
+fi
+
+if [[ $MICRO -eq 1 ]]; then
+    echo "criterion micro-benchmarks (pinned to CPU 1) ..." >&2
+    nice cargo bench -p weir-bench --bench hot_path --no-run
+    CRIT=()
+    if [[ $QUICK -eq 1 ]]; then CRIT=(--warm-up-time 1 --measurement-time 2); fi
+    taskset -c 1 cargo bench -p weir-bench --bench hot_path -- "${CRIT[@]}"
+fi
+
+if [[ $QUICK -eq 1 ]]; then
+    SUITE_ARGS=(--duration 2 --warmup 0.5 --slow-streams 200 "${SUITE_ARGS[@]}")
+fi
+
+SUITE_PID=""
+cleanup() {
+    if [[ -n "$SUITE_PID" ]] && kill -0 "$SUITE_PID" 2>/dev/null; then
+        # The suite leads its own process group: this stops it and everything it started.
+        kill -TERM -- "-$SUITE_PID" 2>/dev/null || true
+        sleep 0.5
+        kill -KILL -- "-$SUITE_PID" 2>/dev/null || true
+    fi
+}
+trap cleanup EXIT INT TERM
+
+setsid "$BIN/suite" \
+    --weir "$BIN/weir" \
+    --bin-dir "$BIN" \
+    --chain-config bench/configs/default-chain.toml \
+    --plugins-dir plugins \
+    --out BENCHMARKS.md \
+    --json "$OUT/results.json" \
+    --criterion target/criterion \
+    --command "$COMMAND" \
+    "${SUITE_ARGS[@]}" &
+SUITE_PID=$!
+wait "$SUITE_PID"
