@@ -40,6 +40,10 @@ enum Command {
     /// Admin API clients.
     #[command(flatten)]
     Admin(weir::admin::cli::AdminCommand),
+    /// Create, list and revoke virtual API keys (through the admin API).
+    Keys(weir::admin::keys::KeysArgs),
+    /// Spend, tokens and requests per key and tenant (through the admin API).
+    Usage(weir::admin::usage::UsageArgs),
 }
 
 fn main() -> ExitCode {
@@ -64,6 +68,8 @@ fn main() -> ExitCode {
             }
         },
         Command::Admin(cmd) => weir::admin::cli::run(cmd),
+        Command::Keys(args) => weir::admin::keys::run(args),
+        Command::Usage(args) => weir::admin::usage::run(args),
         Command::Serve { config, listen } => match serve(config, listen) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -223,7 +223,7 @@ function M.on_request(req)
 		end
 		table.insert(holds, hk)
 		table.insert(limits, base .. "=" .. int(b.nano))
-		local left = b.nano - spent - held - prev + worst
+		local left = b.nano - spent - held - prev
 		if tightest == nil or left < tightest then
 			tightest = left
 		end

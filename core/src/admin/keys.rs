@@ -467,8 +467,9 @@ struct ListQuery {
     include_revoked: bool,
 }
 
-/// The key routes, ready to merge into the admin router (which adds authentication).
-pub fn routes(store: Arc<dyn StateStore>) -> Router {
+/// The key routes, ready to merge into the admin router (which adds authentication);
+/// generic over the outer router's state.
+pub fn routes<S: Clone + Send + Sync + 'static>(store: Arc<dyn StateStore>) -> Router<S> {
     Router::new()
         .route("/admin/keys", post(create).get(list))
         .route("/admin/keys/{id}", get(show).patch(update).delete(revoke))

@@ -225,8 +225,9 @@ struct UsageState {
     keys: Keys,
 }
 
-/// The usage route, ready to merge into the admin router (which adds authentication).
-pub fn routes(store: Arc<dyn StateStore>) -> Router {
+/// The usage route, ready to merge into the admin router (which adds authentication);
+/// generic over the outer router's state.
+pub fn routes<S: Clone + Send + Sync + 'static>(store: Arc<dyn StateStore>) -> Router<S> {
     Router::new()
         .route("/admin/usage", get(usage))
         .with_state(UsageState {

@@ -1,0 +1,479 @@
+-- cache: an exact-match response cache, as a Lua plugin. Full reference: README.md.
+--
+-- The key is a hash of the canonical request body (model, messages, tools, sampling
+-- parameters; without `stream`, `stream_options` and `user`), prefixed by the metadata
+-- entries named in `partition_by` (e.g. the tenant). A hit is answered in on_request with a
+-- reply in the caller's dialect: JSON, or a replayed SSE stream when the client streams.
+-- A miss is stored after a complete, successful answer: in on_response (JSON) or, for a
+-- stream, in on_log from the text deltas collected by on_response_chunk.
+--
+-- State, in the plugin's key-value namespace:
+--   e/<key>          the entry (JSON: canonical request, choices, usage, time), with a TTL
+--   p/<request id>   the canonical request of a miss in flight (TTL 10 min)
+--   s/<request id>/<n>  streamed text, one key per delta (TTL 10 min)
+--   seq, slot/<i>    the eviction ring: `max_entries` slots in insertion order
+-- Entries hold the full canonical request, so a hash collision is a miss, never a wrong
+-- answer. Nothing here logs prompt or response text; the metadata bag only gets the key.
+
+local M = {}
+
+local cfg = {
+	ttl_ms = 3600 * 1000,
+	max_entries = 10000,
+	max_entry_bytes = 256 * 1024,
+	ignore_fields = { "stream", "stream_options", "user" },
+	partition_by = {} :: { string },
+	replay_chunk_bytes = 256,
+}
+
+local PENDING_TTL_MS = 10 * 60 * 1000
+local EMPTY_ARRAY = nil
+
+function M.init(config: any)
+	config = config or {}
+	for k, v in config do
+		if k == "ttl_secs" then
+			assert(type(v) == "number" and v >= 1, "ttl_secs must be a number >= 1")
+			cfg.ttl_ms = v * 1000
+		elseif k == "max_entries" then
+			assert(type(v) == "number" and v >= 1, "max_entries must be a number >= 1")
+			cfg.max_entries = math.floor(v)
+		elseif k == "max_entry_bytes" then
+			assert(type(v) == "number" and v >= 1024, "max_entry_bytes must be a number >= 1024")
+			cfg.max_entry_bytes = v
+		elseif k == "ignore_fields" then
+			assert(type(v) == "table", "ignore_fields must be a list of strings")
+			cfg.ignore_fields = v
+		elseif k == "partition_by" then
+			assert(type(v) == "table", "partition_by must be a list of metadata keys")
+			cfg.partition_by = v
+		elseif k == "replay_chunk_bytes" then
+			assert(type(v) == "number" and v >= 1, "replay_chunk_bytes must be a number >= 1")
+			cfg.replay_chunk_bytes = math.floor(v)
+		else
+			error("unknown config key '" .. tostring(k) .. "'")
+		end
+	end
+	EMPTY_ARRAY = weir.json.decode("[]")
+end
+
+-- Hashing -------------------------------------------------------------------------------
+
+-- Two 32-bit lanes over little-endian words, plus the length: fast in Luau (one
+-- `string.unpack` per 32 bytes) and, since entries are verified against the full
+-- canonical request, only a collision-to-miss concern.
+local function hash(s: string): string
+	local h1, h2 = 0x811c9dc5, 0x9747b28c
+	local n = #s
+	local i = 1
+	local bxor, lrot = bit32.bxor, bit32.lrotate
+	while i + 31 <= n do
+		local a, b, c, d, e, f, g, h = string.unpack("<I4I4I4I4I4I4I4I4", s, i)
+		for _, w in { a, b, c, d, e, f, g, h } do
+			h1 = (lrot(bxor(h1, w), 13) * 5 + 0xe6546b64) % 4294967296
+			h2 = (bxor(lrot(h2, 7), w) * 9 + 0x7ed55d16) % 4294967296
+		end
+		i += 32
+	end
+	while i <= n do
+		local w = string.byte(s, i)
+		h1 = (lrot(bxor(h1, w), 13) * 5 + 0xe6546b64) % 4294967296
+		h2 = (bxor(lrot(h2, 7), w) * 9 + 0x7ed55d16) % 4294967296
+		i += 1
+	end
+	return string.format("%08x%08x%x", h1, h2, n)
+end
+
+-- Requests --------------------------------------------------------------------------------
+
+local function header(req, name: string): string
+	return string.lower(req.headers[name] or "")
+end
+
+local function opted_out(req): boolean
+	local cc = header(req, "cache-control")
+	return string.find(cc, "no-store", 1, true) ~= nil or header(req, "x-weir-cache") == "skip"
+end
+
+-- The canonical request: the body without the ignored fields, encoded with sorted keys.
+local function canonical(body): string
+	for _, f in cfg.ignore_fields do
+		body[f] = nil
+	end
+	local parts = {}
+	for _, name in cfg.partition_by do
+		table.insert(parts, name .. "=" .. (weir.ctx_get(name) or ""))
+	end
+	table.insert(parts, weir.json.encode(body))
+	return table.concat(parts, "\n")
+end
+
+-- Replies ---------------------------------------------------------------------------------
+
+local ANTHROPIC_STOP = {
+	stop = "end_turn",
+	length = "max_tokens",
+	tool_calls = "tool_use",
+	content_filter = "refusal",
+}
+
+local function now_s(): number
+	return math.floor(weir.now_ms() / 1000)
+end
+
+local function openai_tool_calls(calls)
+	local out = {}
+	for i, c in calls do
+		out[i] = { id = c.id, type = "function", ["function"] = { name = c.name, arguments = c.arguments } }
+	end
+	return out
+end
+
+local function openai_json(entry, id: string)
+	local choices = {}
+	for i, c in entry.choices do
+		local message = { role = "assistant", content = c.text }
+		if c.tool_calls and #c.tool_calls > 0 then
+			message.tool_calls = openai_tool_calls(c.tool_calls)
+			if c.text == "" then
+				message.content = weir.json.null
+			end
+		end
+		choices[i] = { index = c.index, message = message, finish_reason = c.finish_reason }
+	end
+	local body = {
+		id = id,
+		object = "chat.completion",
+		created = now_s(),
+		model = entry.model,
+		choices = choices,
+	}
+	if entry.usage then
+		body.usage = {
+			prompt_tokens = entry.usage.prompt_tokens,
+			completion_tokens = entry.usage.completion_tokens,
+			total_tokens = entry.usage.prompt_tokens + entry.usage.completion_tokens,
+		}
+	end
+	return weir.json.encode(body)
+end
+
+local function pieces(text: string): { string }
+	local out = {}
+	local step = cfg.replay_chunk_bytes
+	local i = 1
+	while i <= #text do
+		local j = math.min(#text, i + step - 1)
+		-- Do not cut a UTF-8 sequence: move back while the next byte is a continuation.
+		while j < #text and j > i and bit32.band(string.byte(text, j + 1), 0xC0) == 0x80 do
+			j -= 1
+		end
+		table.insert(out, string.sub(text, i, j))
+		i = j + 1
+	end
+	return out
+end
+
+local function openai_sse(entry, id: string, include_usage: boolean): string
+	local created = now_s()
+	local out = {}
+	local function chunk(choices, usage)
+		local c = {
+			id = id,
+			object = "chat.completion.chunk",
+			created = created,
+			model = entry.model,
+			choices = choices,
+		}
+		if usage then
+			c.usage = usage
+		end
+		table.insert(out, "data: " .. weir.json.encode(c) .. "\n\n")
+	end
+	for _, c in entry.choices do
+		chunk({ { index = c.index, delta = { role = "assistant", content = "" }, finish_reason = weir.json.null } })
+		for _, p in pieces(c.text) do
+			chunk({ { index = c.index, delta = { content = p }, finish_reason = weir.json.null } })
+		end
+		if c.tool_calls and #c.tool_calls > 0 then
+			local calls = openai_tool_calls(c.tool_calls)
+			for i, call in calls do
+				call.index = i - 1
+			end
+			chunk({ { index = c.index, delta = { tool_calls = calls }, finish_reason = weir.json.null } })
+		end
+		chunk({ { index = c.index, delta = {}, finish_reason = c.finish_reason } })
+	end
+	if include_usage and entry.usage then
+		chunk(EMPTY_ARRAY, {
+			prompt_tokens = entry.usage.prompt_tokens,
+			completion_tokens = entry.usage.completion_tokens,
+			total_tokens = entry.usage.prompt_tokens + entry.usage.completion_tokens,
+		})
+	end
+	table.insert(out, "data: [DONE]\n\n")
+	return table.concat(out)
+end
+
+local function anthropic_blocks(c)
+	local blocks = {}
+	if c.text ~= "" then
+		table.insert(blocks, { type = "text", text = c.text })
+	end
+	for _, call in c.tool_calls or {} do
+		local ok, input = pcall(weir.json.decode, call.arguments)
+		table.insert(blocks, { type = "tool_use", id = call.id, name = call.name, input = ok and input or {} })
+	end
+	return blocks
+end
+
+local function anthropic_usage(entry)
+	local u = entry.usage or { prompt_tokens = 0, completion_tokens = 0 }
+	return u.prompt_tokens, u.completion_tokens
+end
+
+local function anthropic_json(entry, id: string): string
+	local c = entry.choices[1]
+	local input, output = anthropic_usage(entry)
+	return weir.json.encode({
+		id = id,
+		type = "message",
+		role = "assistant",
+		model = entry.model,
+		content = anthropic_blocks(c),
+		stop_reason = ANTHROPIC_STOP[c.finish_reason] or "end_turn",
+		stop_sequence = weir.json.null,
+		usage = { input_tokens = input, output_tokens = output },
+	})
+end
+
+local function anthropic_sse(entry, id: string): string
+	local c = entry.choices[1]
+	local input, output = anthropic_usage(entry)
+	local out = {}
+	local function event(name: string, data)
+		table.insert(out, "event: " .. name .. "\ndata: " .. weir.json.encode(data) .. "\n\n")
+	end
+	event("message_start", {
+		type = "message_start",
+		message = {
+			id = id,
+			type = "message",
+			role = "assistant",
+			model = entry.model,
+			content = EMPTY_ARRAY,
+			stop_reason = weir.json.null,
+			stop_sequence = weir.json.null,
+			usage = { input_tokens = input, output_tokens = 0 },
+		},
+	})
+	for index, block in anthropic_blocks(c) do
+		local i = index - 1
+		if block.type == "text" then
+			event("content_block_start", { type = "content_block_start", index = i, content_block = { type = "text", text = "" } })
+			for _, p in pieces(block.text) do
+				event("content_block_delta", { type = "content_block_delta", index = i, delta = { type = "text_delta", text = p } })
+			end
+		else
+			event("content_block_start", {
+				type = "content_block_start",
+				index = i,
+				content_block = { type = "tool_use", id = block.id, name = block.name, input = {} },
+			})
+			event("content_block_delta", {
+				type = "content_block_delta",
+				index = i,
+				delta = { type = "input_json_delta", partial_json = weir.json.encode(block.input) },
+			})
+		end
+		event("content_block_stop", { type = "content_block_stop", index = i })
+	end
+	event("message_delta", {
+		type = "message_delta",
+		delta = { stop_reason = ANTHROPIC_STOP[c.finish_reason] or "end_turn", stop_sequence = weir.json.null },
+		usage = { output_tokens = output },
+	})
+	event("message_stop", { type = "message_stop" })
+	return table.concat(out)
+end
+
+local function hit_reply(req, entry, include_usage: boolean)
+	local id = "cache-" .. req.request_id
+	local headers = { ["x-weir-cache"] = "hit" }
+	headers["age"] = tostring(math.max(0, math.floor((weir.now_ms() - (entry.at or 0)) / 1000)))
+	local body
+	if req.stream then
+		headers["content-type"] = "text/event-stream"
+		headers["cache-control"] = "no-cache"
+		if req.dialect == "anthropic" then
+			body = anthropic_sse(entry, "msg_" .. id)
+		else
+			body = openai_sse(entry, "chatcmpl-" .. id, include_usage)
+		end
+	else
+		headers["content-type"] = "application/json"
+		if req.dialect == "anthropic" then
+			body = anthropic_json(entry, "msg_" .. id)
+		else
+			body = openai_json(entry, "chatcmpl-" .. id)
+		end
+	end
+	return { reply = { status = 200, headers = headers, body = body } }
+end
+
+-- Storage ---------------------------------------------------------------------------------
+
+-- Writes an entry and claims the next slot of the eviction ring, evicting the entry that
+-- held it (unless that entry was written again since: its `seq` moved on).
+local function store(key: string, entry)
+	local seq = weir.kv.incr("seq", 1)
+	entry.seq = seq
+	local data = weir.json.encode(entry)
+	if #data > cfg.max_entry_bytes then
+		weir.counter("skipped_too_large", 1)
+		return
+	end
+	local slot = "slot/" .. tostring(seq % cfg.max_entries)
+	local old = weir.kv.get(slot)
+	if old then
+		local old_key, old_seq = string.match(old, "^(.*)@(%d+)$")
+		if old_key then
+			local current = weir.kv.get("e/" .. old_key)
+			if current then
+				local ok, e = pcall(weir.json.decode, current)
+				if ok and e.seq == tonumber(old_seq) then
+					weir.kv.delete("e/" .. old_key)
+					weir.counter("evictions", 1)
+				end
+			end
+		end
+	end
+	weir.kv.set(slot, key .. "@" .. tostring(seq))
+	weir.kv.set("e/" .. key, data, cfg.ttl_ms)
+	weir.counter("stores", 1)
+end
+
+local function take_pending(rid: string): string?
+	local canon = weir.kv.get("p/" .. rid)
+	if canon then
+		weir.kv.delete("p/" .. rid)
+	end
+	return canon
+end
+
+-- Hooks -----------------------------------------------------------------------------------
+
+function M.on_request(req)
+	if req.endpoint ~= "chat" or req.body == nil then
+		return nil
+	end
+	if opted_out(req) then
+		weir.counter("bypass", 1)
+		return { set_response_headers = { ["x-weir-cache"] = "skip" } }
+	end
+	local body = weir.json.decode(req.body)
+	local include_usage = type(body.stream_options) == "table" and body.stream_options.include_usage == true
+	local canon = canonical(body)
+	local key = hash(canon)
+	local raw = weir.kv.get("e/" .. key)
+	if raw then
+		local ok, entry = pcall(weir.json.decode, raw)
+		if ok and entry.k == canon then
+			weir.counter("hits", 1)
+			return hit_reply(req, entry, include_usage)
+		end
+	end
+	weir.counter("misses", 1)
+	weir.kv.set("p/" .. req.request_id, canon, PENDING_TTL_MS)
+	return {
+		set_metadata = { ["cache.key"] = key, ["cache.rid"] = req.request_id },
+		set_response_headers = { ["x-weir-cache"] = "miss" },
+	}
+end
+
+-- A complete, successful JSON answer: store it.
+function M.on_response(resp)
+	local key = weir.ctx_get("cache.key")
+	if not key or key == "" or resp.status ~= 200 then
+		return nil
+	end
+	local canon = take_pending(weir.ctx_get("cache.rid") or "")
+	if not canon then
+		return nil
+	end
+	local choices = {}
+	for i, c in resp.choices do
+		if c.finish_reason == nil then
+			return nil
+		end
+		choices[i] = { index = c.index, text = c.text, tool_calls = c.tool_calls or EMPTY_ARRAY, finish_reason = c.finish_reason }
+	end
+	if #choices == 0 then
+		return nil
+	end
+	store(key, { k = canon, model = resp.model, choices = choices, usage = resp.usage, at = weir.now_ms() })
+	return nil
+end
+
+-- Streams: keep each text delta of choice 0 in its own key (the metadata bag ends up in
+-- log entries, so no text goes there), note the finish reason; on_log assembles.
+function M.on_response_chunk(event)
+	local rid = weir.ctx_get("cache.rid")
+	if not rid or rid == "" or weir.ctx_get("cache.nostore") == "1" then
+		return nil
+	end
+	if event.type == "text_delta" then
+		if event.choice ~= 0 then
+			weir.ctx_set("cache.nostore", "1")
+			return nil
+		end
+		local n = (tonumber(weir.ctx_get("cache.parts")) or 0) + 1
+		weir.ctx_set("cache.parts", tostring(n))
+		weir.kv.set("s/" .. rid .. "/" .. n, event.text, PENDING_TTL_MS)
+	elseif event.type == "tool_call_delta" then
+		-- Streamed tool calls are not cached (their fragments are not kept).
+		weir.ctx_set("cache.nostore", "1")
+	elseif event.type == "finish" then
+		if event.choice ~= 0 then
+			weir.ctx_set("cache.nostore", "1")
+		else
+			weir.ctx_set("cache.finish", event.reason)
+		end
+	end
+	return nil
+end
+
+function M.on_log(entry)
+	local md = entry.metadata
+	local rid = md["cache.rid"]
+	if not rid or rid == "" then
+		return
+	end
+	if not entry.stream then
+		-- on_response stored (or skipped) it; drop what a failed request left behind.
+		take_pending(rid)
+		return
+	end
+	local parts = tonumber(md["cache.parts"]) or 0
+	local text = {}
+	for n = 1, parts do
+		local key = "s/" .. rid .. "/" .. n
+		text[n] = weir.kv.get(key) or ""
+		weir.kv.delete(key)
+	end
+	local canon = take_pending(rid)
+	local finish = md["cache.finish"]
+	if entry.status ~= 200 or not finish or finish == "" or md["cache.nostore"] == "1" or not canon then
+		return
+	end
+	local usage = entry.usage
+	store(md["cache.key"], {
+		k = canon,
+		model = entry.target_model ~= "" and entry.target_model or entry.model,
+		choices = { { index = 0, text = table.concat(text), tool_calls = EMPTY_ARRAY, finish_reason = finish } },
+		usage = usage,
+		at = weir.now_ms(),
+	})
+end
+
+return M
