@@ -60,8 +60,13 @@ fn with_request_id(mut resp: Response, id: &str) -> Response {
 async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, GatewayError> {
     match Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(GatewayError::PayloadTooLarge(limit)),
-        Err(e) => Err(GatewayError::BadRequest(BadRequest { field: None, message: format!("cannot read body: {e}") })),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(GatewayError::PayloadTooLarge(limit))
+        }
+        Err(e) => Err(GatewayError::BadRequest(BadRequest {
+            field: None,
+            message: format!("cannot read body: {e}"),
+        })),
     }
 }
 
@@ -70,7 +75,8 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, GatewayError> 
     let mut de = serde_json::Deserializer::from_slice(bytes);
     match serde_path_to_error::deserialize::<_, T>(&mut de) {
         Ok(v) => {
-            de.end().map_err(|e| GatewayError::MalformedJson(e.to_string()))?;
+            de.end()
+                .map_err(|e| GatewayError::MalformedJson(e.to_string()))?;
             Ok(v)
         }
         Err(err) => {
@@ -89,7 +95,14 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, GatewayError> 
     }
 }
 
-const ROLES: &[&str] = &["system", "developer", "user", "assistant", "tool", "function"];
+const ROLES: &[&str] = &[
+    "system",
+    "developer",
+    "user",
+    "assistant",
+    "tool",
+    "function",
+];
 
 /// Checks what serde cannot: a non-empty conversation with known roles.
 fn validate_chat(req: &ChatRequest) -> Result<(), GatewayError> {
@@ -100,7 +113,11 @@ fn validate_chat(req: &ChatRequest) -> Result<(), GatewayError> {
         if !ROLES.contains(&m.role.as_str()) {
             return Err(BadRequest::field(
                 format!("messages[{i}].role"),
-                format!("unknown role '{}' (expected one of {})", m.role, ROLES.join(", ")),
+                format!(
+                    "unknown role '{}' (expected one of {})",
+                    m.role,
+                    ROLES.join(", ")
+                ),
             )
             .into());
         }
@@ -178,14 +195,19 @@ async fn messages(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
     };
     let span = span_for(&id, "messages", Dialect::Anthropic);
     let resp = async {
-        let parsed = parse_json::<crate::api::anthropic::MessagesRequest>(&bytes).and_then(|m| {
-            crate::api::anthropic::to_chat_request(m).map_err(GatewayError::from)
-        });
+        let parsed = parse_json::<crate::api::anthropic::MessagesRequest>(&bytes)
+            .and_then(|m| crate::api::anthropic::to_chat_request(m).map_err(GatewayError::from));
         let chat = match parsed.and_then(|r| validate_chat(&r).map(|()| r)) {
             Ok(c) => c,
             Err(e) => return reject(&gw, e, Dialect::Anthropic, "unknown"),
         };
-        let ctx = new_ctx(&id, Dialect::Anthropic, started, headers, CtxBody::Chat(chat));
+        let ctx = new_ctx(
+            &id,
+            Dialect::Anthropic,
+            started,
+            headers,
+            CtxBody::Chat(chat),
+        );
         pipeline::chat(&gw, ctx).await
     }
     .instrument(span)
@@ -205,7 +227,13 @@ async fn embeddings(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
             Ok(e) => e,
             Err(err) => return reject(&gw, err, Dialect::OpenAi, "unknown"),
         };
-        let ctx = new_ctx(&id, Dialect::OpenAi, started, headers, CtxBody::Embeddings(e));
+        let ctx = new_ctx(
+            &id,
+            Dialect::OpenAi,
+            started,
+            headers,
+            CtxBody::Embeddings(e),
+        );
         pipeline::embeddings(&gw, ctx).await
     }
     .instrument(span)
@@ -213,7 +241,13 @@ async fn embeddings(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
     with_request_id(resp, &id)
 }
 
-fn new_ctx(id: &str, dialect: Dialect, started: Instant, headers: HeaderMap, body: CtxBody) -> RequestCtx {
+fn new_ctx(
+    id: &str,
+    dialect: Dialect,
+    started: Instant,
+    headers: HeaderMap,
+    body: CtxBody,
+) -> RequestCtx {
     RequestCtx {
         request_id: id.to_owned(),
         dialect,
@@ -227,7 +261,10 @@ fn new_ctx(id: &str, dialect: Dialect, started: Instant, headers: HeaderMap, bod
 
 /// A request rejected before the pipeline: counted and logged like any other.
 fn reject(gw: &Gateway, e: GatewayError, dialect: Dialect, model: &str) -> Response {
-    gw.metrics.requests.with_label_values(&[model, "none", e.status().as_str()]).inc();
+    gw.metrics
+        .requests
+        .with_label_values(&[model, "none", e.status().as_str()])
+        .inc();
     tracing::info!(error = e.reason(), message = %e, "Request rejected.");
     e.into_response_for(dialect)
 }
@@ -254,8 +291,10 @@ async fn readyz(State(gw): State<Arc<Gateway>>) -> Response {
 
 async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
     let mut resp = gw.metrics.render().into_response();
-    resp.headers_mut()
-        .insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
     resp
 }
 
@@ -267,7 +306,11 @@ async fn not_found(req: Request) -> Response {
 
 /// Serves until SIGTERM or SIGINT, then stops accepting and gives in-flight requests (streams
 /// included) up to `grace` to finish before returning.
-pub async fn serve(listener: tokio::net::TcpListener, gw: Arc<Gateway>, grace: Duration) -> std::io::Result<()> {
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    gw: Arc<Gateway>,
+    grace: Duration,
+) -> std::io::Result<()> {
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let app = router(gw);
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
@@ -278,7 +321,10 @@ pub async fn serve(listener: tokio::net::TcpListener, gw: Arc<Gateway>, grace: D
         res = &mut server => return res.map_err(std::io::Error::other)?,
         () = shutdown_signal() => {}
     }
-    tracing::info!(grace_secs = grace.as_secs(), "Shutdown signal received; draining in-flight requests.");
+    tracing::info!(
+        grace_secs = grace.as_secs(),
+        "Shutdown signal received; draining in-flight requests."
+    );
     let _ = stop_tx.send(true);
     match tokio::time::timeout(grace, &mut server).await {
         Ok(res) => res.map_err(std::io::Error::other)?,

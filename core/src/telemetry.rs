@@ -14,23 +14,30 @@ pub fn init_logging(format: LogFormat, level: &str) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     // A second init (tests, `weir check` then `serve`) is harmless: keep the first.
     let _ = match format {
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).try_init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .try_init(),
         LogFormat::Pretty => builder.compact().try_init(),
     };
 }
 
 /// Latency buckets in seconds, from 100 us to 2 min.
 const LATENCY_BUCKETS: &[f64] = &[
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-    30.0, 60.0, 120.0,
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0, 60.0, 120.0,
 ];
 
 /// Gateway overhead buckets in seconds, from 5 us to 100 ms.
-const OVERHEAD_BUCKETS: &[f64] =
-    &[0.000005, 0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.01, 0.1];
+const OVERHEAD_BUCKETS: &[f64] = &[
+    0.000005, 0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.01, 0.1,
+];
 
 /// The gateway's metrics. Cheap to clone (each metric is an `Arc` inside).
 #[derive(Clone)]
@@ -60,11 +67,17 @@ impl Metrics {
     pub fn new() -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
         let requests = IntCounterVec::new(
-            Opts::new("weir_requests_total", "Requests answered, by model, provider and HTTP status."),
+            Opts::new(
+                "weir_requests_total",
+                "Requests answered, by model, provider and HTTP status.",
+            ),
             &["model", "provider", "status"],
         )?;
         let hist = |name: &str, help: &str, label: &str, buckets: &[f64]| {
-            HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), &[label])
+            HistogramVec::new(
+                HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+                &[label],
+            )
         };
         let request_duration = hist(
             "weir_request_duration_seconds",
@@ -91,15 +104,23 @@ impl Metrics {
             LATENCY_BUCKETS,
         )?;
         let tokens = IntCounterVec::new(
-            Opts::new("weir_tokens_total", "Tokens reported by upstreams, by model and direction."),
+            Opts::new(
+                "weir_tokens_total",
+                "Tokens reported by upstreams, by model and direction.",
+            ),
             &["model", "direction"],
         )?;
         let attempts = IntCounterVec::new(
-            Opts::new("weir_upstream_attempts_total", "Upstream attempts, by provider and outcome."),
+            Opts::new(
+                "weir_upstream_attempts_total",
+                "Upstream attempts, by provider and outcome.",
+            ),
             &["provider", "outcome"],
         )?;
-        let active_streams =
-            IntGaugeVec::new(Opts::new("weir_active_streams", "Streams in flight, by model."), &["model"])?;
+        let active_streams = IntGaugeVec::new(
+            Opts::new("weir_active_streams", "Streams in flight, by model."),
+            &["model"],
+        )?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(request_duration.clone()))?;
         registry.register(Box::new(upstream_duration.clone()))?;

@@ -19,6 +19,9 @@ pub struct BadRequest {
 impl BadRequest {
     /// A bad request about `field`.
     pub fn field(field: impl Into<String>, message: impl Into<String>) -> Self {
-        BadRequest { field: Some(field.into()), message: message.into() }
+        BadRequest {
+            field: Some(field.into()),
+            message: message.into(),
+        }
     }
 }

@@ -167,11 +167,21 @@ mod tests {
     fn events_split_anywhere_are_reassembled() {
         let whole = b"event: a\ndata: {\"x\":1}\n\n: comment\ndata: l1\ndata: l2\n\n";
         let expect = vec![
-            SseEvent { event: "a".into(), data: "{\"x\":1}".into() },
-            SseEvent { event: String::new(), data: "l1\nl2".into() },
+            SseEvent {
+                event: "a".into(),
+                data: "{\"x\":1}".into(),
+            },
+            SseEvent {
+                event: String::new(),
+                data: "l1\nl2".into(),
+            },
         ];
         for cut in 0..whole.len() {
-            assert_eq!(parse_all(&[&whole[..cut], &whole[cut..]]), expect, "cut at {cut}");
+            assert_eq!(
+                parse_all(&[&whole[..cut], &whole[cut..]]),
+                expect,
+                "cut at {cut}"
+            );
         }
     }
 
@@ -180,8 +190,14 @@ mod tests {
         assert_eq!(
             parse_all(&[b"data: a\r", b"\n\r\ndata: b\r\r"]),
             vec![
-                SseEvent { event: String::new(), data: "a".into() },
-                SseEvent { event: String::new(), data: "b".into() },
+                SseEvent {
+                    event: String::new(),
+                    data: "a".into()
+                },
+                SseEvent {
+                    event: String::new(),
+                    data: "b".into()
+                },
             ]
         );
     }

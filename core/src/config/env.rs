@@ -28,12 +28,14 @@ pub fn interpolate(
     Ok(disabled)
 }
 
-fn walk(value: &mut toml::Value, path: &mut String, lookup: &dyn Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+fn walk(
+    value: &mut toml::Value,
+    path: &mut String,
+    lookup: &dyn Fn(&str) -> Option<String>,
+) -> Result<(), ConfigError> {
     match value {
-        toml::Value::String(s) => {
-            if s.contains('$') {
-                *s = expand(s, path, lookup)?;
-            }
+        toml::Value::String(s) if s.contains('$') => {
+            *s = expand(s, path, lookup)?;
         }
         toml::Value::Array(items) => {
             for (i, item) in items.iter_mut().enumerate() {
@@ -60,7 +62,11 @@ fn walk(value: &mut toml::Value, path: &mut String, lookup: &dyn Fn(&str) -> Opt
 }
 
 /// Expands one string.
-pub fn expand(s: &str, key: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<String, ConfigError> {
+pub fn expand(
+    s: &str,
+    key: &str,
+    lookup: &dyn Fn(&str) -> Option<String>,
+) -> Result<String, ConfigError> {
     let mut out = String::with_capacity(s.len());
     let mut rest = s;
     while let Some(i) = rest.find('$') {
@@ -70,24 +76,32 @@ pub fn expand(s: &str, key: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Re
             out.push('$');
             rest = r;
         } else if let Some(r) = after.strip_prefix('{') {
-            let end = r
-                .find('}')
-                .ok_or_else(|| ConfigError::invalid(key, "unterminated '${' (write '$$' for a literal '$')"))?;
+            let end = r.find('}').ok_or_else(|| {
+                ConfigError::invalid(key, "unterminated '${' (write '$$' for a literal '$')")
+            })?;
             let expr = &r[..end];
             let (name, default) = match expr.split_once(":-") {
                 Some((n, d)) => (n, Some(d)),
                 None => (expr, None),
             };
             if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-                return Err(ConfigError::invalid(key, format!("'${{{expr}}}' is not a valid variable reference")));
+                return Err(ConfigError::invalid(
+                    key,
+                    format!("'${{{expr}}}' is not a valid variable reference"),
+                ));
             }
-            match (lookup(name).filter(|v| !v.is_empty() || default.is_none()), default) {
+            match (
+                lookup(name).filter(|v| !v.is_empty() || default.is_none()),
+                default,
+            ) {
                 (Some(v), _) => out.push_str(&v),
                 (None, Some(d)) => out.push_str(d),
                 (None, None) => {
                     return Err(ConfigError::invalid(
                         key,
-                        format!("environment variable {name} is not set (use ${{{name}:-}} to allow it to be empty)"),
+                        format!(
+                            "environment variable {name} is not set (use ${{{name}:-}} to allow it to be empty)"
+                        ),
                     ));
                 }
             }
@@ -115,7 +129,10 @@ mod tests {
 
     #[test]
     fn expands_forms() {
-        assert_eq!(expand("Bearer ${KEY}", "k", &env).expect("ok"), "Bearer sk-123");
+        assert_eq!(
+            expand("Bearer ${KEY}", "k", &env).expect("ok"),
+            "Bearer sk-123"
+        );
         assert_eq!(expand("${NOPE:-dflt}", "k", &env).expect("ok"), "dflt");
         assert_eq!(expand("${EMPTY:-dflt}", "k", &env).expect("ok"), "dflt");
         assert_eq!(expand("${NOPE:-}", "k", &env).expect("ok"), "");
@@ -126,15 +143,20 @@ mod tests {
     fn missing_variable_names_key_and_variable() {
         let err = expand("${NOPE}", "providers.openai.api_key", &env).expect_err("missing");
         let msg = err.to_string();
-        assert!(msg.contains("providers.openai.api_key") && msg.contains("NOPE"), "{msg}");
+        assert!(
+            msg.contains("providers.openai.api_key") && msg.contains("NOPE"),
+            "{msg}"
+        );
         assert!(expand("${KEY", "k", &env).is_err());
         assert!(expand("${BAD NAME}", "k", &env).is_err());
     }
 
     #[test]
     fn empty_api_key_disables_provider() {
-        let mut v: toml::Value =
-            toml::from_str("[providers.a]\napi_key = \"${NOPE:-}\"\n[providers.b]\napi_key = \"${KEY}\"").expect("toml");
+        let mut v: toml::Value = toml::from_str(
+            "[providers.a]\napi_key = \"${NOPE:-}\"\n[providers.b]\napi_key = \"${KEY}\"",
+        )
+        .expect("toml");
         let disabled = interpolate(&mut v, &env).expect("ok");
         assert_eq!(disabled, vec!["a".to_owned()]);
     }

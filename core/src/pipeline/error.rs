@@ -78,9 +78,9 @@ impl GatewayError {
     /// The HTTP status for the client.
     pub fn status(&self) -> StatusCode {
         match self {
-            GatewayError::MalformedJson(_) | GatewayError::BadRequest(_) | GatewayError::Unsupported(_) => {
-                StatusCode::BAD_REQUEST
-            }
+            GatewayError::MalformedJson(_)
+            | GatewayError::BadRequest(_)
+            | GatewayError::Unsupported(_) => StatusCode::BAD_REQUEST,
             GatewayError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             GatewayError::ModelNotFound(_) => StatusCode::NOT_FOUND,
             GatewayError::UpstreamStatus { status, .. } => *status,
@@ -88,7 +88,9 @@ impl GatewayError {
             GatewayError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::PluginFailed { .. } => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::PluginStopped { .. } => StatusCode::FORBIDDEN,
-            GatewayError::Internal(_) | GatewayError::PluginLoad(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            GatewayError::Internal(_) | GatewayError::PluginLoad(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
         }
     }
 
@@ -162,7 +164,8 @@ impl GatewayError {
         let body = self.body(dialect);
         let mut resp = (status, axum::Json(body)).into_response();
         if status == StatusCode::TOO_MANY_REQUESTS {
-            resp.headers_mut().insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+            resp.headers_mut()
+                .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         resp
     }
@@ -174,7 +177,10 @@ mod tests {
 
     #[test]
     fn bad_request_names_the_field() {
-        let e = GatewayError::BadRequest(BadRequest::field("messages[0].role", "missing field `role`"));
+        let e = GatewayError::BadRequest(BadRequest::field(
+            "messages[0].role",
+            "missing field `role`",
+        ));
         assert_eq!(e.status(), StatusCode::BAD_REQUEST);
         let body = e.body(Dialect::OpenAi);
         assert_eq!(body["error"]["param"], "messages[0].role");

@@ -65,14 +65,20 @@ impl Services {
     pub fn new(state: Arc<dyn StateStore>, metrics: &Metrics) -> Result<Services, GatewayError> {
         let plugin_metrics = PluginMetrics::register(&metrics.registry)
             .map_err(|e| GatewayError::Internal(format!("registering plugin metrics: {e}")))?;
-        Ok(Services { state, plugin_metrics })
+        Ok(Services {
+            state,
+            plugin_metrics,
+        })
     }
 
     /// Services with unregistered metrics (tests, `weir plugin test`).
     pub fn unregistered(state: Arc<dyn StateStore>) -> Result<Services, GatewayError> {
         let plugin_metrics = PluginMetrics::unregistered()
             .map_err(|e| GatewayError::Internal(format!("plugin metrics: {e}")))?;
-        Ok(Services { state, plugin_metrics })
+        Ok(Services {
+            state,
+            plugin_metrics,
+        })
     }
 }
 
@@ -103,34 +109,58 @@ impl Snapshot {
                 .tcp_nodelay(true)
                 .user_agent(concat!("weir/", env!("CARGO_PKG_VERSION")))
                 .build()
-                .map_err(|e| GatewayError::Internal(format!("HTTP client for provider {name}: {e}")))?;
+                .map_err(|e| {
+                    GatewayError::Internal(format!("HTTP client for provider {name}: {e}"))
+                })?;
             clients.insert(name.clone(), client);
         }
         let plugins = Plugins::load(&config, services.state.clone(), &services.plugin_metrics)
             .map_err(|e| GatewayError::PluginLoad(e.to_string()))?;
-        Ok(Snapshot { config, plugins, services: services.clone(), generation: 0, clients })
+        Ok(Snapshot {
+            config,
+            plugins,
+            services: services.clone(),
+            generation: 0,
+            clients,
+        })
     }
 
     fn model(&self, name: &str) -> Result<Arc<Model>, GatewayError> {
-        self.config.models.get(name).cloned().ok_or_else(|| GatewayError::ModelNotFound(name.to_owned()))
+        self.config
+            .models
+            .get(name)
+            .cloned()
+            .ok_or_else(|| GatewayError::ModelNotFound(name.to_owned()))
     }
 
     /// The targets for a request: a plugin's override (routing), else the configured list of
     /// the model the request names after the request plugins ran.
-    fn targets(&self, overrides: &Option<Vec<ctx::TargetOverride>>, model: &str) -> Result<Vec<Target>, GatewayError> {
+    fn targets(
+        &self,
+        overrides: &Option<Vec<ctx::TargetOverride>>,
+        model: &str,
+    ) -> Result<Vec<Target>, GatewayError> {
         let Some(overrides) = overrides else {
             return Ok(self.model(model)?.targets.clone());
         };
         if overrides.is_empty() {
-            return Err(GatewayError::Internal("a plugin routed to an empty target list".into()));
+            return Err(GatewayError::Internal(
+                "a plugin routed to an empty target list".into(),
+            ));
         }
         overrides
             .iter()
             .map(|t| {
                 let provider = self.config.providers.get(&t.provider).ok_or_else(|| {
-                    GatewayError::Internal(format!("a plugin routed to unknown provider '{}'", t.provider))
+                    GatewayError::Internal(format!(
+                        "a plugin routed to unknown provider '{}'",
+                        t.provider
+                    ))
                 })?;
-                Ok(Target { provider: provider.clone(), model: t.model.clone() })
+                Ok(Target {
+                    provider: provider.clone(),
+                    model: t.model.clone(),
+                })
             })
             .collect()
     }
@@ -148,7 +178,11 @@ pub struct Gateway {
 impl Gateway {
     /// A gateway serving `snapshot`.
     pub fn new(snapshot: Snapshot, metrics: Metrics) -> Self {
-        Gateway { snapshot: ArcSwap::from_pointee(snapshot), metrics, request_log: Default::default() }
+        Gateway {
+            snapshot: ArcSwap::from_pointee(snapshot),
+            metrics,
+            request_log: Default::default(),
+        }
     }
 
     /// The current snapshot; hold it for the whole request.
@@ -220,38 +254,72 @@ impl Drop for Accounting {
     fn drop(&mut self) {
         let m = &self.gw.metrics;
         let elapsed = self.started.elapsed();
-        let provider = if self.provider.is_empty() { "none" } else { self.provider.as_str() };
-        m.requests.with_label_values(&[self.model.as_str(), provider, self.status.as_str()]).inc();
-        m.request_duration.with_label_values(&[self.model.as_str()]).observe(elapsed.as_secs_f64());
+        let provider = if self.provider.is_empty() {
+            "none"
+        } else {
+            self.provider.as_str()
+        };
+        m.requests
+            .with_label_values(&[self.model.as_str(), provider, self.status.as_str()])
+            .inc();
+        m.request_duration
+            .with_label_values(&[self.model.as_str()])
+            .observe(elapsed.as_secs_f64());
         if !self.provider.is_empty() {
-            m.upstream_duration.with_label_values(&[provider]).observe(self.upstream_time.as_secs_f64());
+            m.upstream_duration
+                .with_label_values(&[provider])
+                .observe(self.upstream_time.as_secs_f64());
         }
         // For streams the upstream keeps producing after the first byte; overhead is only
         // meaningful up to the point the answer began.
         let overhead = if self.stream {
-            self.first_token.unwrap_or(elapsed).saturating_sub(self.upstream_time)
+            self.first_token
+                .unwrap_or(elapsed)
+                .saturating_sub(self.upstream_time)
         } else {
             elapsed.saturating_sub(self.upstream_time)
         };
-        m.overhead.with_label_values(&[self.model.as_str()]).observe(overhead.as_secs_f64());
+        m.overhead
+            .with_label_values(&[self.model.as_str()])
+            .observe(overhead.as_secs_f64());
         if let Some(t) = self.first_token {
-            m.ttft.with_label_values(&[self.model.as_str()]).observe(t.as_secs_f64());
+            m.ttft
+                .with_label_values(&[self.model.as_str()])
+                .observe(t.as_secs_f64());
         }
         if let Some(u) = self.usage {
-            m.tokens.with_label_values(&[self.model.as_str(), "input"]).inc_by(u.prompt_tokens);
-            m.tokens.with_label_values(&[self.model.as_str(), "output"]).inc_by(u.completion_tokens);
+            m.tokens
+                .with_label_values(&[self.model.as_str(), "input"])
+                .inc_by(u.prompt_tokens);
+            m.tokens
+                .with_label_values(&[self.model.as_str(), "output"])
+                .inc_by(u.completion_tokens);
         }
         let _enter = self.span.enter();
         self.span.record("provider", provider);
         self.span.record("status", self.status.as_u16());
         let latency_ms = elapsed.as_secs_f64() * 1000.0;
-        let (tokens_in, tokens_out) = self.usage.map(|u| (u.prompt_tokens, u.completion_tokens)).unwrap_or((0, 0));
+        let (tokens_in, tokens_out) = self
+            .usage
+            .map(|u| (u.prompt_tokens, u.completion_tokens))
+            .unwrap_or((0, 0));
         if !self.complete {
-            tracing::info!(latency_ms, tokens_in, tokens_out, "Client went away before the response ended.");
+            tracing::info!(
+                latency_ms,
+                tokens_in,
+                tokens_out,
+                "Client went away before the response ended."
+            );
         } else if let Some(reason) = self.error {
             tracing::info!(latency_ms, error = reason, "Request failed.");
         } else {
-            tracing::info!(latency_ms, tokens_in, tokens_out, stream = self.stream, "Request served.");
+            tracing::info!(
+                latency_ms,
+                tokens_in,
+                tokens_out,
+                stream = self.stream,
+                "Request served."
+            );
         }
         if let Some(chain) = self.log_chain.take() {
             let entry = LogEntry {
@@ -264,10 +332,15 @@ impl Drop for Accounting {
                 usage: self.usage.map(|u| crate::plugin::contract::Usage {
                     prompt_tokens: u.prompt_tokens,
                     completion_tokens: u.completion_tokens,
-                    cached_tokens: u.prompt_tokens_details.map(|d| d.cached_tokens).unwrap_or(0),
+                    cached_tokens: u
+                        .prompt_tokens_details
+                        .map(|d| d.cached_tokens)
+                        .unwrap_or(0),
                 }),
                 latency_ms: u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
-                ttft_ms: self.first_token.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
+                ttft_ms: self
+                    .first_token
+                    .map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
                 metadata: std::mem::take(&mut self.metadata).into_iter().collect(),
             };
             // Off the hot path: the response is already on its way.
@@ -306,21 +379,35 @@ impl Drop for Accounting {
 
 /// Runs the request plugins and resolves the targets. `Err` is the response that ends the
 /// request (a plugin's reply, a fail-closed plugin failure, an unknown model).
-fn admit(snap: &Snapshot, ctx: &mut RequestCtx, acct: &mut Accounting) -> Result<(Chain, Vec<Target>), Response> {
+fn admit(
+    snap: &Snapshot,
+    ctx: &mut RequestCtx,
+    acct: &mut Accounting,
+) -> Result<(Chain, Vec<Target>), Box<Response>> {
     let dialect = ctx.dialect;
     let chain = snap.plugins.chain(ctx.body.model()).clone();
     match chain.on_request(ctx) {
         Ok(Flow::Continue) => {}
         Ok(Flow::Reply(reply)) => {
-            acct.status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            acct.status =
+                StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             acct.complete = true;
             acct.metadata.clone_from(&ctx.metadata);
-            return Err(with_plugin_headers(reply_response(reply), &ctx.metadata));
+            return Err(Box::new(with_plugin_headers(
+                reply_response(reply),
+                &ctx.metadata,
+            )));
         }
         Err(failure) => {
             tracing::warn!(plugin = %failure.plugin, kind = failure.kind, "Fail-closed plugin failed; refusing the request.");
-            let resp = fail_ref(acct, GatewayError::PluginFailed { plugin: failure.plugin }, dialect);
-            return Err(with_plugin_headers(resp, &ctx.metadata));
+            let resp = fail_ref(
+                acct,
+                GatewayError::PluginFailed {
+                    plugin: failure.plugin,
+                },
+                dialect,
+            );
+            return Err(Box::new(with_plugin_headers(resp, &ctx.metadata)));
         }
     }
     if chain.wants_log() {
@@ -328,7 +415,10 @@ fn admit(snap: &Snapshot, ctx: &mut RequestCtx, acct: &mut Accounting) -> Result
     }
     match snap.targets(&ctx.targets, ctx.body.model()) {
         Ok(t) => Ok((chain, t)),
-        Err(e) => Err(with_plugin_headers(fail_ref(acct, e, dialect), &ctx.metadata)),
+        Err(e) => Err(Box::new(with_plugin_headers(
+            fail_ref(acct, e, dialect),
+            &ctx.metadata,
+        ))),
     }
 }
 
@@ -343,10 +433,14 @@ pub async fn chat(gw: &Arc<Gateway>, mut ctx: RequestCtx) -> Response {
     acct.log.generation = snap.generation;
     let (chain, targets) = match admit(&snap, &mut ctx, &mut acct) {
         Ok(v) => v,
-        Err(resp) => return resp,
+        Err(resp) => return *resp,
     };
     let ctx::Body::Chat(req) = &mut ctx.body else {
-        return fail(acct, GatewayError::Internal("a plugin replaced a chat body with another kind".into()), dialect);
+        return fail(
+            acct,
+            GatewayError::Internal("a plugin replaced a chat body with another kind".into()),
+            dialect,
+        );
     };
     let client_usage = req.include_usage();
     let stream = req.stream;
@@ -373,7 +467,12 @@ pub async fn chat(gw: &Arc<Gateway>, mut ctx: RequestCtx) -> Response {
             return with_plugin_headers(fail(acct, e, dialect), &ctx.metadata);
         }
     };
-    let Served { target, answer, upstream_time, attempts } = served;
+    let Served {
+        target,
+        answer,
+        upstream_time,
+        attempts,
+    } = served;
     acct.provider.clone_from(&target.provider.name);
     acct.log.target_model = Some(target.model.clone());
     acct.target_model.clone_from(&target.model);
@@ -385,22 +484,29 @@ pub async fn chat(gw: &Arc<Gateway>, mut ctx: RequestCtx) -> Response {
             match chain.on_response(&mut ctx, &mut resp) {
                 Ok(Flow::Continue) => {}
                 Ok(Flow::Reply(reply)) => {
-                    acct.status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+                    acct.status = StatusCode::from_u16(reply.status)
+                        .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
                     acct.complete = true;
                     acct.metadata.clone_from(&ctx.metadata);
                     return with_plugin_headers(reply_response(reply), &ctx.metadata);
                 }
                 Err(failure) => {
                     acct.metadata.clone_from(&ctx.metadata);
-                    let resp = fail(acct, GatewayError::PluginFailed { plugin: failure.plugin }, dialect);
+                    let resp = fail(
+                        acct,
+                        GatewayError::PluginFailed {
+                            plugin: failure.plugin,
+                        },
+                        dialect,
+                    );
                     return with_plugin_headers(resp, &ctx.metadata);
                 }
             }
             let body = match dialect {
                 Dialect::OpenAi => serde_json::to_vec(&resp),
-                Dialect::Anthropic => {
-                    serde_json::to_vec(&crate::api::anthropic::from_chat_response(&resp, &client_model))
-                }
+                Dialect::Anthropic => serde_json::to_vec(
+                    &crate::api::anthropic::from_chat_response(&resp, &client_model),
+                ),
             };
             acct.metadata.clone_from(&ctx.metadata);
             let out = match body {
@@ -408,21 +514,32 @@ pub async fn chat(gw: &Arc<Gateway>, mut ctx: RequestCtx) -> Response {
                     acct.complete = true;
                     json_response(StatusCode::OK, b)
                 }
-                Err(e) => fail(acct, GatewayError::Internal(format!("encoding response: {e}")), dialect),
+                Err(e) => fail(
+                    acct,
+                    GatewayError::Internal(format!("encoding response: {e}")),
+                    dialect,
+                ),
             };
             with_plugin_headers(out, &ctx.metadata)
         }
         Answer::Stream(upstream) => {
             acct.stream = true;
-            gw.metrics.active_streams.with_label_values(&[client_model.as_str()]).inc();
+            gw.metrics
+                .active_streams
+                .with_label_values(&[client_model.as_str()])
+                .inc();
             let encoder = match dialect {
-                Dialect::OpenAi => Encoder::OpenAi { include_usage: client_usage },
-                Dialect::Anthropic => Encoder::Anthropic(Box::new(MessagesStreamEncoder::new(&client_model))),
+                Dialect::OpenAi => Encoder::OpenAi {
+                    include_usage: client_usage,
+                },
+                Dialect::Anthropic => {
+                    Encoder::Anthropic(Box::new(MessagesStreamEncoder::new(&client_model)))
+                }
             };
             let filter = chain.wants_chunks().then(|| chain.chunk_filter(&ctx));
             acct.metadata.clone_from(&ctx.metadata);
             let resp = sse_response(SseBody {
-                stream: upstream,
+                stream: *upstream,
                 encoder,
                 filter,
                 out: VecDeque::new(),
@@ -439,23 +556,37 @@ fn reply_response(reply: crate::plugin::Reply) -> Response {
     let status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut resp = (status, reply.body).into_response();
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     for (name, value) in reply.headers {
-        match (http::HeaderName::try_from(name.as_str()), HeaderValue::try_from(value.as_str())) {
+        match (
+            http::HeaderName::try_from(name.as_str()),
+            HeaderValue::try_from(value.as_str()),
+        ) {
             (Ok(n), Ok(v)) => {
                 h.insert(n, v);
             }
-            _ => tracing::warn!(header = %name, "A plugin reply carried an invalid header; dropped."),
+            _ => {
+                tracing::warn!(header = %name, "A plugin reply carried an invalid header; dropped.")
+            }
         }
     }
     resp
 }
 
 /// Adds the response headers plugins asked for (rate-limit counters, cache status...).
-fn with_plugin_headers(mut resp: Response, metadata: &std::collections::BTreeMap<String, String>) -> Response {
+fn with_plugin_headers(
+    mut resp: Response,
+    metadata: &std::collections::BTreeMap<String, String>,
+) -> Response {
     let h = resp.headers_mut();
     for (name, value) in response_headers(metadata) {
-        if let (Ok(n), Ok(v)) = (http::HeaderName::try_from(name), HeaderValue::try_from(value)) {
+        if let (Ok(n), Ok(v)) = (
+            http::HeaderName::try_from(name),
+            HeaderValue::try_from(value),
+        ) {
             h.insert(n, v);
         }
     }
@@ -473,11 +604,15 @@ pub async fn embeddings(gw: &Arc<Gateway>, mut ctx: RequestCtx) -> Response {
     acct.log.generation = snap.generation;
     let (_chain, targets) = match admit(&snap, &mut ctx, &mut acct) {
         Ok(v) => v,
-        Err(resp) => return resp,
+        Err(resp) => return *resp,
     };
     acct.metadata.clone_from(&ctx.metadata);
     let ctx::Body::Embeddings(req) = &mut ctx.body else {
-        return fail(acct, GatewayError::Internal("a plugin replaced an embeddings body with another kind".into()), dialect);
+        return fail(
+            acct,
+            GatewayError::Internal("a plugin replaced an embeddings body with another kind".into()),
+            dialect,
+        );
     };
     let up = Upstream {
         clients: &snap.clients,
@@ -485,7 +620,12 @@ pub async fn embeddings(gw: &Arc<Gateway>, mut ctx: RequestCtx) -> Response {
         metrics: &gw.metrics,
     };
     match up.embeddings(req, &targets).await {
-        Ok(Served { target, answer: Answer::Json(resp), upstream_time, .. }) => {
+        Ok(Served {
+            target,
+            answer: Answer::Json(resp),
+            upstream_time,
+            ..
+        }) => {
             acct.provider.clone_from(&target.provider.name);
             acct.log.target_model = Some(target.model.clone());
             acct.upstream_time = upstream_time;
@@ -495,10 +635,18 @@ pub async fn embeddings(gw: &Arc<Gateway>, mut ctx: RequestCtx) -> Response {
                     acct.complete = true;
                     json_response(StatusCode::OK, b)
                 }
-                Err(e) => fail(acct, GatewayError::Internal(format!("encoding response: {e}")), dialect),
+                Err(e) => fail(
+                    acct,
+                    GatewayError::Internal(format!("encoding response: {e}")),
+                    dialect,
+                ),
             }
         }
-        Ok(Served { .. }) => fail(acct, GatewayError::Internal("embeddings answered with a stream".into()), dialect),
+        Ok(Served { .. }) => fail(
+            acct,
+            GatewayError::Internal("embeddings answered with a stream".into()),
+            dialect,
+        ),
         Err(e) => fail(acct, e, dialect),
     }
 }
@@ -519,7 +667,10 @@ fn fail_ref(acct: &mut Accounting, e: GatewayError, dialect: Dialect) -> Respons
 /// A JSON response from already-encoded bytes.
 pub fn json_response(status: StatusCode, body: Vec<u8>) -> Response {
     let mut resp = (status, body).into_response();
-    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     resp
 }
 
@@ -560,7 +711,10 @@ impl SseBody {
                     }
                     if let Err(stop) = result {
                         tracing::info!(plugin = %stop.plugin, "A plugin stopped the stream.");
-                        self.end_with_error(GatewayError::PluginStopped { plugin: stop.plugin, message: stop.message });
+                        self.end_with_error(GatewayError::PluginStopped {
+                            plugin: stop.plugin,
+                            message: stop.message,
+                        });
                     }
                 }
                 Some(Ok(item)) => self.encode(item),
@@ -576,7 +730,10 @@ impl SseBody {
                             self.encode(StreamItem::Chunk(c));
                         }
                         if let Err(stop) = result {
-                            self.end_with_error(GatewayError::PluginStopped { plugin: stop.plugin, message: stop.message });
+                            self.end_with_error(GatewayError::PluginStopped {
+                                plugin: stop.plugin,
+                                message: stop.message,
+                            });
                             continue;
                         }
                     }
@@ -586,7 +743,9 @@ impl SseBody {
                         self.acct.metadata.clone_from(f.metadata());
                     }
                     match &mut self.encoder {
-                        Encoder::OpenAi { .. } => self.out.push_back(Bytes::from_static(sse::DONE_FRAME)),
+                        Encoder::OpenAi { .. } => {
+                            self.out.push_back(Bytes::from_static(sse::DONE_FRAME))
+                        }
                         Encoder::Anthropic(enc) => {
                             let mut frames = Vec::new();
                             enc.finish(&mut frames);
@@ -610,7 +769,8 @@ impl SseBody {
         match &mut self.encoder {
             Encoder::OpenAi { .. } => {
                 let body = e.body(Dialect::OpenAi);
-                self.out.push_back(sse::data_frame(body.to_string().as_bytes()));
+                self.out
+                    .push_back(sse::data_frame(body.to_string().as_bytes()));
             }
             Encoder::Anthropic(enc) => {
                 let mut frames = Vec::new();
@@ -622,7 +782,11 @@ impl SseBody {
 
     fn encode(&mut self, item: StreamItem) {
         match item {
-            StreamItem::Raw { data, usage, usage_only } => {
+            StreamItem::Raw {
+                data,
+                usage,
+                usage_only,
+            } => {
                 if usage.is_some() {
                     self.acct.usage = usage;
                 }
@@ -668,7 +832,12 @@ impl SseBody {
 
 impl Drop for SseBody {
     fn drop(&mut self) {
-        self.acct.gw.metrics.active_streams.with_label_values(&[self.acct.model.as_str()]).dec();
+        self.acct
+            .gw
+            .metrics
+            .active_streams
+            .with_label_values(&[self.acct.model.as_str()])
+            .dec();
     }
 }
 
@@ -689,7 +858,10 @@ fn sse_response(body: SseBody) -> Response {
     });
     let mut resp = Response::new(Body::from_stream(frames));
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
     resp

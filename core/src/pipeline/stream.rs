@@ -90,7 +90,10 @@ impl ChunkStream {
     /// A stream of the mock provider's chunks.
     pub fn mock(chunks: Vec<TimedChunk>, latency: Duration) -> Self {
         ChunkStream {
-            source: Source::Mock { chunks: chunks.into(), latency },
+            source: Source::Mock {
+                chunks: chunks.into(),
+                latency,
+            },
             ready: VecDeque::new(),
             done: false,
             total: Duration::MAX,
@@ -99,7 +102,13 @@ impl ChunkStream {
 
     /// Whether items are forwarded as upstream JSON.
     pub fn is_passthrough(&self) -> bool {
-        matches!(self.source, Source::Http { passthrough: true, .. })
+        matches!(
+            self.source,
+            Source::Http {
+                passthrough: true,
+                ..
+            }
+        )
     }
 
     /// Reads until at least one item is ready or the stream ends cleanly. Errors here happen
@@ -155,10 +164,21 @@ impl ChunkStream {
                 self.ready.push_back(StreamItem::Chunk(chunk));
                 Ok(())
             }
-            Source::Http { body, parser, decoder, passthrough, provider, deadline, events } => {
+            Source::Http {
+                body,
+                parser,
+                decoder,
+                passthrough,
+                provider,
+                deadline,
+                events,
+            } => {
                 let read = match timeout_at((*deadline).into(), body.next()).await {
                     Err(_) => {
-                        return Err(GatewayError::UpstreamTimeout { provider: provider.clone(), phase: "total" });
+                        return Err(GatewayError::UpstreamTimeout {
+                            provider: provider.clone(),
+                            phase: "total",
+                        });
                     }
                     Ok(r) => r,
                 };
@@ -166,7 +186,9 @@ impl ChunkStream {
                     None => {
                         parser.finish();
                         self.done = true;
-                        let tail = decoder.finish().map_err(|e| stream_item_error(provider, e))?;
+                        let tail = decoder
+                            .finish()
+                            .map_err(|e| stream_item_error(provider, e))?;
                         self.ready.extend(tail.into_iter().map(StreamItem::Chunk));
                         Ok(())
                     }
@@ -175,10 +197,12 @@ impl ChunkStream {
                         reason: format!("stream broken: {e}"),
                     }),
                     Some(Ok(bytes)) => {
-                        parser.feed(&bytes, events).map_err(|e| GatewayError::UpstreamFailed {
-                            provider: provider.clone(),
-                            reason: e.to_string(),
-                        })?;
+                        parser
+                            .feed(&bytes, events)
+                            .map_err(|e| GatewayError::UpstreamFailed {
+                                provider: provider.clone(),
+                                reason: e.to_string(),
+                            })?;
                         for event in events.drain(..) {
                             if *passthrough {
                                 match raw_item(event, decoder.as_mut()) {
@@ -187,8 +211,11 @@ impl ChunkStream {
                                     Err(e) => return Err(stream_item_error(provider, e)),
                                 }
                             } else {
-                                let decoded = decoder.decode(&event).map_err(|e| stream_item_error(provider, e))?;
-                                self.ready.extend(decoded.chunks.into_iter().map(StreamItem::Chunk));
+                                let decoded = decoder
+                                    .decode(&event)
+                                    .map_err(|e| stream_item_error(provider, e))?;
+                                self.ready
+                                    .extend(decoded.chunks.into_iter().map(StreamItem::Chunk));
                                 if decoded.done {
                                     self.done = true;
                                 }
@@ -227,13 +254,23 @@ fn raw_item(
     if !needs_look {
         // Validate without building a value: garbage must not reach the client as data.
         if serde_json::from_str::<serde::de::IgnoredAny>(data).is_err() {
-            return Err(crate::provider::ProviderError::InvalidResponse("stream event is not JSON".into()));
+            return Err(crate::provider::ProviderError::InvalidResponse(
+                "stream event is not JSON".into(),
+            ));
         }
-        return Ok(Some(StreamItem::Raw { data: event.data, usage: None, usage_only: false }));
+        return Ok(Some(StreamItem::Raw {
+            data: event.data,
+            usage: None,
+            usage_only: false,
+        }));
     }
     let decoded = decoder.decode(&event)?;
     let chunk = decoded.chunks.into_iter().next();
     let usage = chunk.as_ref().and_then(|c| c.usage);
     let usage_only = chunk.as_ref().is_some_and(|c| c.choices.is_empty());
-    Ok(Some(StreamItem::Raw { data: event.data, usage, usage_only }))
+    Ok(Some(StreamItem::Raw {
+        data: event.data,
+        usage,
+        usage_only,
+    }))
 }

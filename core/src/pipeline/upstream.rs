@@ -33,13 +33,25 @@ struct AttemptError {
 
 impl AttemptError {
     fn retryable(error: GatewayError) -> Self {
-        AttemptError { error, retry_same: true, fall_back: true }
+        AttemptError {
+            error,
+            retry_same: true,
+            fall_back: true,
+        }
     }
     fn next_target(error: GatewayError) -> Self {
-        AttemptError { error, retry_same: false, fall_back: true }
+        AttemptError {
+            error,
+            retry_same: false,
+            fall_back: true,
+        }
     }
     fn fatal(error: GatewayError) -> Self {
-        AttemptError { error, retry_same: false, fall_back: false }
+        AttemptError {
+            error,
+            retry_same: false,
+            fall_back: false,
+        }
     }
 }
 
@@ -48,7 +60,7 @@ pub enum Answer<T> {
     /// A complete JSON response.
     Json(T),
     /// A stream whose first item has already arrived.
-    Stream(ChunkStream),
+    Stream(Box<ChunkStream>),
 }
 
 /// A successful exchange: the target that answered and the answer.
@@ -96,11 +108,19 @@ impl Upstream<'_> {
                     Ok(_) => "ok",
                     Err(e) => e.error.reason(),
                 };
-                self.metrics.attempts.with_label_values(&[target.provider.name.as_str(), outcome]).inc();
+                self.metrics
+                    .attempts
+                    .with_label_values(&[target.provider.name.as_str(), outcome])
+                    .inc();
                 match result {
                     Ok(answer) => {
                         let upstream_time = started.elapsed();
-                        return Ok(Served { target: target.clone(), answer, upstream_time, attempts });
+                        return Ok(Served {
+                            target: target.clone(),
+                            answer,
+                            upstream_time,
+                            attempts,
+                        });
                     }
                     Err(e) => {
                         tracing::warn!(
@@ -113,7 +133,9 @@ impl Upstream<'_> {
                         let (retry_same, fall_back) = (e.retry_same, e.fall_back);
                         last = Some(e.error);
                         if !fall_back {
-                            return Err(last.unwrap_or_else(|| GatewayError::Internal("no attempt".into())));
+                            return Err(
+                                last.unwrap_or_else(|| GatewayError::Internal("no attempt".into()))
+                            );
                         }
                         if !retry_same {
                             break;
@@ -146,7 +168,10 @@ impl Upstream<'_> {
                     Ok(_) => "ok",
                     Err(e) => e.error.reason(),
                 };
-                self.metrics.attempts.with_label_values(&[target.provider.name.as_str(), outcome]).inc();
+                self.metrics
+                    .attempts
+                    .with_label_values(&[target.provider.name.as_str(), outcome])
+                    .inc();
                 match result {
                     Ok(resp) => {
                         return Ok(Served {
@@ -161,7 +186,9 @@ impl Upstream<'_> {
                         let (retry_same, fall_back) = (e.retry_same, e.fall_back);
                         last = Some(e.error);
                         if !fall_back {
-                            return Err(last.unwrap_or_else(|| GatewayError::Internal("no attempt".into())));
+                            return Err(
+                                last.unwrap_or_else(|| GatewayError::Internal("no attempt".into()))
+                            );
                         }
                         if !retry_same {
                             break;
@@ -175,7 +202,10 @@ impl Upstream<'_> {
 
     fn backoff(&self, attempt: u32) -> Duration {
         let factor = 2u32.saturating_pow(attempt.saturating_sub(1));
-        self.retry.backoff.saturating_mul(factor).min(self.retry.max_backoff)
+        self.retry
+            .backoff
+            .saturating_mul(factor)
+            .min(self.retry.max_backoff)
     }
 
     async fn chat_once(
@@ -189,7 +219,10 @@ impl Upstream<'_> {
             ProviderImpl::Mock(mock) => {
                 let latency = mock.latency();
                 if req.stream {
-                    return Ok(Answer::Stream(ChunkStream::mock(mock.stream(req, &target.model), latency)));
+                    return Ok(Answer::Stream(Box::new(ChunkStream::mock(
+                        mock.stream(req, &target.model),
+                        latency,
+                    ))));
                 }
                 if !latency.is_zero() {
                     tokio::time::sleep(latency).await;
@@ -198,7 +231,9 @@ impl Upstream<'_> {
             }
             ProviderImpl::Http(p) => p.as_ref(),
         };
-        let up = provider.chat_request(req, &target.model).map_err(|e| translate_error(entry, e))?;
+        let up = provider
+            .chat_request(req, &target.model)
+            .map_err(|e| translate_error(entry, e))?;
         let deadline = Instant::now() + entry.timeouts.total;
         let resp = self.send(entry, provider, up, deadline).await?;
         if req.stream {
@@ -219,7 +254,7 @@ impl Upstream<'_> {
                     phase: "first byte",
                 })),
                 Ok(Err(e)) => Err(AttemptError::retryable(e)),
-                Ok(Ok(())) => Ok(Answer::Stream(stream)),
+                Ok(Ok(())) => Ok(Answer::Stream(Box::new(stream))),
             }
         } else {
             let body = read_body(entry, resp, deadline).await?;
@@ -240,7 +275,9 @@ impl Upstream<'_> {
             ProviderImpl::Mock(mock) => return Ok(mock.embeddings(req, &target.model)),
             ProviderImpl::Http(p) => p.as_ref(),
         };
-        let up = provider.embeddings_request(req, &target.model).map_err(|e| translate_error(entry, e))?;
+        let up = provider
+            .embeddings_request(req, &target.model)
+            .map_err(|e| translate_error(entry, e))?;
         let deadline = Instant::now() + entry.timeouts.total;
         let resp = self.send(entry, provider, up, deadline).await?;
         let body = read_body(entry, resp, deadline).await?;
@@ -258,10 +295,17 @@ impl Upstream<'_> {
         deadline: Instant,
     ) -> Result<reqwest::Response, AttemptError> {
         let client = self.clients.get(&entry.name).ok_or_else(|| {
-            AttemptError::fatal(GatewayError::Internal(format!("no HTTP client for provider {}", entry.name)))
+            AttemptError::fatal(GatewayError::Internal(format!(
+                "no HTTP client for provider {}",
+                entry.name
+            )))
         })?;
         let first_deadline = (Instant::now() + entry.timeouts.first_byte).min(deadline);
-        let send = client.post(&up.url).headers(up.headers).body(up.body).send();
+        let send = client
+            .post(&up.url)
+            .headers(up.headers)
+            .body(up.body)
+            .send();
         let resp = match timeout_at(first_deadline.into(), send).await {
             Err(_) => {
                 return Err(AttemptError::retryable(GatewayError::UpstreamTimeout {
@@ -289,13 +333,25 @@ impl Upstream<'_> {
                 reason: format!("status {}: {message}", status.as_u16()),
             }));
         }
-        let err = GatewayError::UpstreamStatus { provider: entry.name.clone(), status, message };
-        Err(if retryable { AttemptError::retryable(err) } else { AttemptError::fatal(err) })
+        let err = GatewayError::UpstreamStatus {
+            provider: entry.name.clone(),
+            status,
+            message,
+        };
+        Err(if retryable {
+            AttemptError::retryable(err)
+        } else {
+            AttemptError::fatal(err)
+        })
     }
 }
 
 /// Reads a whole 2xx body before the deadline.
-async fn read_body(entry: &ProviderEntry, resp: reqwest::Response, deadline: Instant) -> Result<Bytes, AttemptError> {
+async fn read_body(
+    entry: &ProviderEntry,
+    resp: reqwest::Response,
+    deadline: Instant,
+) -> Result<Bytes, AttemptError> {
     match timeout_at(deadline.into(), resp.bytes()).await {
         Err(_) => Err(AttemptError::retryable(GatewayError::UpstreamTimeout {
             provider: entry.name.clone(),
@@ -343,19 +399,28 @@ pub(crate) fn request_error(entry: &ProviderEntry, e: &reqwest::Error) -> Gatewa
         reason.push_str(": ");
         reason.push_str(&s.to_string());
     }
-    GatewayError::UpstreamFailed { provider: entry.name.clone(), reason }
+    GatewayError::UpstreamFailed {
+        provider: entry.name.clone(),
+        reason,
+    }
 }
 
 fn translate_error(entry: &ProviderEntry, e: ProviderError) -> AttemptError {
     match e {
         ProviderError::Unsupported(m) => AttemptError::next_target(GatewayError::Unsupported(m)),
         ProviderError::InvalidResponse(m) | ProviderError::StreamError(m) => {
-            AttemptError::next_target(GatewayError::UpstreamFailed { provider: entry.name.clone(), reason: m })
+            AttemptError::next_target(GatewayError::UpstreamFailed {
+                provider: entry.name.clone(),
+                reason: m,
+            })
         }
     }
 }
 
 /// A stream item error (after the stream was committed) as a gateway error.
 pub(crate) fn stream_item_error(provider: &str, e: ProviderError) -> GatewayError {
-    GatewayError::UpstreamFailed { provider: provider.to_owned(), reason: e.to_string() }
+    GatewayError::UpstreamFailed {
+        provider: provider.to_owned(),
+        reason: e.to_string(),
+    }
 }

@@ -10,9 +10,9 @@ use serde::Deserialize;
 use std::time::Duration;
 
 use crate::api::openai::{
-    ChatChunk, ChatMessage, ChatRequest, ChatResponse, Choice, ChunkChoice, Delta, Embedding, EmbeddingsRequest,
-    EmbeddingsResponse, EmbeddingsUsage, FunctionCall, FunctionCallDelta, MessageContent, Rest, ToolCall,
-    ToolCallDelta, Usage,
+    ChatChunk, ChatMessage, ChatRequest, ChatResponse, Choice, ChunkChoice, Delta, Embedding,
+    EmbeddingsRequest, EmbeddingsResponse, EmbeddingsUsage, FunctionCall, FunctionCallDelta,
+    MessageContent, Rest, ToolCall, ToolCallDelta, Usage,
 };
 use crate::config::{ConfigError, TimeoutsConfig};
 
@@ -64,12 +64,18 @@ impl Mock {
     /// Builds the mock, validating its config.
     pub fn new(name: &str, cfg: &MockConfig) -> Result<Self, ConfigError> {
         if cfg.stream_chunks == 0 {
-            return Err(ConfigError::invalid(format!("providers.{name}.stream_chunks"), "must be at least 1"));
+            return Err(ConfigError::invalid(
+                format!("providers.{name}.stream_chunks"),
+                "must be at least 1",
+            ));
         }
         if let Some(args) = &cfg.tool_arguments
             && serde_json::from_str::<serde_json::Value>(args).is_err()
         {
-            return Err(ConfigError::invalid(format!("providers.{name}.tool_arguments"), "must be a JSON document"));
+            return Err(ConfigError::invalid(
+                format!("providers.{name}.tool_arguments"),
+                "must be a JSON document",
+            ));
         }
         Ok(Mock { cfg: cfg.clone() })
     }
@@ -83,7 +89,13 @@ impl Mock {
         if let Some(r) = &self.cfg.reply {
             return r.clone();
         }
-        let last = req.messages.iter().rev().find(|m| m.role == "user").map(ChatMessage::text).unwrap_or_default();
+        let last = req
+            .messages
+            .iter()
+            .rev()
+            .find(|m| m.role == "user")
+            .map(ChatMessage::text)
+            .unwrap_or_default();
         format!("Echo: {last}")
     }
 
@@ -96,7 +108,10 @@ impl Mock {
         Some(ToolCall {
             id: "call_mock_0".to_owned(),
             kind: "function".to_owned(),
-            function: FunctionCall { name: tool.function.name.clone(), arguments: args.clone() },
+            function: FunctionCall {
+                name: tool.function.name.clone(),
+                arguments: args.clone(),
+            },
         })
     }
 
@@ -129,7 +144,11 @@ impl Mock {
                 }
             })
             .collect();
-        let out_len = call.as_ref().map(|c| c.function.arguments.len()).unwrap_or(text.len()) * n as usize;
+        let out_len = call
+            .as_ref()
+            .map(|c| c.function.arguments.len())
+            .unwrap_or(text.len())
+            * n as usize;
         ChatResponse {
             id: format!("chatcmpl-mock-{}", uuid::Uuid::new_v4().simple()),
             object: "chat.completion".to_owned(),
@@ -164,7 +183,11 @@ impl Mock {
             rest: Rest::new(),
         };
         let mut out = Vec::new();
-        let first = Delta { role: Some("assistant".to_owned()), content: Some(String::new()), ..Delta::default() };
+        let first = Delta {
+            role: Some("assistant".to_owned()),
+            content: Some(String::new()),
+            ..Delta::default()
+        };
         out.push((Duration::ZERO, chunk(vec![choice(first, None)], None)));
         let (finish, produced) = if let Some(call) = self.tool_call(req) {
             let pieces = split_even(&call.function.arguments, self.cfg.stream_chunks as usize);
@@ -178,20 +201,32 @@ impl Mock {
                         arguments: Some(piece),
                     }),
                 };
-                let d = Delta { tool_calls: Some(vec![delta]), ..Delta::default() };
+                let d = Delta {
+                    tool_calls: Some(vec![delta]),
+                    ..Delta::default()
+                };
                 out.push((gap, chunk(vec![choice(d, None)], None)));
             }
             ("tool_calls", call.function.arguments)
         } else {
             let text = self.answer_text(req);
             for piece in split_even(&text, self.cfg.stream_chunks as usize) {
-                let d = Delta { content: Some(piece), ..Delta::default() };
+                let d = Delta {
+                    content: Some(piece),
+                    ..Delta::default()
+                };
                 out.push((gap, chunk(vec![choice(d, None)], None)));
             }
             ("stop", text)
         };
-        out.push((Duration::ZERO, chunk(vec![choice(Delta::default(), Some(finish))], None)));
-        out.push((Duration::ZERO, chunk(Vec::new(), Some(Self::usage(req, &produced)))));
+        out.push((
+            Duration::ZERO,
+            chunk(vec![choice(Delta::default(), Some(finish))], None),
+        ));
+        out.push((
+            Duration::ZERO,
+            chunk(Vec::new(), Some(Self::usage(req, &produced))),
+        ));
         out
     }
 
@@ -213,7 +248,10 @@ impl Mock {
             object: "list".to_owned(),
             data,
             model: model.to_owned(),
-            usage: Some(EmbeddingsUsage { prompt_tokens: tokens, total_tokens: tokens }),
+            usage: Some(EmbeddingsUsage {
+                prompt_tokens: tokens,
+                total_tokens: tokens,
+            }),
             rest: Rest::new(),
         }
     }
@@ -264,15 +302,20 @@ mod tests {
 
     #[test]
     fn echoes_last_user_message() {
-        let r = mock("").chat(&req(r#"{"model":"m","messages":[{"role":"user","content":"hello"}]}"#), "m");
+        let r = mock("").chat(
+            &req(r#"{"model":"m","messages":[{"role":"user","content":"hello"}]}"#),
+            "m",
+        );
         assert_eq!(r.choices[0].message.text(), "Echo: hello");
         assert_eq!(r.choices[0].finish_reason.as_deref(), Some("stop"));
     }
 
     #[test]
     fn stream_joins_to_the_full_answer() {
-        let chunks = mock("stream_chunks = 3\nreply = \"abcdefg\"")
-            .stream(&req(r#"{"model":"m","messages":[{"role":"user","content":"x"}]}"#), "m");
+        let chunks = mock("stream_chunks = 3\nreply = \"abcdefg\"").stream(
+            &req(r#"{"model":"m","messages":[{"role":"user","content":"x"}]}"#),
+            "m",
+        );
         let text: String = chunks
             .iter()
             .flat_map(|(_, c)| c.choices.iter().filter_map(|ch| ch.delta.content.clone()))

@@ -18,7 +18,9 @@ pub mod openai;
 use bytes::Bytes;
 use http::HeaderMap;
 
-use crate::api::openai::{ChatChunk, ChatRequest, ChatResponse, EmbeddingsRequest, EmbeddingsResponse};
+use crate::api::openai::{
+    ChatChunk, ChatRequest, ChatResponse, EmbeddingsRequest, EmbeddingsResponse,
+};
 use crate::api::sse::SseEvent;
 use crate::config::{ConfigError, ProviderEntry, TimeoutsConfig};
 
@@ -77,15 +79,38 @@ pub enum ProviderImpl {
 /// Builds a provider from its config. The registry: one arm per kind.
 pub fn build(name: &str, cfg: &ProviderConfig) -> Result<ProviderEntry, ConfigError> {
     let (kind, imp, timeouts): (ProviderKind, ProviderImpl, &TimeoutsConfig) = match cfg {
-        ProviderConfig::Openai(c) => (ProviderKind::OpenAi, ProviderImpl::Http(Box::new(openai::OpenAi::new(name, c)?)), &c.timeouts),
-        ProviderConfig::Azure(c) => (ProviderKind::Azure, ProviderImpl::Http(Box::new(azure::Azure::new(name, c)?)), &c.timeouts),
-        ProviderConfig::Anthropic(c) => {
-            (ProviderKind::Anthropic, ProviderImpl::Http(Box::new(anthropic::Anthropic::new(name, c)?)), &c.timeouts)
-        }
-        ProviderConfig::Gemini(c) => (ProviderKind::Gemini, ProviderImpl::Http(Box::new(gemini::Gemini::new(name, c)?)), &c.timeouts),
-        ProviderConfig::Mock(c) => (ProviderKind::Mock, ProviderImpl::Mock(mock::Mock::new(name, c)?), &c.timeouts),
+        ProviderConfig::Openai(c) => (
+            ProviderKind::OpenAi,
+            ProviderImpl::Http(Box::new(openai::OpenAi::new(name, c)?)),
+            &c.timeouts,
+        ),
+        ProviderConfig::Azure(c) => (
+            ProviderKind::Azure,
+            ProviderImpl::Http(Box::new(azure::Azure::new(name, c)?)),
+            &c.timeouts,
+        ),
+        ProviderConfig::Anthropic(c) => (
+            ProviderKind::Anthropic,
+            ProviderImpl::Http(Box::new(anthropic::Anthropic::new(name, c)?)),
+            &c.timeouts,
+        ),
+        ProviderConfig::Gemini(c) => (
+            ProviderKind::Gemini,
+            ProviderImpl::Http(Box::new(gemini::Gemini::new(name, c)?)),
+            &c.timeouts,
+        ),
+        ProviderConfig::Mock(c) => (
+            ProviderKind::Mock,
+            ProviderImpl::Mock(mock::Mock::new(name, c)?),
+            &c.timeouts,
+        ),
     };
-    Ok(ProviderEntry { name: name.to_owned(), kind, imp, timeouts: timeouts.into() })
+    Ok(ProviderEntry {
+        name: name.to_owned(),
+        kind,
+        imp,
+        timeouts: timeouts.into(),
+    })
 }
 
 /// Error from a provider's translation code.
@@ -141,7 +166,11 @@ pub trait StreamDecoder: Send {
 /// `model` arguments are the upstream model name from the target (not the client's alias).
 pub trait Provider: Send + Sync {
     /// Builds the upstream chat request. `req.stream` says whether to ask for a stream.
-    fn chat_request(&self, req: &ChatRequest, model: &str) -> Result<UpstreamRequest, ProviderError>;
+    fn chat_request(
+        &self,
+        req: &ChatRequest,
+        model: &str,
+    ) -> Result<UpstreamRequest, ProviderError>;
 
     /// Parses a 2xx non-streaming chat response body.
     fn chat_response(&self, body: &[u8], model: &str) -> Result<ChatResponse, ProviderError>;
@@ -157,7 +186,11 @@ pub trait Provider: Send + Sync {
     ) -> Result<UpstreamRequest, ProviderError>;
 
     /// Parses a 2xx embeddings response body.
-    fn embeddings_response(&self, body: &[u8], model: &str) -> Result<EmbeddingsResponse, ProviderError>;
+    fn embeddings_response(
+        &self,
+        body: &[u8],
+        model: &str,
+    ) -> Result<EmbeddingsResponse, ProviderError>;
 
     /// Extracts a human-readable message from an upstream error body (non-2xx), for logs and
     /// for the client's error message. Default: the OpenAI `{"error":{"message":..}}` shape.

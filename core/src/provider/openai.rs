@@ -8,7 +8,9 @@ use serde::Deserialize;
 use std::collections::BTreeMap;
 
 use super::{Decoded, Provider, ProviderError, StreamDecoder, UpstreamRequest};
-use crate::api::openai::{ChatChunk, ChatRequest, ChatResponse, EmbeddingsRequest, EmbeddingsResponse};
+use crate::api::openai::{
+    ChatChunk, ChatRequest, ChatResponse, EmbeddingsRequest, EmbeddingsResponse,
+};
 use crate::api::sse::SseEvent;
 use crate::config::ConfigError;
 
@@ -48,7 +50,10 @@ impl OpenAi {
         let mut headers = header_map(name, &cfg.headers)?;
         if let Some(key) = cfg.api_key.as_deref().filter(|k| !k.is_empty()) {
             let mut v = HeaderValue::from_str(&format!("Bearer {key}")).map_err(|_| {
-                ConfigError::invalid(format!("providers.{name}.api_key"), "contains characters not allowed in a header")
+                ConfigError::invalid(
+                    format!("providers.{name}.api_key"),
+                    "contains characters not allowed in a header",
+                )
             })?;
             v.set_sensitive(true);
             headers.insert(http::header::AUTHORIZATION, v);
@@ -60,12 +65,16 @@ impl OpenAi {
 /// Builds a header map from config, naming the provider in errors.
 pub fn header_map(name: &str, map: &BTreeMap<String, String>) -> Result<HeaderMap, ConfigError> {
     let mut headers = HeaderMap::new();
-    headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     for (k, v) in map {
         let key = format!("providers.{name}.headers.{k}");
         let hn = HeaderName::try_from(k.as_str())
             .map_err(|_| ConfigError::invalid(key.clone(), "not a valid header name"))?;
-        let hv = HeaderValue::from_str(v).map_err(|_| ConfigError::invalid(key, "not a valid header value"))?;
+        let hv = HeaderValue::from_str(v)
+            .map_err(|_| ConfigError::invalid(key, "not a valid header value"))?;
         headers.insert(hn, hv);
     }
     Ok(headers)
@@ -85,11 +94,17 @@ fn body_with_model<T: serde::Serialize + Clone>(
         set_model(&mut req);
         serde_json::to_vec(&req)
     };
-    encoded.map(Bytes::from).map_err(|e| ProviderError::Unsupported(format!("cannot encode request: {e}")))
+    encoded
+        .map(Bytes::from)
+        .map_err(|e| ProviderError::Unsupported(format!("cannot encode request: {e}")))
 }
 
 impl Provider for OpenAi {
-    fn chat_request(&self, req: &ChatRequest, model: &str) -> Result<UpstreamRequest, ProviderError> {
+    fn chat_request(
+        &self,
+        req: &ChatRequest,
+        model: &str,
+    ) -> Result<UpstreamRequest, ProviderError> {
         Ok(UpstreamRequest {
             url: format!("{}/chat/completions", self.base_url),
             headers: self.headers.clone(),
@@ -105,7 +120,11 @@ impl Provider for OpenAi {
         Box::new(OpenAiDecoder)
     }
 
-    fn embeddings_request(&self, req: &EmbeddingsRequest, model: &str) -> Result<UpstreamRequest, ProviderError> {
+    fn embeddings_request(
+        &self,
+        req: &EmbeddingsRequest,
+        model: &str,
+    ) -> Result<UpstreamRequest, ProviderError> {
         Ok(UpstreamRequest {
             url: format!("{}/embeddings", self.base_url),
             headers: self.headers.clone(),
@@ -113,7 +132,11 @@ impl Provider for OpenAi {
         })
     }
 
-    fn embeddings_response(&self, body: &[u8], _model: &str) -> Result<EmbeddingsResponse, ProviderError> {
+    fn embeddings_response(
+        &self,
+        body: &[u8],
+        _model: &str,
+    ) -> Result<EmbeddingsResponse, ProviderError> {
         parse_embeddings_response(body)
     }
 
@@ -140,15 +163,22 @@ impl StreamDecoder for OpenAiDecoder {
     fn decode(&mut self, event: &SseEvent) -> Result<Decoded, ProviderError> {
         let data = event.data.trim();
         if data == "[DONE]" {
-            return Ok(Decoded { chunks: Vec::new(), done: true });
+            return Ok(Decoded {
+                chunks: Vec::new(),
+                done: true,
+            });
         }
         if event.event == "error" || data.starts_with("{\"error\"") {
-            let msg = super::openai_error_message(data.as_bytes()).unwrap_or_else(|| data.to_owned());
+            let msg =
+                super::openai_error_message(data.as_bytes()).unwrap_or_else(|| data.to_owned());
             return Err(ProviderError::StreamError(msg));
         }
-        let chunk: ChatChunk =
-            serde_json::from_str(data).map_err(|e| ProviderError::InvalidResponse(format!("bad stream chunk: {e}")))?;
-        Ok(Decoded { chunks: vec![chunk], done: false })
+        let chunk: ChatChunk = serde_json::from_str(data)
+            .map_err(|e| ProviderError::InvalidResponse(format!("bad stream chunk: {e}")))?;
+        Ok(Decoded {
+            chunks: vec![chunk],
+            done: false,
+        })
     }
 }
 
@@ -158,7 +188,9 @@ mod tests {
 
     #[test]
     fn request_substitutes_model_and_keeps_unknown_fields() {
-        let cfg: OpenAiConfig = toml::from_str("base_url = \"http://127.0.0.1:9/v1\"\napi_key = \"sk-x\"").expect("cfg");
+        let cfg: OpenAiConfig =
+            toml::from_str("base_url = \"http://127.0.0.1:9/v1\"\napi_key = \"sk-x\"")
+                .expect("cfg");
         let p = OpenAi::new("local", &cfg).expect("provider");
         let req: ChatRequest = serde_json::from_str(
             r#"{"model":"alias","messages":[{"role":"user","content":"hi"}],"seed":7,"logprobs":true}"#,
@@ -170,17 +202,31 @@ mod tests {
         assert_eq!(body["model"], "gpt-4o-mini");
         assert_eq!(body["seed"], 7);
         assert_eq!(body["logprobs"], true);
-        assert_eq!(up.headers.get("authorization").map(|v| v.is_sensitive()), Some(true));
+        assert_eq!(
+            up.headers.get("authorization").map(|v| v.is_sensitive()),
+            Some(true)
+        );
     }
 
     #[test]
     fn decoder_handles_done_and_error() {
         let mut d = OpenAiDecoder;
-        let done = d.decode(&SseEvent { event: String::new(), data: "[DONE]".into() }).expect("done");
+        let done = d
+            .decode(&SseEvent {
+                event: String::new(),
+                data: "[DONE]".into(),
+            })
+            .expect("done");
         assert!(done.done);
-        let err = d.decode(&SseEvent { event: String::new(), data: r#"{"error":{"message":"boom"}}"#.into() });
+        let err = d.decode(&SseEvent {
+            event: String::new(),
+            data: r#"{"error":{"message":"boom"}}"#.into(),
+        });
         assert!(matches!(err, Err(ProviderError::StreamError(m)) if m == "boom"));
-        let bad = d.decode(&SseEvent { event: String::new(), data: "{not json".into() });
+        let bad = d.decode(&SseEvent {
+            event: String::new(),
+            data: "{not json".into(),
+        });
         assert!(matches!(bad, Err(ProviderError::InvalidResponse(_))));
     }
 }
