@@ -19,4 +19,8 @@ mod fallback;
 mod gemini_upstream;
 mod lifecycle;
 mod openai;
+mod policy_auth;
+mod policy_budget;
+mod policy_rate_limit;
+mod policy_routing;
 mod streaming;
