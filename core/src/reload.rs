@@ -243,12 +243,21 @@ impl Inputs {
     }
 }
 
-/// The folders of the plugins a config loads (resolved against the config file's folder).
-///
-/// Empty until the plugin runtime adds `[[plugins]]` to the config; this is the one place
-/// that lists them, for hashing and for watching.
-pub fn plugin_dirs(_config: &Config) -> Vec<PathBuf> {
-    Vec::new()
+/// The folders of the plugins a config loads (`[[plugins]]` and `[[models.plugins]]`,
+/// resolved against the config file's folder): the one place that lists them, for hashing
+/// and for watching.
+pub fn plugin_dirs(config: &Config) -> Vec<PathBuf> {
+    let base = config.path.parent().unwrap_or_else(|| Path::new("."));
+    let mut dirs: Vec<PathBuf> = config
+        .file
+        .plugins
+        .iter()
+        .chain(config.file.models.iter().flat_map(|m| m.plugins.iter()))
+        .map(|p| base.join(&p.path))
+        .collect();
+    dirs.sort();
+    dirs.dedup();
+    dirs
 }
 
 /// Reads and hashes every input, parsing the config on the way (it names the plugin folders).

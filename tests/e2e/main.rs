@@ -10,6 +10,7 @@
 
 mod support;
 
+mod admin;
 mod anthropic_inbound;
 mod anthropic_upstream;
 mod azure_upstream;
@@ -19,6 +20,7 @@ mod fallback;
 mod gemini_upstream;
 mod lifecycle;
 mod openai;
+mod reload;
 mod policy_auth;
 mod policy_budget;
 mod policy_rate_limit;
