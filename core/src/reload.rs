@@ -116,6 +116,9 @@ pub struct ReloadFailure {
     /// The line at fault, when known.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub line: Option<u64>,
+    /// The plugin at fault, when known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub plugin: Option<String>,
 }
 
 /// The result of one reload request.
@@ -193,24 +196,60 @@ impl ReloadError {
             ReloadError::Config(ConfigError::Invalid { file, key, .. }) => {
                 (Some(file.display().to_string()), Some(key.clone()), None)
             }
-            _ => (None, None, line_of(&self.to_string())),
+            // Plugin errors are text: `plugin 'NAME': FILE: syntax error: LINE: ...`.
+            _ => {
+                let msg = self.to_string();
+                (file_of(&msg), None, line_of(&msg))
+            }
         };
+        let message = self.to_string();
+        let plugin = quoted_after(&message, "plugin '");
         ReloadFailure {
             time_ms: now_ms(),
             trigger,
-            message: self.to_string(),
+            message,
             file,
             key,
             line,
+            plugin,
         }
     }
 }
 
-/// The number after "line " in a parser message (`TOML parse error at line 3, column 7`).
+/// The line number in a parser message: `at line 3, column 7` (TOML) or
+/// `syntax error: 11: ...` (Luau).
 fn line_of(message: &str) -> Option<u64> {
-    let rest = &message[message.find("line ")? + 5..];
-    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
-    digits.parse().ok()
+    let number = |rest: &str| {
+        rest.chars()
+            .take_while(char::is_ascii_digit)
+            .collect::<String>()
+            .parse()
+            .ok()
+    };
+    if let Some(i) = message.find("line ") {
+        return number(&message[i + 5..]);
+    }
+    let i = message.find("syntax error: ")?;
+    number(&message[i + 14..])
+}
+
+/// The first path to a plugin file (`.lua`, `.toml`, `.wasm`) in an error message.
+fn file_of(message: &str) -> Option<String> {
+    message
+        .split(|c: char| c.is_whitespace() || c == '\'')
+        .map(|w| w.trim_end_matches(':'))
+        .find(|w| {
+            [".lua", ".toml", ".wasm"]
+                .iter()
+                .any(|ext| w.ends_with(ext))
+        })
+        .map(str::to_owned)
+}
+
+/// The text between `prefix` and the next `'`.
+fn quoted_after(message: &str, prefix: &str) -> Option<String> {
+    let rest = &message[message.find(prefix)? + prefix.len()..];
+    Some(rest[..rest.find('\'')?].to_owned())
 }
 
 /// The hashed inputs of a snapshot.
@@ -809,6 +848,7 @@ impl Reloader {
                     trigger = trigger.as_str(),
                     file = f.file.as_deref().unwrap_or(""),
                     key = f.key.as_deref().unwrap_or(""),
+                    plugin = f.plugin.as_deref().unwrap_or(""),
                     line = f.line.unwrap_or(0),
                     error = %f.message,
                     generation,
@@ -1103,5 +1143,9 @@ mod tests {
         assert!(!w.is_relevant(Path::new("/srv/plugins/guard/target/x.wasm")));
         assert!(!w.is_relevant(Path::new("/srv/plugins/guard/.git/index")));
         assert_eq!(line_of("TOML parse error at line 3, column 7"), Some(3));
+        let msg = "plugin load failed: plugin 'guard': /p/guard/plugin.lua: syntax error: 11: Expected <eof>";
+        assert_eq!(line_of(msg), Some(11));
+        assert_eq!(file_of(msg).as_deref(), Some("/p/guard/plugin.lua"));
+        assert_eq!(quoted_after(msg, "plugin '").as_deref(), Some("guard"));
     }
 }
