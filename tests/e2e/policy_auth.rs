@@ -36,7 +36,9 @@ static BUILT: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
 pub fn plugin_dir(name: &str) -> PathBuf {
     let dir = root().join("plugins").join(name);
     if dir.join("Cargo.toml").is_file() {
-        let mut built = BUILT.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut built = BUILT
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if !built.contains(name) {
             let status = Command::new(root().join("scripts/build-plugins.sh"))
                 .arg(&dir)
@@ -517,8 +519,14 @@ async fn updates_take_effect_and_keys_survive_a_restart() {
 
         gw.restart().await;
         assert_eq!(gw.chat(&secret, &chat_body("mock", "hi")).await.status, 200);
-        assert_eq!(gw.chat(&revoked, &chat_body("mock", "hi")).await.status, 401);
-        let list = gw.admin.call("GET", "/admin/keys?include_revoked=true", None).await;
+        assert_eq!(
+            gw.chat(&revoked, &chat_body("mock", "hi")).await.status,
+            401
+        );
+        let list = gw
+            .admin
+            .call("GET", "/admin/keys?include_revoked=true", None)
+            .await;
         let keys = list.json()["keys"].as_array().unwrap().clone();
         assert_eq!(keys.len(), 2, "{keys:?}");
         assert!(keys.iter().all(|k| k.get("secret").is_none()));
@@ -546,8 +554,21 @@ async fn weir_keys_cli_creates_lists_and_revokes() {
             stdout
         };
         let created = cli(&[
-            "keys", "create", "--name", "from-cli", "--tenant", "acme", "--models", "mock,gpt-*",
-            "--rpm", "100", "--expires-in", "30d", "--meta", "team=core", "--json",
+            "keys",
+            "create",
+            "--name",
+            "from-cli",
+            "--tenant",
+            "acme",
+            "--models",
+            "mock,gpt-*",
+            "--rpm",
+            "100",
+            "--expires-in",
+            "30d",
+            "--meta",
+            "team=core",
+            "--json",
         ]);
         let v: Value = serde_json::from_str(&created).expect("JSON");
         let secret = v["secret"].as_str().unwrap().to_owned();
@@ -557,7 +578,10 @@ async fn weir_keys_cli_creates_lists_and_revokes() {
         assert_eq!(gw.chat(&secret, &chat_body("mock", "hi")).await.status, 200);
 
         let listed = cli(&["keys", "list"]);
-        assert!(listed.contains(&id) && listed.contains("from-cli") && listed.contains("active"), "{listed}");
+        assert!(
+            listed.contains(&id) && listed.contains("from-cli") && listed.contains("active"),
+            "{listed}"
+        );
         assert!(!listed.contains(&secret));
 
         cli(&["keys", "revoke", &id]);
@@ -573,17 +597,32 @@ async fn config_change_is_hot_reloaded() {
     bounded(async {
         let mut gw = PolicyGateway::start(&auth_config("")).await;
         let body = chat_body("mock", "hi");
-        assert_eq!(gw.client.post_json("/v1/chat/completions", &body).await.status, 401);
+        assert_eq!(
+            gw.client
+                .post_json("/v1/chat/completions", &body)
+                .await
+                .status,
+            401
+        );
         gw.rewrite(&auth_config("allow_anonymous = true"));
         let client = gw.client.clone();
-        eventually(Duration::from_secs(10), "anonymous requests allowed after reload", || {
-            let client = client.clone();
-            let body = body.clone();
-            async move { client.post_json("/v1/chat/completions", &body).await.status == 200 }
-        })
+        eventually(
+            Duration::from_secs(10),
+            "anonymous requests allowed after reload",
+            || {
+                let client = client.clone();
+                let body = body.clone();
+                async move { client.post_json("/v1/chat/completions", &body).await.status == 200 }
+            },
+        )
         .await;
         // A wrong key is still refused.
         assert_eq!(gw.chat("wk-wrong", &body).await.status, 401);
     })
     .await;
+}
+
+#[test]
+fn fixtures_pass() {
+    weir::plugin::harness::assert_fixtures_pass(&plugin_dir("auth"));
 }
