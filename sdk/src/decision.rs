@@ -5,31 +5,6 @@ use crate::{
     ResponseMutations, ResponseView, StreamEvent, Target, TextDelta,
 };
 
-impl Default for Mutations {
-    fn default() -> Self {
-        Mutations {
-            set_headers: Vec::new(),
-            remove_headers: Vec::new(),
-            set_model: None,
-            set_messages: None,
-            set_body: None,
-            set_targets: None,
-            set_metadata: Vec::new(),
-            set_response_headers: Vec::new(),
-        }
-    }
-}
-
-impl Default for ResponseMutations {
-    fn default() -> Self {
-        ResponseMutations {
-            set_choice_text: Vec::new(),
-            set_headers: Vec::new(),
-            set_metadata: Vec::new(),
-        }
-    }
-}
-
 impl Reply {
     /// A reply with a JSON body (and `content-type: application/json`).
     ///

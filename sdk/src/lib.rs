@@ -63,6 +63,10 @@ pub mod __bindings {
         path: "wit",
         world: "plugin",
         additional_derives: [PartialEq],
+        additional_type_attributes: {
+            "weir:plugin/types@0.1.0/mutations": [#[derive(Default)]],
+            "weir:plugin/types@0.1.0/response-mutations": [#[derive(Default)]],
+        },
         pub_export_macro: true,
         export_macro_name: "__export_plugin_world",
         default_bindings_module: "weir_sdk::__bindings",
@@ -242,9 +246,9 @@ macro_rules! export {
                         $crate::Plugin::on_log(plugin, &entry);
                     }
                 }
-    }
+            }
 
-            $crate::__bindings::__export_plugin_world!(Exports with_types_in $crate::__bindings);
+    $crate::__bindings::__export_plugin_world!(Exports with_types_in $crate::__bindings);
         };
     };
 }

@@ -150,7 +150,10 @@ fn base_config(options: &EngineOptions) -> Result<Config, WasmError> {
         .wasm_component_model(true)
         .epoch_interruption(true)
         .max_wasm_stack(MAX_WASM_STACK)
-        .cranelift_opt_level(OptLevel::Speed);
+        .cranelift_opt_level(OptLevel::Speed)
+        // Compile on the calling (blocking) thread only: a reload must not take every
+        // core away from requests in flight, whose plugin deadlines are wall-clock.
+        .parallel_compilation(false);
     if let Some(dir) = &options.cache_dir {
         // wasmtime's cache keys artifacts by a hash of the wasm bytes, the compiler
         // version and its settings, and loads them without `unsafe` on our side.

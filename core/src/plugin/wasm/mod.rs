@@ -202,8 +202,7 @@ impl WasmPlugin {
         store::add_to_linker(&mut linker).map_err(|e| WasmError::Link(format!("{e:#}")))?;
         // Every import not granted above (filesystem, sockets, stdio, clocks...) traps
         // when called: the sandbox is "nothing but the host API".
-        linker
-            .define_unknown_imports_as_traps(&component)
+        store::stub_denied_imports(&mut linker, &component, engine.engine())
             .map_err(|e| WasmError::Link(format!("{e:#}")))?;
         let instance_pre = linker
             .instantiate_pre(&component)

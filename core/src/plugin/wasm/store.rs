@@ -4,8 +4,9 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use wasmtime::component::{Linker, ResourceTable};
-use wasmtime::{ResourceLimiter, StoreLimits, StoreLimitsBuilder};
+use wasmtime::component::types::ComponentItem;
+use wasmtime::component::{Component, Linker, ResourceTable, ResourceType};
+use wasmtime::{Engine, ResourceLimiter, StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use super::bindings::weir::plugin::host;
@@ -192,4 +193,65 @@ impl host::Host for StoreState {
                 body: response.body,
             })
     }
+}
+
+/// Interfaces a plugin may import, by name without version: the host API and the
+/// side-effect-free WASI pieces linked by [`add_to_linker`].
+const GRANTED: &[&str] = &[
+    "weir:plugin/host",
+    "weir:plugin/types",
+    "wasi:random/random",
+    "wasi:random/insecure",
+    "wasi:random/insecure-seed",
+    "wasi:cli/environment",
+    "wasi:cli/exit",
+];
+
+/// Defines every other import of `component` (filesystem, sockets, stdio, clocks...) as
+/// a function that traps when called, so components built with std instantiate but get
+/// nothing. (wasmtime's `define_unknown_imports_as_traps` is not used because it matches
+/// exact versions only and would shadow the granted interfaces a guest imports at
+/// another 0.2.x version.)
+pub(crate) fn stub_denied_imports(
+    linker: &mut Linker<StoreState>,
+    component: &Component,
+    engine: &Engine,
+) -> wasmtime::Result<()> {
+    for (name, import) in component.component_type().imports(engine) {
+        let unversioned = name.split('@').next().unwrap_or(name);
+        if GRANTED.contains(&unversioned) {
+            continue;
+        }
+        match import.ty {
+            ComponentItem::ComponentInstance(instance) => {
+                let mut stub = linker.instance(name)?;
+                for (item, export) in instance.exports(engine) {
+                    match export.ty {
+                        ComponentItem::ComponentFunc(_) => {
+                            let what = format!("{unversioned}#{item}");
+                            stub.func_new(item, move |_, _, _, _| {
+                                Err(wasmtime::format_err!(
+                                    "{what} is not available to plugins (sandbox)"
+                                ))
+                            })?;
+                        }
+                        ComponentItem::Resource(_) => {
+                            stub.resource(item, ResourceType::host::<()>(), |_, _| Ok(()))?;
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            ComponentItem::ComponentFunc(_) => {
+                let what = name.to_owned();
+                linker.root().func_new(name, move |_, _, _, _| {
+                    Err(wasmtime::format_err!(
+                        "{what} is not available to plugins (sandbox)"
+                    ))
+                })?;
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }

@@ -53,6 +53,18 @@ fn load(dir: &str, config: &str, limits: WasmLimits, host: Arc<MemoryHost>) -> W
 
 const PROBE: &str = "tests/fixtures/wasm/probe";
 
+/// Limits for tests that are not about time. Deadlines are wall-clock (epoch ticks) and
+/// tests run in parallel on two cores, where a healthy call can be descheduled for
+/// several milliseconds, so only the deadline tests use the real defaults.
+fn relaxed() -> WasmLimits {
+    WasmLimits {
+        request_deadline: Duration::from_secs(1),
+        chunk_deadline: Duration::from_secs(1),
+        log_deadline: Duration::from_secs(1),
+        ..WasmLimits::default()
+    }
+}
+
 fn probe(limits: WasmLimits) -> (WasmPlugin, Arc<MemoryHost>) {
     let host = Arc::new(MemoryHost::new());
     let plugin = load(PROBE, r#"{"tag": "p1"}"#, limits, Arc::clone(&host));
@@ -104,7 +116,7 @@ fn fault(plugin: &WasmPlugin, kind: &str) -> Result<Decision, HookError> {
 
 #[test]
 fn on_request_round_trips_through_a_component() {
-    let (plugin, _host) = probe(WasmLimits::default());
+    let (plugin, _host) = probe(relaxed());
     let mut bag = BTreeMap::from([("seen".to_owned(), "p0".to_owned())]);
     let decision =
         on_request(&plugin, &mut bag, &request(&[("authorization", "k")])).expect("on-request");
@@ -145,7 +157,7 @@ fn on_request_round_trips_through_a_component() {
 
 #[test]
 fn response_chunk_and_log_hooks_round_trip() {
-    let (plugin, host) = probe(WasmLimits::default());
+    let (plugin, host) = probe(relaxed());
     let mut bag = BTreeMap::new();
     let mut ctx = HookCtx {
         request_id: "req-9",
@@ -216,7 +228,7 @@ fn response_chunk_and_log_hooks_round_trip() {
 
 #[test]
 fn instances_are_reused_and_host_state_persists() {
-    let (plugin, _host) = probe(WasmLimits::default());
+    let (plugin, _host) = probe(relaxed());
     for expected in 1..=3 {
         let decision = fault(&plugin, "kv").expect("kv call");
         let Decision::Continue(m) = decision else {
@@ -238,7 +250,8 @@ fn infinite_loop_is_cut_at_the_deadline() {
     let err = fault(&plugin, "loop").expect_err("loop must be interrupted");
     let elapsed = started.elapsed();
     assert_eq!(err, HookError::Timeout { deadline_ms: 5 });
-    assert!(elapsed < Duration::from_millis(50), "took {elapsed:?}");
+    // Cut at 5-6 ms; the margin covers descheduling when tests share two cores.
+    assert!(elapsed < Duration::from_millis(250), "took {elapsed:?}");
     assert!(elapsed >= Duration::from_millis(4), "took {elapsed:?}");
     // The instance was dropped; the next call gets a fresh one and succeeds.
     assert_eq!(plugin.idle_instances(), 0);
@@ -250,7 +263,7 @@ fn infinite_loop_is_cut_at_the_deadline() {
 fn memory_bomb_is_cut_at_the_memory_limit() {
     let limits = WasmLimits {
         memory_bytes: 8 << 20,
-        ..WasmLimits::default()
+        ..relaxed()
     };
     let (plugin, _host) = probe(limits);
     assert_eq!(fault(&plugin, "bomb"), Err(HookError::OutOfMemory));
@@ -259,7 +272,7 @@ fn memory_bomb_is_cut_at_the_memory_limit() {
 
 #[test]
 fn panic_and_stack_overflow_are_contained() {
-    let (plugin, _host) = probe(WasmLimits::default());
+    let (plugin, _host) = probe(relaxed());
     let err = fault(&plugin, "panic").expect_err("panic traps");
     assert_eq!(err.kind(), "trap", "{err}");
     let err = fault(&plugin, "recurse").expect_err("stack overflow traps");
@@ -276,7 +289,7 @@ fn panic_and_stack_overflow_are_contained() {
 /// WASI import, or an error the plugin sees), never succeed.
 #[test]
 fn file_socket_and_env_access_fail() {
-    let (plugin, _host) = probe(WasmLimits::default());
+    let (plugin, _host) = probe(relaxed());
     for kind in ["file", "socket"] {
         match fault(&plugin, kind) {
             Err(err) => assert_eq!(err.kind(), "trap", "{kind}: {err}"),
@@ -325,7 +338,7 @@ fn garbage_is_not_a_component() {
 
 #[test]
 fn concurrent_calls_each_get_an_instance() {
-    let (plugin, _host) = probe(WasmLimits::default());
+    let (plugin, _host) = probe(relaxed());
     let plugin = Arc::new(plugin);
     let threads: Vec<_> = (0..4)
         .map(|_| {
@@ -346,7 +359,7 @@ fn concurrent_calls_each_get_an_instance() {
 #[test]
 fn a_fault_does_not_disturb_concurrent_calls() {
     let limits = WasmLimits {
-        request_deadline: Duration::from_millis(5),
+        request_deadline: Duration::from_millis(200),
         ..WasmLimits::default()
     };
     let (plugin, _host) = probe(limits);
@@ -369,12 +382,7 @@ fn a_fault_does_not_disturb_concurrent_calls() {
 fn tenant_tagger_tags_and_rejects() {
     let host = Arc::new(MemoryHost::new());
     let dir = "examples/tenant-tagger";
-    let tagger = load(
-        dir,
-        r#"{"required": true}"#,
-        WasmLimits::default(),
-        Arc::clone(&host),
-    );
+    let tagger = load(dir, r#"{"required": true}"#, relaxed(), Arc::clone(&host));
     let mut bag = BTreeMap::new();
     let decision = on_request(&tagger, &mut bag, &request(&[("x-tenant", "acme")])).expect("tag");
     let Decision::Continue(m) = decision else {
@@ -392,7 +400,7 @@ fn tenant_tagger_tags_and_rejects() {
     assert_eq!(reply.status, 400);
     assert!(String::from_utf8_lossy(&reply.body).contains("missing x-tenant header"));
 
-    let optional = load(dir, "{}", WasmLimits::default(), host);
+    let optional = load(dir, "{}", relaxed(), host);
     let decision = on_request(&optional, &mut bag, &request(&[])).expect("default");
     assert!(
         matches!(decision, Decision::Continue(m) if m.set_metadata == vec![("tenant".into(), "default".into())])
@@ -405,7 +413,7 @@ fn audit_logger_stores_a_summary_without_prompt_text() {
     let logger = load(
         "examples/audit-logger",
         r#"{"ttl_secs": 60}"#,
-        WasmLimits::default(),
+        relaxed(),
         Arc::clone(&host),
     );
     let mut bag = BTreeMap::new();
