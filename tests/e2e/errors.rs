@@ -298,11 +298,9 @@ async fn assert_broken_stream_terminates(tail: Vec<Frame>) {
     let first = events.next_json(Duration::from_secs(10)).await;
     assert_eq!(first["choices"][0]["delta"]["content"], "ok");
     let mut rest = Vec::new();
-    loop {
-        match events.next_event(Duration::from_secs(10)).await {
-            Ok(Some(e)) => rest.push(e),
-            Ok(None) | Err(_) => break,
-        }
+    // Read to the end, clean (`Ok(None)`) or broken (`Err`): either is a termination.
+    while let Ok(Some(e)) = events.next_event(Duration::from_secs(10)).await {
+        rest.push(e);
     }
     for e in &rest {
         assert!(

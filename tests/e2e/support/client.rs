@@ -287,11 +287,11 @@ pub fn stream_text(chunks: &[Value]) -> String {
 pub fn stream_finish_reason(chunks: &[Value]) -> Option<String> {
     chunks
         .iter()
-        .filter_map(|c| {
+        .rev()
+        .find_map(|c| {
             c.pointer("/choices/0/finish_reason")
                 .and_then(Value::as_str)
         })
-        .last()
         .map(str::to_owned)
 }
 

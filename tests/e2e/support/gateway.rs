@@ -90,14 +90,32 @@ impl TestGateway {
         );
     }
 
-    /// The listen address.
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
     /// Everything the process wrote to stdout and stderr so far.
     pub fn logs(&self) -> String {
         self.logs.lock().unwrap().clone()
+    }
+
+    /// Whether the gateway process itself still holds a listening socket on its port. Read
+    /// from `/proc` (Linux) so that another process taking the port number after the gateway
+    /// released it cannot fool the check.
+    pub fn is_listening(&self) -> bool {
+        let port = format!(":{:04X}", self.addr.port());
+        let table = std::fs::read_to_string("/proc/net/tcp").expect("read /proc/net/tcp");
+        let inodes: Vec<String> = table
+            .lines()
+            .skip(1)
+            .filter_map(|line| {
+                let f: Vec<&str> = line.split_whitespace().collect();
+                let listening = f.get(1)?.ends_with(&port) && *f.get(3)? == "0A";
+                listening.then(|| format!("socket:[{}]", f.get(9).copied().unwrap_or_default()))
+            })
+            .collect();
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{}/fd", self.child.id())) else {
+            return false;
+        };
+        fds.filter_map(Result::ok)
+            .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+            .any(|target| inodes.iter().any(|i| target.as_os_str() == i.as_str()))
     }
 
     /// Sends SIGTERM (graceful shutdown).
