@@ -1,4 +1,4 @@
-//! Runs `on_log` natively against `fixtures/log_entry.json` with the SDK's fake host.
+//! Runs `on_log` natively against `tests/log_entry.json` with the SDK's fake host.
 //!
 //! cargo test --manifest-path examples/audit-logger/Cargo.toml
 
@@ -8,7 +8,7 @@ use weir_sdk::testing::{self, Harness};
 use weir_sdk::{LogEntry, Usage};
 
 fn entry() -> LogEntry {
-    let path = format!("{}/fixtures/log_entry.json", env!("CARGO_MANIFEST_DIR"));
+    let path = format!("{}/tests/log_entry.json", env!("CARGO_MANIFEST_DIR"));
     let v: Value =
         serde_json::from_str(&std::fs::read_to_string(path).expect("fixture")).expect("JSON");
     let text = |k: &str| v[k].as_str().unwrap_or_default().to_owned();
