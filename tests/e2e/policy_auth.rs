@@ -141,7 +141,9 @@ impl PolicyGateway {
                 .append(true)
                 .open(self.dir.path().join("weir.log"))
                 .expect("log file");
-            let mut child = Command::new(WEIR)
+            // WEIR_POLICY_BIN runs the same tests against another build (e.g. release).
+            let bin = std::env::var("WEIR_POLICY_BIN").unwrap_or_else(|_| WEIR.to_owned());
+            let mut child = Command::new(bin)
                 .arg("serve")
                 .arg("--config")
                 .arg(self.config_path())
@@ -625,4 +627,121 @@ async fn config_change_is_hot_reloaded() {
 #[test]
 fn fixtures_pass() {
     weir::plugin::harness::assert_fixtures_pass(&plugin_dir("auth"));
+}
+
+/// p50 and p99 of `samples` (ms), sorted in place.
+fn percentiles(samples: &mut [f64]) -> (f64, f64) {
+    samples.sort_by(f64::total_cmp);
+    let at = |q: f64| samples[((samples.len() as f64 - 1.0) * q).round() as usize];
+    (at(0.50), at(0.99))
+}
+
+/// Sends `n` chat requests at once, request `i` with `keys[i % len]` (or none), and returns
+/// (p50 ms, p99 ms, wall ms); every request must succeed.
+async fn burst(base: &str, keys: &[String], n: usize, model: &str) -> (f64, f64, f64) {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .pool_max_idle_per_host(n)
+        .no_proxy()
+        .build()
+        .expect("client");
+    let started = std::time::Instant::now();
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let http = http.clone();
+            let url = format!("{base}/v1/chat/completions");
+            let key = (!keys.is_empty()).then(|| keys[i % keys.len()].clone());
+            let body = json!({"model": model, "max_tokens": 16, "messages": [{"role": "user", "content": format!("request {i}")}]});
+            tokio::spawn(async move {
+                let t = std::time::Instant::now();
+                let mut req = http.post(url).header("content-type", "application/json").body(body.to_string());
+                if let Some(k) = key {
+                    req = req.bearer_auth(k);
+                }
+                let resp = req.send().await.expect("send");
+                let status = resp.status().as_u16();
+                let text = resp.text().await.expect("body");
+                assert_eq!(status, 200, "{text}");
+                t.elapsed().as_secs_f64() * 1000.0
+            })
+        })
+        .collect();
+    let mut lat = Vec::with_capacity(n);
+    for t in tasks {
+        lat.push(t.await.expect("request task"));
+    }
+    let wall = started.elapsed().as_secs_f64() * 1000.0;
+    let (p50, p99) = percentiles(&mut lat);
+    (p50, p99, wall)
+}
+
+/// 10,000 keys and 1,000 concurrent requests through the whole default chain (auth,
+/// rate-limit, routing, budget) on sled. Prints the numbers (run with `--nocapture`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_keys_and_a_thousand_concurrent_requests() {
+    bounded(async {
+        const KEYS: usize = 10_000;
+        const CONCURRENT: usize = 1_000;
+        let chain = format!(
+            "{MOCK_MODELS}{}{}{}{}",
+            plugin_entry("auth", ""),
+            plugin_entry("rate-limit", "key = { rpm = 1000, tpm = 1000000 }"),
+            plugin_entry("routing", "aliases.fast = { strategy = \"weighted\", targets = [{ provider = \"mock\", model = \"m1\", weight = 1 }, { provider = \"mock\", model = \"m2\", weight = 1 }] }"),
+            plugin_entry("budget", "prices = { m1 = { input = 1, output = 2 }, m2 = { input = 1, output = 2 } }\nkey_default = { usd = 100, period = \"month\" }"),
+        );
+        let gw = PolicyGateway::start(&chain).await;
+
+        // 10,000 keys through the admin API, 50 at a time.
+        let started = std::time::Instant::now();
+        let mut secrets = Vec::with_capacity(KEYS);
+        for batch in 0..KEYS / 50 {
+            let calls: Vec<_> = (0..50)
+                .map(|i| {
+                    let admin = gw.admin.clone();
+                    let body = json!({"name": format!("key-{batch}-{i}"), "tenant": format!("t{}", i % 10)});
+                    tokio::spawn(async move { admin.call("POST", "/admin/keys", Some(&body)).await })
+                })
+                .collect();
+            for c in calls {
+                let resp = c.await.expect("create task");
+                assert_eq!(resp.status, 201, "{}", resp.text);
+                secrets.push(resp.json()["secret"].as_str().unwrap().to_owned());
+            }
+        }
+        let create_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let started = std::time::Instant::now();
+        let list = gw.admin.call("GET", "/admin/keys?limit=20000", None).await;
+        let list_ms = started.elapsed().as_secs_f64() * 1000.0;
+        assert_eq!(list.json()["keys"].as_array().unwrap().len(), KEYS);
+
+        // Warm up (VMs and instances per worker), then 1,000 at once, each its own key.
+        burst(&gw.client.url(""), &secrets[..50], 50, "fast").await;
+        let keys: Vec<String> = secrets.iter().step_by(KEYS / CONCURRENT).cloned().collect();
+        let (p50, p99, wall) = burst(&gw.client.url(""), &keys, CONCURRENT, "fast").await;
+
+        // The same burst against a gateway without plugins.
+        let bare = PolicyGateway::start(MOCK_MODELS).await;
+        burst(&bare.client.url(""), &[], 50, "mock").await;
+        let (b50, b99, bwall) = burst(&bare.client.url(""), &[], CONCURRENT, "mock").await;
+
+        // Every admitted request was settled into the usage counters.
+        let started = std::time::Instant::now();
+        let mut lines = 0;
+        while started.elapsed() < Duration::from_secs(20) {
+            let resp = gw.admin.call("GET", "/admin/usage?scope=key&period=total", None).await;
+            lines = resp.json()["usage"].as_array().map_or(0, Vec::len);
+            if lines >= CONCURRENT {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert!(lines >= CONCURRENT, "only {lines} keys settled");
+        eprintln!(
+            "scale: created {KEYS} keys in {create_ms:.0} ms ({:.0}/s), listed them in {list_ms:.0} ms; \
+             {CONCURRENT} concurrent requests, full chain: p50 {p50:.1} ms, p99 {p99:.1} ms, wall {wall:.0} ms; \
+             no plugins: p50 {b50:.1} ms, p99 {b99:.1} ms, wall {bwall:.0} ms",
+            KEYS as f64 / (create_ms / 1000.0)
+        );
+    })
+    .await;
 }
