@@ -24,5 +24,6 @@ mod reload;
 mod policy_auth;
 mod policy_budget;
 mod policy_rate_limit;
+mod policy_redaction;
 mod policy_routing;
 mod streaming;

@@ -7,10 +7,16 @@
 //! validator. Clean text, the common case, costs that one pass.
 //!
 //! The regexes are compiled in ASCII mode over bytes (`\d`, `\w`, `\s` are ASCII), which
-//! keeps the `regex` crate's Unicode tables out of the WASM binary; matches are snapped to
-//! UTF-8 character boundaries before anyone slices the text.
+//! keeps Unicode tables out of the WASM binary; matches are snapped to UTF-8 character
+//! boundaries before anyone slices the text.
+//!
+//! We use `regex-automata`'s meta regex (the engine behind `regex`) without its `std`
+//! feature: its lazy DFA then keys states in a `BTreeMap` instead of a `HashMap`, whose
+//! `RandomState` would ask WASI for a random seed (which the gateway's sandbox refuses).
 
-use regex::bytes::{Regex, RegexBuilder, RegexSet, RegexSetBuilder};
+use regex_automata::meta::{self, Regex};
+use regex_automata::util::syntax;
+use regex_automata::{Input, MatchKind, PatternSet};
 
 /// A built-in kind of PII or secret.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -238,8 +244,8 @@ impl std::fmt::Display for ScannerError {
 /// A compiled set of detectors.
 #[derive(Debug, Clone)]
 pub struct Scanner {
-    /// One pass telling which detectors may match.
-    set: RegexSet,
+    /// One pass telling which detectors may match (all patterns, overlapping semantics).
+    set: Regex,
     /// The detectors, in set order (built-ins in priority order, then custom ones).
     detectors: Vec<(Kind, Regex)>,
 }
@@ -247,10 +253,24 @@ pub struct Scanner {
 /// The regex size limit for custom patterns (bytes of compiled program).
 const SIZE_LIMIT: usize = 2 << 20;
 
-fn builder(pattern: &str) -> RegexBuilder {
-    let mut b = RegexBuilder::new(pattern);
-    b.unicode(false).size_limit(SIZE_LIMIT);
-    b
+/// Compiles `patterns` in ASCII byte mode; `all` reports every matching pattern (for the
+/// prefilter set) instead of the leftmost-first match.
+fn compile<P: AsRef<str>>(patterns: &[P], all: bool) -> Result<Regex, String> {
+    let kind = if all {
+        MatchKind::All
+    } else {
+        MatchKind::LeftmostFirst
+    };
+    Regex::builder()
+        .syntax(syntax::Config::new().unicode(false).utf8(false))
+        .configure(
+            meta::Config::new()
+                .match_kind(kind)
+                .utf8_empty(false)
+                .nfa_size_limit(Some(SIZE_LIMIT * patterns.len().max(1))),
+        )
+        .build_many(patterns)
+        .map_err(|e| e.to_string())
 }
 
 impl Scanner {
@@ -260,14 +280,13 @@ impl Scanner {
         let mut detectors = Vec::new();
         let mut sources = Vec::new();
         for b in Builtin::ALL.into_iter().filter(|b| builtins.contains(b)) {
-            let re = builder(b.pattern())
-                .build()
+            let re = compile(&[b.pattern()], false)
                 .map_err(|e| ScannerError(format!("built-in detector {}: {e}", b.name())))?;
             detectors.push((Kind::Builtin(b), re));
             sources.push(b.pattern().to_owned());
         }
         for (i, c) in custom.iter().enumerate() {
-            let re = builder(&c.pattern).build().map_err(|e| {
+            let re = compile(&[c.pattern.as_str()], false).map_err(|e| {
                 ScannerError(format!(
                     "custom detector {:?}: invalid pattern: {e}",
                     c.name
@@ -282,11 +301,8 @@ impl Scanner {
             detectors.push((Kind::Custom(i), re));
             sources.push(c.pattern.clone());
         }
-        let set = RegexSetBuilder::new(&sources)
-            .unicode(false)
-            .size_limit(SIZE_LIMIT * 4)
-            .build()
-            .map_err(|e| ScannerError(format!("detector set: {e}")))?;
+        let set =
+            compile(&sources, true).map_err(|e| ScannerError(format!("detector set: {e}")))?;
         Ok(Scanner { set, detectors })
     }
 
@@ -302,13 +318,15 @@ impl Scanner {
             return Vec::new();
         }
         let bytes = text.as_bytes();
-        let hits = self.set.matches(bytes);
-        if !hits.matched_any() {
+        let mut hits = PatternSet::new(self.set.pattern_len());
+        self.set
+            .which_overlapping_matches(&Input::new(bytes), &mut hits);
+        if hits.is_empty() {
             return Vec::new();
         }
         let mut found = Vec::new();
         for idx in hits.iter() {
-            let (kind, re) = &self.detectors[idx];
+            let (kind, re) = &self.detectors[idx.as_usize()];
             for m in re.find_iter(bytes) {
                 let span = match kind {
                     Kind::Builtin(b) => b.accept(bytes, m.start(), m.end()),
@@ -742,7 +760,7 @@ mod timing {
             v[250] as f64 / 1000.0
         };
         for b in Builtin::ALL {
-            let re = builder(b.pattern()).build().expect("re");
+            let re = compile(&[b.pattern()], false).expect("re");
             let us = time(&|| {
                 std::hint::black_box(re.find_iter(bytes).count());
             });
@@ -752,7 +770,10 @@ mod timing {
         println!(
             "set: {:.1} us",
             time(&|| {
-                std::hint::black_box(s.set.matches(bytes));
+                let mut hits = PatternSet::new(s.set.pattern_len());
+                s.set
+                    .which_overlapping_matches(&Input::new(bytes), &mut hits);
+                std::hint::black_box(hits);
             })
         );
         println!(
