@@ -761,12 +761,15 @@ fn policy_hook_cost() {
 
     const N: usize = 5_000;
     let dir = tempfile::tempdir().expect("tempdir");
-    let store: Arc<dyn StateStore> = Arc::new(SledStore::open(&dir.path().join("state")).expect("sled"));
+    let store: Arc<dyn StateStore> =
+        Arc::new(SledStore::open(&dir.path().join("state")).expect("sled"));
     let keys = weir::admin::keys::Keys::new(store.clone());
     let mut secrets = Vec::new();
     for i in 0..1_000 {
-        let new: weir::admin::keys::NewKey =
-            serde_json::from_value(json!({"name": format!("k{i}"), "tenant": format!("t{}", i % 10)})).expect("new key");
+        let new: weir::admin::keys::NewKey = serde_json::from_value(
+            json!({"name": format!("k{i}"), "tenant": format!("t{}", i % 10)}),
+        )
+        .expect("new key");
         secrets.push(keys.create(new).expect("create").1);
     }
     let metrics = PluginMetrics::unregistered().expect("metrics");
@@ -779,7 +782,10 @@ fn policy_hook_cost() {
         Instance::load(Path::new("/"), &cfg, name, store.clone(), &metrics).expect("load plugin")
     };
     let auth = instance("auth", json!({}));
-    let rate = instance("rate-limit", json!({"key": {"rpm": 1_000_000, "tpm": 1_000_000_000}, "tenant": {"rpm": 1_000_000}}));
+    let rate = instance(
+        "rate-limit",
+        json!({"key": {"rpm": 1_000_000, "tpm": 1_000_000_000}, "tenant": {"rpm": 1_000_000}}),
+    );
     let routing = instance(
         "routing",
         json!({"aliases": {"fast": {"strategy": "weighted", "targets": [
@@ -796,7 +802,12 @@ fn policy_hook_cost() {
     .expect("body");
     let ctx_for = |i: usize, with_key_metadata: bool| {
         let mut headers = http::HeaderMap::new();
-        headers.insert("authorization", format!("Bearer {}", secrets[i % secrets.len()]).parse().expect("header"));
+        headers.insert(
+            "authorization",
+            format!("Bearer {}", secrets[i % secrets.len()])
+                .parse()
+                .expect("header"),
+        );
         for h in 0..18 {
             headers.insert(
                 http::HeaderName::from_bytes(format!("x-extra-{h}").as_bytes()).expect("name"),
@@ -834,14 +845,35 @@ fn policy_hook_cost() {
             }
         }
         let (p50, p99) = percentiles(&mut samples);
-        eprintln!("{label:<34} on-request p50 {p50:>7.1} us   p99 {p99:>7.1} us   not continued: {failed}");
+        eprintln!(
+            "{label:<34} on-request p50 {p50:>7.1} us   p99 {p99:>7.1} us   not continued: {failed}"
+        );
         // A debug build can miss a deadline now and then; a release build must not.
-        assert!(cfg!(debug_assertions) || failed == 0, "{label}: {failed} calls failed");
+        assert!(
+            cfg!(debug_assertions) || failed == 0,
+            "{label}: {failed} calls failed"
+        );
     };
-    measure("auth (wasm)", Chain::new(vec![auth.clone()]).expect("chain"), false);
-    measure("rate-limit (lua)", Chain::new(vec![rate.clone()]).expect("chain"), true);
-    measure("routing (lua, weighted)", Chain::new(vec![routing.clone()]).expect("chain"), true);
-    measure("budget (lua)", Chain::new(vec![budget.clone()]).expect("chain"), true);
+    measure(
+        "auth (wasm)",
+        Chain::new(vec![auth.clone()]).expect("chain"),
+        false,
+    );
+    measure(
+        "rate-limit (lua)",
+        Chain::new(vec![rate.clone()]).expect("chain"),
+        true,
+    );
+    measure(
+        "routing (lua, weighted)",
+        Chain::new(vec![routing.clone()]).expect("chain"),
+        true,
+    );
+    measure(
+        "budget (lua)",
+        Chain::new(vec![budget.clone()]).expect("chain"),
+        true,
+    );
     measure(
         "auth+rate-limit+routing+budget",
         Chain::new(vec![auth, rate, routing, budget]).expect("chain"),

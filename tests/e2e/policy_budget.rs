@@ -39,10 +39,16 @@ fn ask(max_tokens: Option<u64>) -> Value {
 async fn usage(gw: &PolicyGateway, scope: &str, id: &str, period: &str) -> Option<Value> {
     let resp = gw
         .admin
-        .call("GET", &format!("/admin/usage?scope={scope}&id={id}&period={period}"), None)
+        .call(
+            "GET",
+            &format!("/admin/usage?scope={scope}&id={id}&period={period}"),
+            None,
+        )
         .await;
     assert_eq!(resp.status, 200, "{}", resp.text);
-    resp.json()["usage"].as_array().and_then(|l| l.first().cloned())
+    resp.json()["usage"]
+        .as_array()
+        .and_then(|l| l.first().cloned())
 }
 
 /// Waits until `requests` requests of `scope/id` are settled; returns the line.
@@ -58,7 +64,10 @@ async fn settled(gw: &PolicyGateway, scope: &str, id: &str, period: &str, reques
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(!line.is_null(), "{scope} {id}: {requests} requests never settled");
+    assert!(
+        !line.is_null(),
+        "{scope} {id}: {requests} requests never settled"
+    );
     line
 }
 
@@ -128,7 +137,11 @@ async fn a_stream_is_cut_with_an_error_event_when_spend_crosses_the_budget() {
             "stream_chunks = 5",
             &format!("stream_chunks = 40\nreply = \"{reply}\""),
         );
-        let gw = PolicyGateway::start(&config(&models, "default_max_tokens = 1\nstream_step_tokens = 4")).await;
+        let gw = PolicyGateway::start(&config(
+            &models,
+            "default_max_tokens = 1\nstream_step_tokens = 4",
+        ))
+        .await;
         let (id, secret) = gw
             .create_key(json!({"name": "s", "budget_usd": 0.03, "budget_period": "total"}))
             .await;
@@ -136,15 +149,28 @@ async fn a_stream_is_cut_with_an_error_event_when_spend_crosses_the_budget() {
         body["stream"] = json!(true);
         let resp = gw.chat(&secret, &body).await;
         assert_eq!(resp.status, 200, "{}", resp.text);
-        assert!(resp.text.contains("Budget exceeded for key"), "{}", resp.text);
+        assert!(
+            resp.text.contains("Budget exceeded for key"),
+            "{}",
+            resp.text
+        );
         let text: String = resp
             .text
             .split("\n\n")
             .filter_map(|e| e.strip_prefix("data: "))
             .filter_map(|d| serde_json::from_str::<Value>(d).ok())
-            .filter_map(|c| c["choices"][0]["delta"]["content"].as_str().map(str::to_owned))
+            .filter_map(|c| {
+                c["choices"][0]["delta"]["content"]
+                    .as_str()
+                    .map(str::to_owned)
+            })
             .collect();
-        assert!(!text.is_empty() && text.len() < reply.len() / 2, "streamed {} of {} chars", text.len(), reply.len());
+        assert!(
+            !text.is_empty() && text.len() < reply.len() / 2,
+            "streamed {} of {} chars",
+            text.len(),
+            reply.len()
+        );
 
         // What was streamed is charged (estimated from the text), and the key is now spent.
         let line = settled(&gw, "key", &id, "total", 1).await;
@@ -158,7 +184,11 @@ async fn a_stream_is_cut_with_an_error_event_when_spend_crosses_the_budget() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tenant_budget_is_shared_by_its_keys() {
     bounded(async {
-        let gw = PolicyGateway::start(&config(MOCK_MODELS, "tenants = { acme = { usd = 0.03, period = \"month\" } }")).await;
+        let gw = PolicyGateway::start(&config(
+            MOCK_MODELS,
+            "tenants = { acme = { usd = 0.03, period = \"month\" } }",
+        ))
+        .await;
         let (_, a) = gw.create_key(json!({"name": "a", "tenant": "acme"})).await;
         let (_, b) = gw.create_key(json!({"name": "b", "tenant": "acme"})).await;
         assert_eq!(gw.chat(&a, &ask(Some(5))).await.status, 200);
@@ -167,7 +197,10 @@ async fn a_tenant_budget_is_shared_by_its_keys() {
         settled(&gw, "tenant", "acme", "month", 2).await;
         let resp = gw.chat(&a, &ask(Some(15))).await;
         let err = openai_error(&resp, 402);
-        assert!(err["message"].as_str().unwrap().contains("tenant acme"), "{err}");
+        assert!(
+            err["message"].as_str().unwrap().contains("tenant acme"),
+            "{err}"
+        );
     })
     .await;
 }
@@ -183,18 +216,27 @@ async fn spend_survives_a_restart_and_budgets_hot_reload() {
         openai_error(&gw.chat(&secret, &ask(Some(1))).await, 402);
 
         gw.restart().await;
-        let after = usage(&gw, "key", &id, "total").await.expect("usage after restart");
+        let after = usage(&gw, "key", &id, "total")
+            .await
+            .expect("usage after restart");
         assert_eq!(before["spend_usd"], after["spend_usd"]);
         openai_error(&gw.chat(&secret, &ask(Some(1))).await, 402);
 
-        gw.rewrite(&config(MOCK_MODELS, "key_default = { usd = 1, period = \"total\" }"));
+        gw.rewrite(&config(
+            MOCK_MODELS,
+            "key_default = { usd = 1, period = \"total\" }",
+        ));
         let client = gw.client.clone();
         eventually(Duration::from_secs(10), "the larger budget is live", || {
             let client = client.clone();
             let secret = secret.clone();
             async move {
                 client
-                    .post_json_with("/v1/chat/completions", &ask(Some(1)), &[("authorization", &format!("Bearer {secret}"))])
+                    .post_json_with(
+                        "/v1/chat/completions",
+                        &ask(Some(1)),
+                        &[("authorization", &format!("Bearer {secret}"))],
+                    )
                     .await
                     .status
                     == 200

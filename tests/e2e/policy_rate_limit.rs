@@ -136,13 +136,21 @@ async fn tenant_and_model_limits_apply_across_keys() {
         assert_eq!(gw.chat(&b, &body).await.status, 200);
         let resp = gw.chat(&b, &body).await;
         let err = openai_error(&resp, 429);
-        assert!(err["message"].as_str().unwrap().contains("tenant acme"), "{err}");
+        assert!(
+            err["message"].as_str().unwrap().contains("tenant acme"),
+            "{err}"
+        );
         assert_eq!(gw.chat(&c, &body).await.status, 200);
 
         // Per model: one request per window for everyone.
         assert_eq!(gw.chat(&c, &chat_body("gpt-4o", "hi")).await.status, 200);
         let resp = gw.chat(&c, &chat_body("gpt-4o", "hi")).await;
-        assert!(openai_error(&resp, 429)["message"].as_str().unwrap().contains("model gpt-4o"));
+        assert!(
+            openai_error(&resp, 429)["message"]
+                .as_str()
+                .unwrap()
+                .contains("model gpt-4o")
+        );
     })
     .await;
 }
@@ -185,7 +193,11 @@ async fn counters_survive_a_restart_and_limits_hot_reload() {
             let secret = secret.clone();
             async move {
                 let r = client
-                    .post_json_with("/v1/chat/completions", &body, &[("authorization", &format!("Bearer {secret}"))])
+                    .post_json_with(
+                        "/v1/chat/completions",
+                        &body,
+                        &[("authorization", &format!("Bearer {secret}"))],
+                    )
                     .await;
                 r.status == 200 && r.header("x-ratelimit-limit-requests") == "10"
             }

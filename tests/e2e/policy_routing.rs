@@ -42,29 +42,44 @@ async fn weighted_alias_splits_traffic_by_weight_and_hot_reloads() {
         let (a, b) = (MockUpstream::start().await, MockUpstream::start().await);
         let mut gw = PolicyGateway::start(&routing(&a, &b, WEIGHTED)).await;
         for _ in 0..40 {
-            let resp = gw.client.post_json("/v1/chat/completions", &chat_body("fast", "hi")).await;
+            let resp = gw
+                .client
+                .post_json("/v1/chat/completions", &chat_body("fast", "hi"))
+                .await;
             assert_eq!(resp.status, 200, "{}", resp.text);
         }
         assert_eq!((a.hits(), b.hits()), (30, 10));
         assert_eq!(a.requests()[0].body["model"], "a-small");
         assert_eq!(b.requests()[0].body["model"], "b-small");
         // A model that is not an alias keeps its configured targets.
-        let resp = gw.client.post_json("/v1/chat/completions", &chat_body("plain", "hi")).await;
+        let resp = gw
+            .client
+            .post_json("/v1/chat/completions", &chat_body("plain", "hi"))
+            .await;
         assert_eq!(resp.status, 200);
         assert_eq!(a.hits(), 31);
 
         // Weights changed in the config file: only b from now on.
-        gw.rewrite(&routing(&a, &b, &WEIGHTED.replace("weight = 3", "weight = 0")));
+        gw.rewrite(&routing(
+            &a,
+            &b,
+            &WEIGHTED.replace("weight = 3", "weight = 0"),
+        ));
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
             let before = a.hits();
             for _ in 0..8 {
-                gw.client.post_json("/v1/chat/completions", &chat_body("fast", "hi")).await;
+                gw.client
+                    .post_json("/v1/chat/completions", &chat_body("fast", "hi"))
+                    .await;
             }
             if a.hits() == before {
                 break;
             }
-            assert!(tokio::time::Instant::now() < deadline, "weight 0 still served after the reload");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "weight 0 still served after the reload"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     })

@@ -18,6 +18,8 @@
 
 pub mod auth;
 pub mod cli;
+pub mod keys;
+pub mod usage;
 
 use std::collections::BTreeMap;
 use std::collections::VecDeque;
@@ -63,6 +65,13 @@ pub fn router(state: AdminState) -> Router {
         .route("/admin/generations", get(generations))
         .route("/admin/plugins", get(plugins))
         .route("/admin/logs", get(logs))
+        // Virtual keys and usage (the auth and budget plugins' state).
+        .merge(keys::routes(
+            state.reloader.gateway().snapshot().services.state.clone(),
+        ))
+        .merge(usage::routes(
+            state.reloader.gateway().snapshot().services.state.clone(),
+        ))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .with_state(state)
