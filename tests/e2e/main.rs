@@ -23,6 +23,7 @@ mod openai;
 mod reload;
 mod policy_auth;
 mod policy_budget;
+mod policy_cache;
 mod policy_rate_limit;
 mod policy_redaction;
 mod policy_routing;
