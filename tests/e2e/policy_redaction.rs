@@ -1,49 +1,25 @@
 //! The `redaction` policy (plugins/redaction, Rust/WASM) through the real gateway:
 //! pseudonymize + restore (JSON and streams split mid-placeholder), masking and hashing,
 //! blocking in both dialects, output scanning, no PII in logs, hash stability across a
-//! restart, and a config change.
+//! restart, and a hot-reloaded config.
 //!
 //! The plugin's `plugin.wasm` is built on first use (`scripts/build-plugins.sh`).
 
-use std::path::PathBuf;
-use std::sync::Mutex;
+use std::time::Duration;
 
 use serde_json::{Value, json};
 
+use crate::policy_auth::{PolicyGateway, eventually, plugin_dir};
 use crate::support::client::{named_events, openai_stream, stream_text};
 use crate::support::dialect::openai;
 use crate::support::{
     ConfigBuilder, MockUpstream, TestGateway, anthropic_error, bounded, chat_body, openai_error,
 };
 
-/// The repository root.
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-static BUILD: Mutex<bool> = Mutex::new(false);
-
-/// Builds `plugins/<name>/plugin.wasm` once per test run.
-pub fn ensure_wasm(name: &str) -> PathBuf {
-    let dir = root().join("plugins").join(name);
-    let mut built = BUILD
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    if !*built {
-        let status = std::process::Command::new(root().join("scripts/build-plugins.sh"))
-            .arg(&dir)
-            .status()
-            .expect("run scripts/build-plugins.sh");
-        assert!(status.success(), "building {name} failed");
-        *built = true;
-    }
-    dir
-}
-
 const SALT: &str = "e2e-salt-0123456789abcdef";
 
 fn config(up: &MockUpstream, detectors: &str) -> String {
-    let dir = ensure_wasm("redaction");
+    let dir = plugin_dir("redaction");
     let base = ConfigBuilder::new()
         .openai("up", &up.url("/v1"), "sk-e2e-upstream", None)
         .model("m", &[("up", "upstream-model")])
@@ -207,27 +183,34 @@ async fn hashes_are_stable_across_a_restart() {
     .await;
 }
 
-/// A new config (here: e-mail masked instead of pseudonymized, cards allowed) takes effect.
-/// The gateway is restarted with it: the test support does not expose the config file of a
-/// running gateway, so the file watcher is not exercised here.
+/// A new config (here: e-mail masked instead of pseudonymized, cards allowed) is picked up
+/// by the file watcher without a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_new_config_changes_the_policy() {
+async fn config_change_is_hot_reloaded() {
     bounded(async {
         let up = MockUpstream::start().await;
-        let gw = TestGateway::start(&config(&up, DETECTORS)).await;
+        let mut gw = PolicyGateway::start(&config(&up, DETECTORS)).await;
         let body = chat_body("m", "ann@corp.example paid with 4111 1111 1111 1111");
         let resp = gw.client.post_json("/v1/chat/completions", &body).await;
         assert_eq!(resp.status, 400, "{}", resp.text);
-        drop(gw);
 
-        let relaxed = "email = \"mask\"\ncredit_card = \"mask\"\n";
-        let gw = TestGateway::start(&config(&up, relaxed)).await;
-        let resp = gw.client.post_json("/v1/chat/completions", &body).await;
-        assert_eq!(resp.status, 200, "{}", resp.text);
+        gw.rewrite(&config(&up, "email = \"mask\"\ncredit_card = \"mask\"\n"));
+        let client = gw.client.clone();
+        eventually(Duration::from_secs(10), "cards masked after reload", || {
+            let client = client.clone();
+            let body = body.clone();
+            async move { client.post_json("/v1/chat/completions", &body).await.status == 200 }
+        })
+        .await;
         assert_eq!(
-            user_text(&up.single_request().body),
+            user_text(&up.requests().last().unwrap().body),
             "[EMAIL] paid with [CREDIT_CARD]"
         );
     })
     .await;
+}
+
+#[test]
+fn fixtures_pass() {
+    weir::plugin::harness::assert_fixtures_pass(&plugin_dir("redaction"));
 }
