@@ -2,7 +2,7 @@
 # Builds every Rust plugin crate for wasm32-wasip2 (release) and copies its component to
 # `<plugin dir>/plugin.wasm` (git-ignored: WASM is built from source, never committed).
 #
-#   scripts/build-plugins.sh            # examples/*, plugins/*, tests/fixtures/wasm/*
+#   scripts/build-plugins.sh            # examples/*, plugins/*, tests/fixtures/wasm/*, tests/conformance/*
 #   scripts/build-plugins.sh DIR...     # only these plugin folders
 #
 # A plugin crate is a folder with a Cargo.toml depending on `weir-sdk` (or, for the
@@ -22,7 +22,7 @@ if [ "$#" -gt 0 ]; then
     dirs=("$@")
 else
     dirs=()
-    for d in "$root"/examples/*/ "$root"/plugins/*/ "$root"/tests/fixtures/wasm/*/; do
+    for d in "$root"/examples/*/ "$root"/plugins/*/ "$root"/tests/fixtures/wasm/*/ "$root"/tests/conformance/*/; do
         [ -f "$d/Cargo.toml" ] || continue
         grep -qE '^(weir-sdk|wit-bindgen)' "$d/Cargo.toml" || continue
         dirs+=("${d%/}")

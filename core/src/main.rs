@@ -44,6 +44,8 @@ enum Command {
     Keys(weir::admin::keys::KeysArgs),
     /// Spend, tokens and requests per key and tenant (through the admin API).
     Usage(weir::admin::usage::UsageArgs),
+    /// Plugin tools: `test PATH` runs a plugin against its fixtures, `new` scaffolds one.
+    Plugin(weir::plugin::cli::PluginArgs),
 }
 
 fn main() -> ExitCode {
@@ -70,6 +72,7 @@ fn main() -> ExitCode {
         Command::Admin(cmd) => weir::admin::cli::run(cmd),
         Command::Keys(args) => weir::admin::keys::run(args),
         Command::Usage(args) => weir::admin::usage::run(args),
+        Command::Plugin(args) => weir::plugin::cli::run(args),
         Command::Serve { config, listen } => match serve(config, listen) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -31,6 +31,13 @@ pub struct FileConfig {
     /// `[reload]`: hot reload of the config and plugin files.
     #[serde(default)]
     pub reload: ReloadConfig,
+    /// `[[plugins]]`: the global plugin chain, in order (runs for every model, before the
+    /// model's own plugins).
+    #[serde(default)]
+    pub plugins: Vec<crate::plugin::PluginInstanceConfig>,
+    /// `[state]`: where plugin key-value state is kept (sled).
+    #[serde(default)]
+    pub state: crate::state::StateConfig,
 }
 
 /// `[server]`.
@@ -180,6 +187,9 @@ pub struct ModelConfig {
     pub name: String,
     /// Targets in order: primary first, then fallbacks.
     pub targets: Vec<TargetConfig>,
+    /// `[[models.plugins]]`: this model's plugins, run after the global ones.
+    #[serde(default)]
+    pub plugins: Vec<crate::plugin::PluginInstanceConfig>,
 }
 
 /// One target of a model.

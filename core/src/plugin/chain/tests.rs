@@ -1,0 +1,658 @@
+//! Chain tests: order, mutations, replies, failure policies, breaker, shadow mode, hold
+//! buffering and stream rebuilding.
+
+use std::path::Path;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::api::openai::{ChatMessage, Choice};
+use crate::plugin::breaker::BreakerConfigFile;
+use crate::plugin::contract::HookError;
+use crate::state::MemoryStore;
+
+fn metrics() -> PluginMetrics {
+    PluginMetrics::unregistered().unwrap()
+}
+
+fn instance_cfg(failure: Option<FailurePolicy>, mode: Mode) -> PluginInstanceConfig {
+    PluginInstanceConfig {
+        path: ".".into(),
+        name: None,
+        config: None,
+        failure,
+        mode,
+        breaker: BreakerConfigFile {
+            failures: Some(3),
+            cooldown_ms: Some(50),
+            max_cooldown_ms: Some(1000),
+        },
+    }
+}
+
+/// A runtime whose `on_request` answers from a closure and counts its calls.
+struct Fake {
+    name: String,
+    calls: AtomicU32,
+    answer: Box<dyn Fn(u32, &RequestView) -> Result<Decision, HookError> + Send + Sync>,
+}
+
+impl PluginRuntime for Fake {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn on_request(&self, _: &mut HookCtx<'_>, req: &RequestView) -> Result<Decision, HookError> {
+        let n = self.calls.fetch_add(1, Ordering::SeqCst);
+        (self.answer)(n, req)
+    }
+    fn on_response(
+        &self,
+        _: &mut HookCtx<'_>,
+        _: &ResponseView,
+    ) -> Result<ResponseDecision, HookError> {
+        Ok(ResponseDecision::Continue(ResponseMutations::default()))
+    }
+    fn on_chunk(&self, _: &mut HookCtx<'_>, _: &StreamEvent) -> Result<ChunkAction, HookError> {
+        Ok(ChunkAction::Pass)
+    }
+    fn on_log(&self, _: &mut HookCtx<'_>, _: &LogEntry) -> Result<(), HookError> {
+        Ok(())
+    }
+}
+
+fn fake(
+    name: &str,
+    failure: Option<FailurePolicy>,
+    mode: Mode,
+    answer: impl Fn(u32, &RequestView) -> Result<Decision, HookError> + Send + Sync + 'static,
+) -> (Arc<Instance>, Arc<Fake>) {
+    let manifest = Manifest::parse(
+        Path::new("/fake"),
+        &format!(
+            "name = \"{name}\"\nversion = \"1\"\nkind = \"wasm\"\nhooks = [\"on-request\"]\n\
+             headers = [\"x-tenant\"]\n"
+        ),
+    )
+    .unwrap();
+    let runtime = Arc::new(Fake {
+        name: name.into(),
+        calls: AtomicU32::new(0),
+        answer: Box::new(answer),
+    });
+    let inst = Instance::new(
+        name.into(),
+        Arc::new(manifest),
+        runtime.clone(),
+        &instance_cfg(failure, mode),
+        metrics(),
+    );
+    (Arc::new(inst), runtime)
+}
+
+/// A Lua plugin instance from inline source.
+fn lua(name: &str, hooks: &str, source: &str, cfg: PluginInstanceConfig) -> Arc<Instance> {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("plugin.toml"),
+        format!(
+            "name = \"{name}\"\nversion = \"1\"\nkind = \"lua\"\nhooks = [{hooks}]\n\
+             headers = [\"x-tenant\"]\n[capabilities]\nkv = true\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("plugin.lua"), source).unwrap();
+    Instance::load(
+        dir.path(),
+        &cfg,
+        "plugins[0]",
+        Arc::new(MemoryStore::new()),
+        &metrics(),
+    )
+    .unwrap()
+}
+
+fn enforce() -> PluginInstanceConfig {
+    instance_cfg(None, Mode::Enforce)
+}
+
+fn ctx() -> RequestCtx {
+    let mut headers = http::HeaderMap::new();
+    headers.insert("x-tenant", "acme".parse().unwrap());
+    headers.insert("authorization", "Bearer k".parse().unwrap());
+    RequestCtx {
+        request_id: "r1".into(),
+        dialect: Dialect::OpenAi,
+        started: Instant::now(),
+        headers,
+        body: Body::Chat(
+            serde_json::from_value(serde_json::json!({
+                "model": "gpt",
+                "messages": [
+                    {"role": "system", "content": "be nice"},
+                    {"role": "user", "content": [{"type": "text", "text": "hi"},
+                                                 {"type": "image_url", "image_url": {"url": "https://x/y.png"}}]}
+                ]
+            }))
+            .unwrap(),
+        ),
+        targets: None,
+        metadata: BTreeMap::new(),
+    }
+}
+
+fn chain(instances: Vec<Arc<Instance>>) -> Chain {
+    Chain::new(instances).unwrap()
+}
+
+fn cont() -> Result<Decision, HookError> {
+    Ok(Decision::Continue(Mutations::default()))
+}
+
+#[test]
+fn mutations_apply_in_order_and_later_plugins_see_them() {
+    let first = lua(
+        "first",
+        "\"on-request\"",
+        r#"function on_request(req)
+             return { set_model = "gpt-mini", remove_headers = { "authorization" },
+                      set_headers = { ["x-tenant"] = "beta" },
+                      set_response_headers = { ["x-weir-tenant"] = req.headers["x-tenant"] },
+                      set_metadata = { tenant = req.headers["x-tenant"] } }
+           end"#,
+        enforce(),
+    );
+    let second = lua(
+        "second",
+        "\"on-request\"",
+        r#"function on_request(req)
+             return { set_metadata = { seen_model = req.model, seen_tenant = req.headers["x-tenant"],
+                                       prior = weir.ctx_get("tenant") },
+                      set_messages = { { role = "system", content = "be nicer" },
+                                       { role = "user", content = "hi" } },
+                      set_targets = { { provider = "mock", model = "m1" } } }
+           end"#,
+        enforce(),
+    );
+    let mut ctx = ctx();
+    assert_eq!(
+        chain(vec![first, second]).on_request(&mut ctx),
+        Ok(Flow::Continue)
+    );
+    assert_eq!(ctx.body.model(), "gpt-mini");
+    assert!(ctx.headers.get("authorization").is_none());
+    assert_eq!(ctx.headers["x-tenant"], "beta");
+    assert_eq!(ctx.metadata["seen_model"], "gpt-mini");
+    assert_eq!(ctx.metadata["seen_tenant"], "beta");
+    assert_eq!(ctx.metadata["prior"], "acme");
+    assert_eq!(
+        response_headers(&ctx.metadata).collect::<Vec<_>>(),
+        vec![("x-weir-tenant", "acme")]
+    );
+    assert_eq!(
+        ctx.targets,
+        Some(vec![TargetOverride {
+            provider: "mock".into(),
+            model: "m1".into()
+        }])
+    );
+    let Body::Chat(c) = &ctx.body else { panic!() };
+    assert_eq!(c.messages[0].text(), "be nicer");
+    // The unchanged user message keeps its image part.
+    assert!(matches!(&c.messages[1].content, Some(MessageContent::Parts(p)) if p.len() == 2));
+}
+
+#[test]
+fn reply_ends_the_chain() {
+    let (a, _) = fake("a", None, Mode::Enforce, |_, req| {
+        assert_eq!(req.header("x-tenant"), Some("acme"));
+        // Undeclared headers are not visible.
+        assert_eq!(req.header("authorization"), None);
+        Ok(Decision::Reply(Reply {
+            status: 429,
+            headers: vec![],
+            body: b"slow".to_vec(),
+        }))
+    });
+    let (b, b_rt) = fake("b", None, Mode::Enforce, |_, _| cont());
+    let flow = chain(vec![a, b]).on_request(&mut ctx()).unwrap();
+    assert!(matches!(flow, Flow::Reply(r) if r.status == 429));
+    assert_eq!(b_rt.calls.load(Ordering::SeqCst), 0);
+}
+
+#[test]
+fn fail_closed_fails_the_request_and_fail_open_skips() {
+    let timeout = |_, _: &RequestView| Err(HookError::Timeout { deadline_ms: 5 });
+    let (closed, _) = fake(
+        "closed",
+        Some(FailurePolicy::Closed),
+        Mode::Enforce,
+        timeout,
+    );
+    let (after, after_rt) = fake("after", None, Mode::Enforce, |_, _| cont());
+    assert_eq!(
+        chain(vec![closed, after]).on_request(&mut ctx()),
+        Err(PluginFailure {
+            plugin: "closed".into(),
+            kind: "timeout"
+        })
+    );
+    assert_eq!(after_rt.calls.load(Ordering::SeqCst), 0);
+
+    let (open, _) = fake("open", Some(FailurePolicy::Open), Mode::Enforce, timeout);
+    let (after, after_rt) = fake("after", None, Mode::Enforce, |_, _| cont());
+    let m = metrics();
+    let open = Arc::new(Instance::new(
+        "open".into(),
+        open.manifest.clone(),
+        open.runtime.clone(),
+        &instance_cfg(Some(FailurePolicy::Open), Mode::Enforce),
+        m.clone(),
+    ));
+    assert_eq!(
+        chain(vec![open, after]).on_request(&mut ctx()),
+        Ok(Flow::Continue)
+    );
+    assert_eq!(after_rt.calls.load(Ordering::SeqCst), 1);
+    assert_eq!(m.failures.with_label_values(&["open", "timeout"]).get(), 1);
+}
+
+#[test]
+fn shadow_mode_never_changes_or_fails_a_request() {
+    let (replies, _) = fake("replies", None, Mode::Shadow, |_, _| {
+        Ok(Decision::Reply(Reply {
+            status: 401,
+            headers: vec![],
+            body: vec![],
+        }))
+    });
+    let (traps, _) = fake(
+        "traps",
+        Some(FailurePolicy::Closed),
+        Mode::Shadow,
+        |_, _| Err(HookError::Trap("boom".into())),
+    );
+    assert_eq!(
+        chain(vec![replies, traps]).on_request(&mut ctx()),
+        Ok(Flow::Continue)
+    );
+}
+
+#[test]
+fn breaker_opens_after_failures_and_recovers_after_cooldown() {
+    let healthy = Arc::new(Mutex::new(false));
+    let h = healthy.clone();
+    let (inst, rt) = fake(
+        "flaky",
+        Some(FailurePolicy::Open),
+        Mode::Enforce,
+        move |_, _| {
+            if *h.lock().unwrap() {
+                cont()
+            } else {
+                Err(HookError::Trap("down".into()))
+            }
+        },
+    );
+    let m = inst.metrics.clone();
+    let c = chain(vec![inst]);
+    for _ in 0..10 {
+        assert_eq!(c.on_request(&mut ctx()), Ok(Flow::Continue));
+    }
+    // Three failures opened the breaker; the other seven calls never reached the plugin.
+    assert_eq!(rt.calls.load(Ordering::SeqCst), 3);
+    assert_eq!(
+        m.failures
+            .with_label_values(&["flaky", "circuit_open"])
+            .get(),
+        7
+    );
+    // After the cooldown a trial call goes through; it fails, so the cooldown doubles.
+    std::thread::sleep(Duration::from_millis(60));
+    c.on_request(&mut ctx()).unwrap();
+    assert_eq!(rt.calls.load(Ordering::SeqCst), 4);
+    std::thread::sleep(Duration::from_millis(60));
+    c.on_request(&mut ctx()).unwrap();
+    assert_eq!(
+        rt.calls.load(Ordering::SeqCst),
+        4,
+        "still open: backoff is 100 ms now"
+    );
+    // The plugin recovers; the next trial closes the breaker.
+    *healthy.lock().unwrap() = true;
+    std::thread::sleep(Duration::from_millis(60));
+    for _ in 0..5 {
+        c.on_request(&mut ctx()).unwrap();
+    }
+    assert_eq!(rt.calls.load(Ordering::SeqCst), 9);
+}
+
+#[test]
+fn breaker_open_with_fail_closed_answers_503() {
+    let (inst, _) = fake(
+        "down",
+        Some(FailurePolicy::Closed),
+        Mode::Enforce,
+        |_, _| Err(HookError::OutOfMemory),
+    );
+    let c = chain(vec![inst]);
+    for _ in 0..3 {
+        assert_eq!(c.on_request(&mut ctx()).unwrap_err().kind, "oom");
+    }
+    assert_eq!(c.on_request(&mut ctx()).unwrap_err().kind, "circuit_open");
+}
+
+#[test]
+fn malformed_mutation_is_a_plugin_error_and_changes_nothing() {
+    let (inst, _) = fake("bad", Some(FailurePolicy::Open), Mode::Enforce, |_, _| {
+        Ok(Decision::Continue(Mutations {
+            set_model: Some("other".into()),
+            set_headers: vec![("bad header".into(), "x".into())],
+            ..Mutations::default()
+        }))
+    });
+    let mut ctx = ctx();
+    assert_eq!(
+        chain(vec![inst.clone()]).on_request(&mut ctx),
+        Ok(Flow::Continue)
+    );
+    assert_eq!(ctx.body.model(), "gpt");
+    assert_eq!(
+        inst.metrics
+            .failures
+            .with_label_values(&["bad", "error"])
+            .get(),
+        1
+    );
+}
+
+#[test]
+fn duplicate_instance_names_are_rejected() {
+    let (a, _) = fake("same", None, Mode::Enforce, |_, _| cont());
+    let (b, _) = fake("same", None, Mode::Enforce, |_, _| cont());
+    assert!(Chain::new(vec![a, b]).unwrap_err().contains("same"));
+}
+
+#[test]
+fn on_response_rewrites_text_in_reverse_order() {
+    let outer = lua(
+        "outer",
+        "\"on-response\"",
+        r#"function on_response(resp)
+             return { set_choice_text = { [0] = resp.choices[1].text .. "!" },
+                      set_headers = { ["x-outer"] = "1" } }
+           end"#,
+        enforce(),
+    );
+    let inner = lua(
+        "inner",
+        "\"on-response\"",
+        r#"function on_response(resp)
+             return { set_choice_text = { [0] = string.upper(resp.choices[1].text) } }
+           end"#,
+        enforce(),
+    );
+    let mut ctx = ctx();
+    let mut resp = ChatResponse {
+        id: "x".into(),
+        object: "chat.completion".into(),
+        created: 0,
+        model: "gpt".into(),
+        choices: vec![Choice {
+            index: 0,
+            message: ChatMessage {
+                role: "assistant".into(),
+                content: Some(MessageContent::Text("hello".into())),
+                ..ChatMessage::default()
+            },
+            finish_reason: Some("stop".into()),
+            rest: Default::default(),
+        }],
+        usage: None,
+        rest: Default::default(),
+    };
+    // Configured order outer, inner: inner (closest to the provider) runs first.
+    let flow = chain(vec![outer, inner]).on_response(&mut ctx, &mut resp);
+    assert_eq!(flow, Ok(Flow::Continue));
+    assert_eq!(resp.choices[0].message.text(), "HELLO!");
+    assert_eq!(
+        response_headers(&ctx.metadata).collect::<Vec<_>>(),
+        vec![("x-outer", "1")]
+    );
+}
+
+fn text_chunk(text: &str) -> ChatChunk {
+    let mut c = empty_chunk();
+    c.id = "chatcmpl-1".into();
+    c.model = "gpt".into();
+    c.choices.push(ChunkChoice {
+        index: 0,
+        delta: Delta {
+            content: Some(text.into()),
+            ..Delta::default()
+        },
+        finish_reason: None,
+        rest: Default::default(),
+    });
+    c
+}
+
+fn finish_chunk() -> ChatChunk {
+    let mut c = text_chunk("");
+    c.choices[0].delta.content = None;
+    c.choices[0].finish_reason = Some("stop".into());
+    c
+}
+
+fn stream_text(filter: &mut ChunkFilter, parts: &[&str]) -> Result<(String, usize), StreamStop> {
+    let mut out = Vec::new();
+    for p in parts {
+        filter.on_chunk(text_chunk(p), &mut out)?;
+    }
+    filter.on_chunk(finish_chunk(), &mut out)?;
+    filter.finish(&mut out)?;
+    let text = out
+        .iter()
+        .flat_map(|c| c.choices.iter())
+        .filter_map(|c| c.delta.content.as_deref())
+        .collect();
+    let finishes = out
+        .iter()
+        .flat_map(|c| c.choices.iter())
+        .filter(|c| c.finish_reason.is_some())
+        .count();
+    Ok((text, finishes))
+}
+
+/// Redacts "secret", holding text while it could be the start of the word.
+const REDACTOR: &str = r#"
+local WORD = "secret"
+function on_response_chunk(ev)
+    if ev.type ~= "text_delta" then return nil end
+    local text = string.gsub(ev.text, WORD, "******")
+    -- A tail that could still become WORD: hold it back.
+    for n = math.min(#WORD - 1, #text), 1, -1 do
+        if string.sub(text, -n) == string.sub(WORD, 1, n) then
+            return weir.hold()
+        end
+    end
+    if text ~= ev.text then
+        return weir.replace({ { type = "text_delta", choice = ev.choice, text = text } })
+    end
+    return nil
+end
+"#;
+
+#[test]
+fn hold_buffering_catches_a_pattern_split_across_chunks() {
+    let inst = lua("redactor", "\"on-response-chunk\"", REDACTOR, enforce());
+    let c = chain(vec![inst]);
+    assert!(c.wants_chunks());
+    let mut f = c.chunk_filter(&ctx());
+    let (text, finishes) =
+        stream_text(&mut f, &["the se", "cr", "et is ", "out; a secret"]).unwrap();
+    assert_eq!(text, "the ****** is out; a ******");
+    assert_eq!(finishes, 1);
+    // Held text that never completes the word is released at the finish.
+    let mut f = c.chunk_filter(&ctx());
+    let (text, _) = stream_text(&mut f, &["a sec"]).unwrap();
+    assert_eq!(text, "a sec");
+}
+
+#[test]
+fn hold_is_bounded() {
+    let inst = lua(
+        "holder",
+        "\"on-response-chunk\"",
+        "function on_response_chunk(ev) return weir.hold() end",
+        enforce(),
+    );
+    let c = chain(vec![inst]);
+    let mut f = c.chunk_filter(&ctx());
+    let big = "x".repeat(10_000);
+    let mut out = Vec::new();
+    f.on_chunk(text_chunk(&big), &mut out).unwrap();
+    assert!(out.is_empty(), "held");
+    f.on_chunk(text_chunk(&big), &mut out).unwrap();
+    // 20,000 bytes > the 16 KiB default: released.
+    let released: usize = out
+        .iter()
+        .flat_map(|c| c.choices.iter())
+        .filter_map(|c| c.delta.content.as_ref())
+        .map(String::len)
+        .sum();
+    assert_eq!(released, 20_000);
+}
+
+#[test]
+fn unchanged_chunks_pass_untouched() {
+    let inst = lua(
+        "observer",
+        "\"on-response-chunk\"",
+        "function on_response_chunk(ev) weir.counter('events') end",
+        enforce(),
+    );
+    let c = chain(vec![inst]);
+    let mut f = c.chunk_filter(&ctx());
+    let mut first = text_chunk("");
+    first.choices[0].delta.role = Some("assistant".into());
+    first.rest.insert("system_fingerprint".into(), "fp".into());
+    let mut out = Vec::new();
+    for chunk in [first, text_chunk("a"), text_chunk("b"), finish_chunk()] {
+        let expected = chunk.clone();
+        f.on_chunk(chunk, &mut out).unwrap();
+        assert_eq!(out.pop(), Some(expected));
+    }
+}
+
+#[test]
+fn abort_and_fail_closed_stop_the_stream() {
+    let inst = lua(
+        "budget",
+        "\"on-response-chunk\"",
+        "function on_response_chunk(ev) if ev.type == 'text_delta' and ev.text == 'b' then return weir.abort('budget exhausted') end end",
+        enforce(),
+    );
+    let c = chain(vec![inst]);
+    let mut f = c.chunk_filter(&ctx());
+    assert_eq!(
+        stream_text(&mut f, &["a", "b", "c"]),
+        Err(StreamStop {
+            plugin: "budget".into(),
+            message: "budget exhausted".into()
+        })
+    );
+
+    let looping = |failure| {
+        let mut cfg = enforce();
+        cfg.failure = Some(failure);
+        lua(
+            "looping",
+            "\"on-response-chunk\"",
+            "function on_response_chunk(ev) if ev.text == 'b' then while true do end end end",
+            cfg,
+        )
+    };
+    let mut f = chain(vec![looping(FailurePolicy::Closed)]).chunk_filter(&ctx());
+    let err = stream_text(&mut f, &["a", "b", "c"]).unwrap_err();
+    assert!(err.message.contains("timeout"), "{err:?}");
+    // Fail open: the plugin is skipped for the rest of this stream, text flows.
+    let mut f = chain(vec![looping(FailurePolicy::Open)]).chunk_filter(&ctx());
+    assert_eq!(stream_text(&mut f, &["a", "b", "c"]).unwrap().0, "abc");
+}
+
+#[test]
+fn chunk_stages_run_in_reverse_order() {
+    let outer = lua(
+        "outer",
+        "\"on-response-chunk\"",
+        "function on_response_chunk(ev) if ev.type == 'text_delta' then return weir.replace({{type='text_delta', choice=ev.choice, text=ev.text .. '>'}}) end end",
+        enforce(),
+    );
+    let inner = lua(
+        "inner",
+        "\"on-response-chunk\"",
+        "function on_response_chunk(ev) if ev.type == 'text_delta' then return weir.replace({{type='text_delta', choice=ev.choice, text='<' .. ev.text}}) end end",
+        enforce(),
+    );
+    let mut f = chain(vec![outer, inner]).chunk_filter(&ctx());
+    assert_eq!(stream_text(&mut f, &["a"]).unwrap().0, "<a>");
+}
+
+#[test]
+fn plugins_load_from_config_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["tagger", "guard"] {
+        let p = dir.path().join("plugins").join(name);
+        std::fs::create_dir_all(&p).unwrap();
+        std::fs::write(
+            p.join("plugin.toml"),
+            format!(
+                "name = \"{name}\"\nversion = \"1\"\nkind = \"lua\"\nhooks = [\"on-request\"]\n\
+                 [config_schema]\ntype = \"object\"\nproperties.mark = {{ type = \"string\" }}\n"
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            p.join("plugin.lua"),
+            "local mark function init(c) mark = c.mark or '?' end \
+             function on_request(req) weir.ctx_set('trail', (weir.ctx_get('trail') or '') .. mark) end",
+        )
+        .unwrap();
+    }
+    let toml = r#"
+        [providers.mock]
+        kind = "mock"
+        [[plugins]]
+        path = "plugins/tagger"
+        config = { mark = "g" }
+        [[models]]
+        name = "m1"
+        targets = [{ provider = "mock" }]
+        [[models.plugins]]
+        path = "plugins/guard"
+        config = { mark = "1" }
+        [[models]]
+        name = "m2"
+        targets = [{ provider = "mock" }]
+    "#;
+    let path = dir.path().join("weir.toml");
+    let cfg = Config::from_toml(&path, toml).unwrap();
+    let plugins = Plugins::load(&cfg, Arc::new(MemoryStore::new()), &metrics()).unwrap();
+    let trail = |model: &str| {
+        let mut c = ctx();
+        plugins.chain(model).on_request(&mut c).unwrap();
+        c.metadata.get("trail").cloned()
+    };
+    assert_eq!(trail("m1").as_deref(), Some("g1"));
+    assert_eq!(trail("m2").as_deref(), Some("g"));
+    assert_eq!(trail("unknown").as_deref(), Some("g"));
+
+    // A config that fails the plugin's schema fails the load, naming the key.
+    let bad = toml.replace("mark = \"1\"", "mark = 1");
+    let cfg = Config::from_toml(&path, &bad).unwrap();
+    let err = Plugins::load(&cfg, Arc::new(MemoryStore::new()), &metrics())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("models[0].plugins[0].config.mark"), "{err}");
+}

@@ -1,0 +1,711 @@
+//! The Lua plugin host: Luau scripts through mlua, implementing [`PluginRuntime`].
+//!
+//! # Why Luau
+//! Luau (Roblox's Lua) is built to run untrusted scripts, which is exactly a gateway's
+//! situation, and every safety property we need is a feature of the VM rather than something
+//! we strip out by hand:
+//! - `sandbox()`: libraries, built-in metatables and globals become read-only, each script
+//!   writes into its own environment; no `io`, no `os.execute`, no `debug` introspection of
+//!   the host, no file-system `require` (we also remove mlua's `require` and `loadstring`).
+//! - No bytecode loading from scripts: the only loader left (`loadstring`, which we remove
+//!   anyway) compiles *source*, so malformed bytecode can never reach the interpreter.
+//! - An interrupt callback that the VM calls at every loop back-edge and function call, so a
+//!   CPU deadline can be enforced without a debug hook's per-instruction cost, and an error
+//!   raised there is re-raised at the very next check (we make it *sticky*), so a script cannot
+//!   `pcall` its way past its deadline.
+//! - An allocator with a hard limit (`set_memory_limit`): a `string.rep` bomb fails with a
+//!   memory error instead of taking the process down.
+//! - It is fast (a call with a prepared table is ~0.2 us) and gradual typing gives plugin
+//!   authors checks and completion (see `sdk/lua/weir.d.lua`).
+//!
+//! Lua 5.4 could be locked down too, but by deleting globals one by one and with
+//! `load(..., "t")` discipline everywhere; getting one of those wrong is a sandbox escape.
+//!
+//! # Instances
+//! One VM per plugin per worker thread: a thread-local pool keyed by the plugin's load id, so
+//! a hook call never takes a lock and never waits for another thread. A VM is created on a
+//! thread's first call (the script compiled once at load is loaded from its bytecode and
+//! `init(config)` runs), then reused. Any failure (Lua error, timeout, out of memory,
+//! malformed decision) drops that VM; the next call on that thread builds a fresh one. VMs
+//! of a plugin that was unloaded (reload) are dropped the next time the pool changes.
+//!
+//! Plugins must not rely on VM-local globals across requests: each worker thread has its
+//! own VM. Shared state goes through `weir.kv`.
+//!
+//! # Known limit
+//! The deadline interrupts Lua code, not a single long C call: a pathological
+//! `string.find` pattern on a large string runs to completion. The memory cap bounds the
+//! strings such a call can see.
+
+mod convert;
+
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::{Duration, Instant};
+
+use mlua::chunk::{ChunkMode, Compiler};
+use mlua::{Function, Lua, LuaOptions, LuaSerdeExt, LuaString, StdLib, Table, Value, VmState};
+
+use super::PluginError;
+use super::contract::{
+    ChunkAction, Decision, FetchRequest, Hook, HookCtx, HookError, HostApi, LogEntry, LogLevel,
+    Mutations, PluginRuntime, RequestView, ResponseDecision, ResponseMutations, ResponseView,
+    StreamEvent,
+};
+use super::manifest::{Hooks, Limits, Manifest};
+
+/// The Lua half of the `weir` global.
+const PRELUDE: &str = include_str!("prelude.luau");
+
+/// Message of the error raised at the deadline (and at every interrupt after it).
+const DEADLINE_MESSAGE: &str = "weir: plugin deadline exceeded";
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// A loaded Lua plugin.
+pub struct LuaPlugin {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for LuaPlugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LuaPlugin")
+            .field("name", &self.shared.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Everything a thread needs to build a VM of this plugin.
+struct Shared {
+    /// Unique per load: a reload gets fresh VMs.
+    id: u64,
+    name: String,
+    bytecode: Vec<u8>,
+    config: serde_json::Value,
+    hooks: Hooks,
+    limits: Limits,
+    host: Arc<dyn HostApi>,
+    /// How many VMs were built (tests and diagnostics).
+    vms_created: AtomicU64,
+}
+
+/// The per-VM deadline, shared between the hook caller and the interrupt callback.
+struct Deadline {
+    origin: Instant,
+    /// Nanoseconds since `origin` at which the running hook must stop; `u64::MAX` = none.
+    at: AtomicU64,
+    /// Set once the deadline passed; every interrupt errors until the hook returns.
+    expired: AtomicBool,
+}
+
+impl Deadline {
+    fn new() -> Self {
+        Deadline {
+            origin: Instant::now(),
+            at: AtomicU64::new(u64::MAX),
+            expired: AtomicBool::new(false),
+        }
+    }
+
+    fn now_ns(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    fn arm(&self, budget: Duration) {
+        self.expired.store(false, Ordering::Relaxed);
+        let budget = u64::try_from(budget.as_nanos()).unwrap_or(u64::MAX);
+        self.at
+            .store(self.now_ns().saturating_add(budget), Ordering::Relaxed);
+    }
+
+    fn disarm(&self) -> bool {
+        self.at.store(u64::MAX, Ordering::Relaxed);
+        self.expired.load(Ordering::Relaxed)
+    }
+
+    /// Moves the deadline later, e.g. by the time a host call (fetch) spent waiting.
+    fn extend(&self, by: Duration) {
+        let by = u64::try_from(by.as_nanos()).unwrap_or(u64::MAX);
+        let at = self.at.load(Ordering::Relaxed);
+        if at != u64::MAX {
+            self.at.store(at.saturating_add(by), Ordering::Relaxed);
+        }
+    }
+
+    fn check(&self) -> bool {
+        if self.expired.load(Ordering::Relaxed) {
+            return true;
+        }
+        if self.now_ns() >= self.at.load(Ordering::Relaxed) {
+            self.expired.store(true, Ordering::Relaxed);
+            return true;
+        }
+        false
+    }
+}
+
+/// The request-scoped metadata bag, swapped into the VM's app data for one hook call.
+#[derive(Default)]
+struct Bag(BTreeMap<String, String>);
+
+/// One Lua state with its hook functions resolved.
+struct Vm {
+    lua: Lua,
+    deadline: Arc<Deadline>,
+    on_request: Option<Function>,
+    on_response: Option<Function>,
+    on_response_chunk: Option<Function>,
+    on_log: Option<Function>,
+}
+
+struct Slot {
+    id: u64,
+    owner: Weak<Shared>,
+    vm: Vm,
+}
+
+thread_local! {
+    /// This thread's VMs, one per loaded Lua plugin.
+    static POOL: RefCell<Vec<Slot>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The Luau compiler settings for plugin code (optimization level 2: inlining and the like;
+/// debug info kept for line numbers in error messages).
+fn compiler() -> Compiler {
+    Compiler::new().set_optimization_level(2).set_debug_level(1)
+}
+
+fn prelude_bytecode() -> Result<&'static [u8], String> {
+    static PRELUDE_BC: OnceLock<Result<Vec<u8>, String>> = OnceLock::new();
+    PRELUDE_BC
+        .get_or_init(|| compiler().compile(PRELUDE).map_err(|e| e.to_string()))
+        .as_deref()
+        .map_err(Clone::clone)
+}
+
+fn is_memory_error(e: &mlua::Error) -> bool {
+    match e {
+        mlua::Error::MemoryError(_) => true,
+        mlua::Error::CallbackError { cause, .. } => is_memory_error(cause),
+        mlua::Error::WithContext { cause, .. } => is_memory_error(cause),
+        mlua::Error::RuntimeError(m) => m.contains("not enough memory"),
+        _ => false,
+    }
+}
+
+/// Maps a Lua error to the contract's failure kinds.
+fn classify(e: &mlua::Error, expired: bool, budget: Duration) -> HookError {
+    if expired {
+        HookError::Timeout {
+            deadline_ms: u64::try_from(budget.as_millis()).unwrap_or(u64::MAX),
+        }
+    } else if is_memory_error(e) {
+        HookError::OutOfMemory
+    } else {
+        HookError::Trap(e.to_string())
+    }
+}
+
+fn lua_level(level: &str) -> LogLevel {
+    match level {
+        "trace" => LogLevel::Trace,
+        "debug" => LogLevel::Debug,
+        "warn" | "warning" => LogLevel::Warn,
+        "error" => LogLevel::Error,
+        _ => LogLevel::Info,
+    }
+}
+
+fn bytes_arg(v: &Value, what: &str) -> mlua::Result<Vec<u8>> {
+    match v {
+        Value::String(s) => Ok(s.as_bytes().to_vec()),
+        Value::Integer(i) => Ok(i.to_string().into_bytes()),
+        Value::Number(n) => Ok(n.to_string().into_bytes()),
+        other => Err(mlua::Error::runtime(format!(
+            "{what} must be a string, not {}",
+            other.type_name()
+        ))),
+    }
+}
+
+fn opt_bytes(v: &Value, what: &str) -> mlua::Result<Option<Vec<u8>>> {
+    match v {
+        Value::Nil => Ok(None),
+        v => bytes_arg(v, what).map(Some),
+    }
+}
+
+fn host_err(e: String) -> mlua::Error {
+    mlua::Error::runtime(e)
+}
+
+/// Installs the Rust half of the `weir` global (see `sdk/lua/weir.d.lua`).
+fn install_weir(lua: &Lua, shared: &Shared, deadline: &Arc<Deadline>) -> mlua::Result<Table> {
+    let weir = lua.create_table()?;
+    weir.raw_set("plugin", shared.name.as_str())?;
+
+    let kv = lua.create_table()?;
+    let host = shared.host.clone();
+    kv.raw_set(
+        "get",
+        lua.create_function(move |lua, key: String| match host.kv_get(&key) {
+            Ok(Some(v)) => Ok(Value::String(lua.create_string(v)?)),
+            Ok(None) => Ok(Value::Nil),
+            Err(e) => Err(host_err(e)),
+        })?,
+    )?;
+    let host = shared.host.clone();
+    kv.raw_set(
+        "set",
+        lua.create_function(move |_, (key, value, ttl): (String, Value, Option<u64>)| {
+            host.kv_set(&key, &bytes_arg(&value, "value")?, ttl)
+                .map_err(host_err)
+        })?,
+    )?;
+    let host = shared.host.clone();
+    kv.raw_set(
+        "incr",
+        lua.create_function(
+            move |_, (key, delta, ttl): (String, Option<i64>, Option<u64>)| {
+                host.kv_incr(&key, delta.unwrap_or(1), ttl)
+                    .map_err(host_err)
+            },
+        )?,
+    )?;
+    let host = shared.host.clone();
+    kv.raw_set(
+        "cas",
+        lua.create_function(
+            move |_, (key, expected, value, ttl): (String, Value, Value, Option<u64>)| {
+                let expected = opt_bytes(&expected, "expected")?;
+                let value = opt_bytes(&value, "value")?;
+                host.kv_cas(&key, expected.as_deref(), value.as_deref(), ttl)
+                    .map_err(host_err)
+            },
+        )?,
+    )?;
+    let host = shared.host.clone();
+    kv.raw_set(
+        "delete",
+        lua.create_function(move |_, key: String| host.kv_delete(&key).map_err(host_err))?,
+    )?;
+    weir.raw_set("kv", kv)?;
+
+    let host = shared.host.clone();
+    weir.raw_set(
+        "log",
+        lua.create_function(move |_, (level, message): (String, LuaString)| {
+            host.log(lua_level(&level), &message.to_string_lossy());
+            Ok(())
+        })?,
+    )?;
+    let host = shared.host.clone();
+    weir.raw_set(
+        "counter",
+        lua.create_function(move |_, (name, value): (String, Option<u64>)| {
+            host.counter_add(&name, value.unwrap_or(1));
+            Ok(())
+        })?,
+    )?;
+    let host = shared.host.clone();
+    weir.raw_set(
+        "histogram",
+        lua.create_function(move |_, (name, value): (String, f64)| {
+            host.histogram_observe(&name, value);
+            Ok(())
+        })?,
+    )?;
+    let host = shared.host.clone();
+    weir.raw_set(
+        "now_ms",
+        lua.create_function(move |_, ()| Ok(host.now_ms()))?,
+    )?;
+    let host = shared.host.clone();
+    weir.raw_set(
+        "count_tokens",
+        lua.create_function(move |_, text: LuaString| {
+            Ok(host.count_tokens(&text.to_string_lossy()))
+        })?,
+    )?;
+    weir.raw_set(
+        "ctx_get",
+        lua.create_function(|lua, key: String| {
+            let bag = lua
+                .app_data_ref::<Bag>()
+                .ok_or_else(|| mlua::Error::runtime("no request context"))?;
+            Ok(bag.0.get(&key).cloned())
+        })?,
+    )?;
+    weir.raw_set(
+        "ctx_set",
+        lua.create_function(|lua, (key, value): (String, Value)| {
+            let value = String::from_utf8_lossy(&bytes_arg(&value, "value")?).into_owned();
+            let mut bag = lua
+                .app_data_mut::<Bag>()
+                .ok_or_else(|| mlua::Error::runtime("no request context"))?;
+            bag.0.insert(key, value);
+            Ok(())
+        })?,
+    )?;
+    let host = shared.host.clone();
+    let dl = deadline.clone();
+    weir.raw_set(
+        "fetch",
+        lua.create_function(move |lua, req: Table| {
+            let headers = match req.raw_get::<Option<Table>>("headers")? {
+                None => Vec::new(),
+                Some(h) => h
+                    .pairs::<String, String>()
+                    .collect::<mlua::Result<Vec<_>>>()?,
+            };
+            let fetch = FetchRequest {
+                method: req
+                    .raw_get::<Option<String>>("method")?
+                    .unwrap_or_else(|| "GET".to_owned()),
+                url: req.raw_get("url")?,
+                headers,
+                body: opt_bytes(&req.raw_get::<Value>("body")?, "body")?.unwrap_or_default(),
+                timeout_ms: req.raw_get::<Option<u32>>("timeout_ms")?.unwrap_or(0),
+            };
+            // Waiting on the network is not CPU time: the deadline moves by the wait.
+            let started = Instant::now();
+            let result = host.http_fetch(&fetch);
+            dl.extend(started.elapsed());
+            let resp = result.map_err(host_err)?;
+            let out = lua.create_table()?;
+            out.raw_set("status", resp.status)?;
+            let h = lua.create_table()?;
+            for (k, v) in resp.headers {
+                h.raw_set(k, v)?;
+            }
+            out.raw_set("headers", h)?;
+            out.raw_set("body", lua.create_string(resp.body)?)?;
+            Ok(out)
+        })?,
+    )?;
+
+    let json = lua.create_table()?;
+    json.raw_set(
+        "encode",
+        lua.create_function(|lua, v: Value| {
+            let json: serde_json::Value = lua.from_value(v)?;
+            Ok(json.to_string())
+        })?,
+    )?;
+    json.raw_set(
+        "decode",
+        lua.create_function(|lua, s: LuaString| {
+            let json: serde_json::Value = serde_json::from_slice(&s.as_bytes())
+                .map_err(|e| mlua::Error::runtime(format!("invalid JSON: {e}")))?;
+            lua.to_value(&json)
+        })?,
+    )?;
+    json.raw_set("null", lua.null())?;
+    weir.raw_set("json", json)?;
+    Ok(weir)
+}
+
+impl Vm {
+    /// Builds a VM: sandboxed standard library, `weir` global, the plugin's code, `init`.
+    fn new(shared: &Shared) -> Result<Vm, HookError> {
+        let deadline = Arc::new(Deadline::new());
+        let budget = shared.limits.init_deadline;
+        let lua = Lua::new_with(
+            StdLib::TABLE | StdLib::STRING | StdLib::UTF8 | StdLib::BIT | StdLib::MATH,
+            LuaOptions::new(),
+        )
+        .map_err(|e| HookError::Unavailable(e.to_string()))?;
+        let setup = (|| -> mlua::Result<()> {
+            let globals = lua.globals();
+            // mlua adds a file-system `require` and a source `loadstring`; `getfenv`/`setfenv`
+            // reach other functions' environments; `print` would write to our stdout.
+            for name in [
+                "require",
+                "loadstring",
+                "getfenv",
+                "setfenv",
+                "gcinfo",
+                "print",
+            ] {
+                globals.raw_set(name, Value::Nil)?;
+            }
+            let weir = install_weir(&lua, shared, &deadline)?;
+            let prelude = prelude_bytecode().map_err(mlua::Error::runtime)?;
+            lua.load(prelude)
+                .set_mode(ChunkMode::Binary)
+                .set_name("=weir-prelude")
+                .call::<()>(&weir)?;
+            globals.raw_set("weir", weir)?;
+            lua.set_app_data(Bag::default());
+            lua.sandbox(true)?;
+            lua.set_memory_limit(shared.limits.memory_bytes)?;
+            Ok(())
+        })();
+        setup.map_err(|e| HookError::Unavailable(e.to_string()))?;
+
+        let dl = deadline.clone();
+        let ticks = Cell::new(0u32);
+        lua.set_interrupt(move |_| {
+            // Reading the clock costs ~20 ns; loops interrupt every iteration, so look at it
+            // every 16th time. Once expired, fail every time (sticky).
+            if dl.expired.load(Ordering::Relaxed) {
+                return Err(mlua::Error::runtime(DEADLINE_MESSAGE));
+            }
+            let n = ticks.get().wrapping_add(1);
+            ticks.set(n);
+            if n.is_multiple_of(16) && dl.check() {
+                return Err(mlua::Error::runtime(DEADLINE_MESSAGE));
+            }
+            Ok(VmState::Continue)
+        });
+
+        deadline.arm(budget);
+        let loaded = (|| -> mlua::Result<Vm> {
+            let exports: Value = lua
+                .load(&shared.bytecode)
+                .set_mode(ChunkMode::Binary)
+                .set_name(format!("={}", shared.name))
+                .eval()?;
+            // A script may `return { on_request = ..., init = ... }` or define globals.
+            let scope = match exports {
+                Value::Table(t) => t,
+                _ => lua.globals(),
+            };
+            let get = |name: &str| scope.get::<Option<Function>>(name);
+            if let Some(init) = get("init")? {
+                let config = lua.to_value(&shared.config)?;
+                init.call::<()>(config)?;
+            }
+            Ok(Vm {
+                on_request: get("on_request")?,
+                on_response: get("on_response")?,
+                on_response_chunk: get("on_response_chunk")?,
+                on_log: get("on_log")?,
+                lua: lua.clone(),
+                deadline: deadline.clone(),
+            })
+        })();
+        let expired = deadline.disarm();
+        let vm = loaded.map_err(|e| match classify(&e, expired, budget) {
+            HookError::Trap(m) => HookError::Plugin(m),
+            other => other,
+        })?;
+        if expired {
+            return Err(classify(&mlua::Error::runtime(""), true, budget));
+        }
+        shared.vms_created.fetch_add(1, Ordering::Relaxed);
+        Ok(vm)
+    }
+
+    fn function(&self, hook: Hook) -> Option<&Function> {
+        match hook {
+            Hook::Init => None,
+            Hook::OnRequest => self.on_request.as_ref(),
+            Hook::OnResponse => self.on_response.as_ref(),
+            Hook::OnResponseChunk => self.on_response_chunk.as_ref(),
+            Hook::OnLog => self.on_log.as_ref(),
+        }
+    }
+}
+
+impl LuaPlugin {
+    /// Compiles the plugin's script, builds a first VM (running `init(config)`), and checks
+    /// that every hook the manifest declares is defined.
+    pub fn load(
+        manifest: &Manifest,
+        instance: &str,
+        config: serde_json::Value,
+        host: Arc<dyn HostApi>,
+    ) -> Result<LuaPlugin, PluginError> {
+        let load_err = |reason: String| PluginError::Load {
+            plugin: instance.to_owned(),
+            reason,
+        };
+        let source =
+            std::fs::read_to_string(&manifest.entry).map_err(|source| PluginError::Io {
+                path: manifest.entry.clone(),
+                source,
+            })?;
+        let bytecode = compiler()
+            .compile(&source)
+            .map_err(|e| load_err(format!("{}: {e}", manifest.entry.display())))?;
+        let shared = Arc::new(Shared {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            name: instance.to_owned(),
+            bytecode,
+            config,
+            hooks: manifest.hooks,
+            limits: manifest.limits,
+            host,
+            vms_created: AtomicU64::new(0),
+        });
+        let vm = Vm::new(&shared).map_err(|e| load_err(e.to_string()))?;
+        for hook in [
+            Hook::OnRequest,
+            Hook::OnResponse,
+            Hook::OnResponseChunk,
+            Hook::OnLog,
+        ] {
+            let snake = hook.as_str().replace('-', "_");
+            match (shared.hooks.has(hook), vm.function(hook).is_some()) {
+                (true, false) => {
+                    return Err(load_err(format!(
+                        "plugin.toml declares {} but {} defines no function {snake}",
+                        hook.as_str(),
+                        manifest.entry.display()
+                    )));
+                }
+                (false, true) => tracing::warn!(
+                    plugin = instance,
+                    hook = hook.as_str(),
+                    "Hook defined but not declared in plugin.toml; it will not be called."
+                ),
+                _ => {}
+            }
+        }
+        let plugin = LuaPlugin { shared };
+        plugin.release(vm);
+        Ok(plugin)
+    }
+
+    /// How many VMs this plugin has built so far (one per thread, plus one per failure).
+    pub fn vms_created(&self) -> u64 {
+        self.shared.vms_created.load(Ordering::Relaxed)
+    }
+
+    /// Takes this thread's VM out of the pool, or builds one.
+    fn acquire(&self) -> Result<Vm, HookError> {
+        let id = self.shared.id;
+        let pooled = POOL
+            .try_with(|pool| {
+                let mut pool = pool.borrow_mut();
+                let i = pool.iter().position(|s| s.id == id)?;
+                Some(pool.swap_remove(i).vm)
+            })
+            .ok()
+            .flatten();
+        match pooled {
+            Some(vm) => Ok(vm),
+            None => Vm::new(&self.shared),
+        }
+    }
+
+    /// Returns a healthy VM to this thread's pool, dropping VMs of unloaded plugins.
+    fn release(&self, vm: Vm) {
+        let slot = Slot {
+            id: self.shared.id,
+            owner: Arc::downgrade(&self.shared),
+            vm,
+        };
+        let _ = POOL.try_with(|pool| {
+            let mut pool = pool.borrow_mut();
+            pool.retain(|s| s.owner.strong_count() > 0);
+            pool.push(slot);
+        });
+    }
+
+    /// Runs one hook: VM from the pool, argument built, metadata bag swapped in, deadline
+    /// armed, result parsed. Any error drops the VM.
+    fn call<R>(
+        &self,
+        hook: Hook,
+        ctx: &mut HookCtx<'_>,
+        arg: impl FnOnce(&Lua) -> mlua::Result<Table>,
+        parse: impl FnOnce(&Lua, Value) -> Result<R, String>,
+    ) -> Result<R, HookError> {
+        let vm = self.acquire()?;
+        let budget = self.shared.limits.deadline_of(hook);
+        let Some(func) = vm.function(hook) else {
+            return Err(HookError::Plugin(format!(
+                "no function for {}",
+                hook.as_str()
+            )));
+        };
+        let swap = |vm: &Vm, ctx: &mut HookCtx<'_>| {
+            if let Some(mut bag) = vm.lua.app_data_mut::<Bag>() {
+                std::mem::swap(&mut bag.0, ctx.metadata);
+            }
+        };
+        swap(&vm, ctx);
+        vm.deadline.arm(budget);
+        let out = arg(&vm.lua).and_then(|t| func.call::<Value>(t));
+        let expired = vm.deadline.disarm();
+        swap(&vm, ctx);
+        let result = match out {
+            Err(e) => Err(classify(&e, expired, budget)),
+            Ok(_) if expired => Err(classify(&mlua::Error::runtime(""), true, budget)),
+            Ok(v) => parse(&vm.lua, v).map_err(HookError::Plugin),
+        };
+        if result.is_ok() {
+            self.release(vm);
+        }
+        result
+    }
+}
+
+impl PluginRuntime for LuaPlugin {
+    fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    fn on_request(&self, ctx: &mut HookCtx<'_>, req: &RequestView) -> Result<Decision, HookError> {
+        if !self.shared.hooks.on_request {
+            return Ok(Decision::Continue(Mutations::default()));
+        }
+        self.call(
+            Hook::OnRequest,
+            ctx,
+            |lua| convert::request_table(lua, req),
+            convert::decision,
+        )
+    }
+
+    fn on_response(
+        &self,
+        ctx: &mut HookCtx<'_>,
+        resp: &ResponseView,
+    ) -> Result<ResponseDecision, HookError> {
+        if !self.shared.hooks.on_response {
+            return Ok(ResponseDecision::Continue(ResponseMutations::default()));
+        }
+        self.call(
+            Hook::OnResponse,
+            ctx,
+            |lua| convert::response_table(lua, resp),
+            convert::response_decision,
+        )
+    }
+
+    fn on_chunk(
+        &self,
+        ctx: &mut HookCtx<'_>,
+        event: &StreamEvent,
+    ) -> Result<ChunkAction, HookError> {
+        if !self.shared.hooks.on_response_chunk {
+            return Ok(ChunkAction::Pass);
+        }
+        self.call(
+            Hook::OnResponseChunk,
+            ctx,
+            |lua| convert::event_table(lua, event),
+            |_, v| convert::chunk_action(v),
+        )
+    }
+
+    fn on_log(&self, ctx: &mut HookCtx<'_>, entry: &LogEntry) -> Result<(), HookError> {
+        if !self.shared.hooks.on_log {
+            return Ok(());
+        }
+        self.call(
+            Hook::OnLog,
+            ctx,
+            |lua| convert::log_table(lua, entry),
+            |_, _| Ok(()),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests;

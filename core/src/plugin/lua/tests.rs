@@ -1,0 +1,474 @@
+//! Lua host tests: decisions, host API, sandbox escapes, deadlines, memory, VM replacement.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::plugin::contract::{
+    Dialect, Endpoint, MemoryHost, MessageView, Reply, TextDelta, Usage,
+};
+
+#[derive(Debug)]
+struct Fixture {
+    _dir: tempfile::TempDir,
+    plugin: LuaPlugin,
+    host: Arc<MemoryHost>,
+}
+
+fn load_with(
+    manifest_extra: &str,
+    source: &str,
+    config: serde_json::Value,
+) -> Result<Fixture, PluginError> {
+    load_hooks("on-request", manifest_extra, source, config)
+}
+
+fn load_hooks(
+    hooks: &str,
+    manifest_extra: &str,
+    source: &str,
+    config: serde_json::Value,
+) -> Result<Fixture, PluginError> {
+    let dir = tempfile::tempdir().unwrap();
+    write_plugin(dir.path(), hooks, manifest_extra, source);
+    let manifest = Manifest::load(dir.path())?;
+    let host = Arc::new(MemoryHost::new());
+    let plugin = LuaPlugin::load(&manifest, "t", config, host.clone())?;
+    Ok(Fixture {
+        _dir: dir,
+        plugin,
+        host,
+    })
+}
+
+fn write_plugin(dir: &Path, hooks: &str, manifest_extra: &str, source: &str) {
+    std::fs::write(
+        dir.join("plugin.toml"),
+        format!(
+            "name = \"t\"\nversion = \"0.1.0\"\nkind = \"lua\"\n\
+             hooks = [\"{hooks}\"]\n{manifest_extra}"
+        ),
+    )
+    .unwrap();
+    std::fs::write(dir.join("plugin.lua"), source).unwrap();
+}
+
+fn load(source: &str) -> Fixture {
+    load_with("", source, serde_json::json!({})).unwrap()
+}
+
+fn request() -> RequestView {
+    RequestView {
+        request_id: "req-1".into(),
+        dialect: Dialect::OpenAi,
+        endpoint: Endpoint::Chat,
+        model: "gpt".into(),
+        stream: false,
+        headers: vec![("x-tenant".into(), "acme".into())],
+        messages: vec![MessageView {
+            role: "user".into(),
+            content: "hello there".into(),
+            tool_calls: Vec::new(),
+        }],
+        body: None,
+    }
+}
+
+fn run(f: &Fixture) -> (Result<Decision, HookError>, BTreeMap<String, String>) {
+    let mut metadata = BTreeMap::new();
+    let mut ctx = HookCtx {
+        request_id: "req-1",
+        metadata: &mut metadata,
+    };
+    let r = f.plugin.on_request(&mut ctx, &request());
+    (r, metadata)
+}
+
+#[test]
+fn continue_with_mutations() {
+    let f = load(
+        r#"
+        function on_request(req)
+            weir.ctx_set("tenant", req.headers["x-tenant"])
+            return weir.continue({
+                set_headers = { ["x-b"] = "2", ["x-a"] = "1" },
+                remove_headers = { "authorization" },
+                set_model = req.model .. "-mini",
+                set_metadata = { seen = req.messages[1].content },
+                set_targets = { { provider = "p", model = "m" } },
+            })
+        end
+        "#,
+    );
+    let (r, md) = run(&f);
+    let Decision::Continue(m) = r.unwrap() else {
+        panic!("expected continue")
+    };
+    assert_eq!(
+        m.set_headers,
+        vec![("x-a".into(), "1".into()), ("x-b".into(), "2".into())]
+    );
+    assert_eq!(m.remove_headers, vec!["authorization"]);
+    assert_eq!(m.set_model.as_deref(), Some("gpt-mini"));
+    assert_eq!(m.set_metadata, vec![("seen".into(), "hello there".into())]);
+    assert_eq!(m.set_targets.unwrap()[0].provider, "p");
+    assert_eq!(md.get("tenant").map(String::as_str), Some("acme"));
+}
+
+#[test]
+fn nil_means_continue_and_reply_ends() {
+    let f = load("function on_request(req) end");
+    assert_eq!(run(&f).0.unwrap(), Decision::Continue(Mutations::default()));
+
+    let f = load(
+        r#"function on_request(req)
+             return weir.error_reply(req.dialect, 400, "no", "invalid_request_error")
+           end"#,
+    );
+    let Decision::Reply(Reply {
+        status,
+        headers,
+        body,
+    }) = run(&f).0.unwrap()
+    else {
+        panic!("expected reply")
+    };
+    assert_eq!(status, 400);
+    assert!(headers.contains(&("content-type".into(), "application/json".into())));
+    let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(body["error"]["message"], "no");
+    assert_eq!(body["error"]["code"], 400);
+}
+
+#[test]
+fn module_table_style_and_init_config() {
+    let f = load_with(
+        "",
+        r#"
+        local M = {}
+        local greeting
+        function M.init(config) greeting = config.greeting end
+        function M.on_request(req) return { set_metadata = { greeting = greeting } } end
+        return M
+        "#,
+        serde_json::json!({"greeting": "hi"}),
+    )
+    .unwrap();
+    let Decision::Continue(m) = run(&f).0.unwrap() else {
+        panic!()
+    };
+    assert_eq!(m.set_metadata, vec![("greeting".into(), "hi".into())]);
+}
+
+#[test]
+fn init_error_fails_the_load() {
+    let err = load_with(
+        "",
+        "function init(c) error('bad config') end function on_request() end",
+        serde_json::json!({}),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("bad config"), "{err}");
+}
+
+#[test]
+fn declared_but_missing_hook_fails_the_load() {
+    let err = load_with("", "function on_response() end", serde_json::json!({}))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("on_request"), "{err}");
+}
+
+#[test]
+fn syntax_error_fails_the_load() {
+    let err = load_with("", "function on_request(", serde_json::json!({}))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("plugin.lua"), "{err}");
+}
+
+#[test]
+fn malformed_decisions_are_plugin_errors() {
+    for body in [
+        "return { set_header = {} }",
+        "return 42",
+        "return { reply = { status = 99 } }",
+        "return { set_targets = { 'x' } }",
+    ] {
+        let f = load(&format!("function on_request(req) {body} end"));
+        assert!(
+            matches!(run(&f).0, Err(HookError::Plugin(_))),
+            "{body}: {:?}",
+            run(&f).0
+        );
+    }
+}
+
+#[test]
+fn kv_and_metrics_reach_the_host() {
+    let f = load(
+        r#"function on_request(req)
+             local n = weir.kv.incr("hits", 1, 60000)
+             weir.kv.set("last", req.request_id)
+             weir.kv.delete("lock")
+             assert(weir.kv.cas("lock", nil, "1"))
+             assert(not weir.kv.cas("lock", nil, "2"))
+             weir.counter("seen")
+             weir.histogram("size", #req.messages)
+             weir.log("info", "hit " .. n)
+             return { set_metadata = { n = n, tokens = weir.count_tokens("abcdefgh"),
+                                        last = weir.kv.get("last") } }
+           end"#,
+    );
+    run(&f).0.unwrap();
+    let Decision::Continue(m) = run(&f).0.unwrap() else {
+        panic!()
+    };
+    assert_eq!(
+        m.set_metadata,
+        vec![
+            ("last".into(), "req-1".into()),
+            ("n".into(), "2".into()),
+            ("tokens".into(), "2".into())
+        ]
+    );
+    let state = f.host.snapshot();
+    assert_eq!(state.counters.get("seen"), Some(&2));
+    assert_eq!(state.logs.len(), 2);
+}
+
+#[test]
+fn json_helpers_round_trip() {
+    let f = load(
+        r#"function on_request(req)
+             local v = weir.json.decode('{"a":[1,2,{"b":null}]}')
+             return { set_metadata = { n = #v.a, s = weir.json.encode({ x = "y" }) } }
+           end"#,
+    );
+    let Decision::Continue(m) = run(&f).0.unwrap() else {
+        panic!()
+    };
+    assert_eq!(
+        m.set_metadata,
+        vec![
+            ("n".into(), "3".into()),
+            ("s".into(), r#"{"x":"y"}"#.into())
+        ]
+    );
+}
+
+/// Every escape is a runtime error (trap), never a side effect.
+#[test]
+fn sandbox_escapes_fail() {
+    let marker = std::env::temp_dir().join(format!("weir-escape-{}", std::process::id()));
+    let marker = marker.display().to_string();
+    let attempts = [
+        format!("os.execute('touch {marker}')"),
+        format!("io.open('{marker}', 'w')"),
+        "require('os')".to_owned(),
+        "loadstring('return 1')()".to_owned(),
+        "load('return 1')()".to_owned(),
+        // Precompiled bytecode (the header byte of a Luau chunk) through any loader.
+        "local f = (loadstring or load)('\\27Lua') f()".to_owned(),
+        "dofile('/etc/passwd')".to_owned(),
+        "debug.getinfo(1)".to_owned(),
+        "getfenv(1).x = 1".to_owned(),
+        "weir.kv = nil".to_owned(),
+        "string.len = nil".to_owned(),
+        "setmetatable(\"\", {})".to_owned(),
+        "getmetatable('').__index = {}".to_owned(),
+        "print('hello')".to_owned(),
+    ];
+    for attempt in &attempts {
+        let f = load(&format!("function on_request(req) {attempt} end"));
+        let r = run(&f).0;
+        assert!(matches!(r, Err(HookError::Trap(_))), "{attempt}: {r:?}");
+    }
+    assert!(!Path::new(&marker).exists());
+}
+
+#[test]
+fn memory_bomb_is_cut() {
+    let f = load_with(
+        "[limits]\nmemory_mb = 8\n",
+        "function on_request(req) local s = string.rep('x', 1e9) return { set_model = s } end",
+        serde_json::json!({}),
+    )
+    .unwrap();
+    assert_eq!(run(&f).0, Err(HookError::OutOfMemory));
+
+    // Growing until the cap, keeping every piece alive, and catching the error.
+    let f = load_with(
+        "[limits]\nmemory_mb = 8\ndeadline_ms = 2000\n",
+        "function on_request(req) local t = {} local s = 'y' pcall(function() for i = 1, 64 do s = s .. s t[i] = s end end) return { set_model = #t } end",
+        serde_json::json!({}),
+    )
+    .unwrap();
+    assert_eq!(run(&f).0, Err(HookError::OutOfMemory));
+    // The plugin still answers afterwards, from a fresh VM.
+    let before = f.plugin.vms_created();
+    let _ = run(&f);
+    assert_eq!(f.plugin.vms_created(), before + 1);
+}
+
+#[test]
+fn infinite_loop_is_cut_at_the_deadline_even_under_pcall() {
+    let sources = [
+        "function on_request(req) while true do end end",
+        // Catching the deadline error and looping again.
+        "function on_request(req) while true do pcall(function() while true do end end) end end",
+        // Catching it and returning normally still counts as a timeout.
+        "function on_request(req) pcall(function() while true do end end) return nil end",
+        // An error handler that loops.
+        "function on_request(req) xpcall(function() while true do end end, function() while true do end end) end",
+        // Recursion instead of a loop.
+        "local function f(n) return f(n + 1) + 1 end function on_request(req) pcall(f, 1) while true do pcall(f, 1) end end",
+    ];
+    for source in sources {
+        let f = load_with(
+            "[limits]\ndeadline_ms = 20\n",
+            source,
+            serde_json::json!({}),
+        )
+        .unwrap();
+        let started = Instant::now();
+        let r = run(&f).0;
+        let took = started.elapsed();
+        assert_eq!(r, Err(HookError::Timeout { deadline_ms: 20 }), "{source}");
+        assert!(took < Duration::from_millis(200), "{source}: took {took:?}");
+    }
+}
+
+#[test]
+fn errors_are_contained_and_the_vm_replaced() {
+    let f = load(
+        r#"
+        local calls = 0
+        function on_request(req)
+            calls = calls + 1
+            if req.headers["x-tenant"] == "acme" and calls == 2 then error("boom") end
+            return { set_metadata = { calls = calls } }
+        end
+        "#,
+    );
+    let calls = |f: &Fixture| match run(f).0 {
+        Ok(Decision::Continue(m)) => m.set_metadata[0].1.clone(),
+        other => format!("{other:?}"),
+    };
+    assert_eq!(calls(&f), "1");
+    let r = run(&f).0;
+    assert!(
+        matches!(&r, Err(HookError::Trap(m)) if m.contains("boom")),
+        "{r:?}"
+    );
+    // A fresh VM: its local state starts over.
+    assert_eq!(calls(&f), "1");
+    assert_eq!(f.plugin.vms_created(), 2);
+}
+
+#[test]
+fn one_vm_per_thread() {
+    let f = load("function on_request(req) end");
+    let plugin = Arc::new(f.plugin);
+    for _ in 0..3 {
+        let p = plugin.clone();
+        std::thread::spawn(move || {
+            for _ in 0..10 {
+                let mut md = BTreeMap::new();
+                let mut ctx = HookCtx {
+                    request_id: "r",
+                    metadata: &mut md,
+                };
+                p.on_request(&mut ctx, &request()).unwrap();
+            }
+        })
+        .join()
+        .unwrap();
+    }
+    // The load built one on this thread, then one per new thread.
+    assert_eq!(plugin.vms_created(), 4);
+}
+
+#[test]
+fn chunk_actions() {
+    let f = load_hooks(
+        "on-response-chunk",
+        "",
+        r#"
+        function on_response_chunk(ev)
+            if ev.type ~= "text_delta" then return nil end
+            if ev.text == "hold" then return weir.hold() end
+            if ev.text == "stop" then return weir.abort("budget") end
+            if ev.text == "swap" then
+                return weir.replace({ { type = "text_delta", choice = ev.choice, text = "[x]" },
+                                      { type = "usage", prompt_tokens = 1, completion_tokens = 2 } })
+            end
+        end
+        "#,
+        serde_json::json!({}),
+    )
+    .unwrap();
+    let plugin = &f.plugin;
+    let mut md = BTreeMap::new();
+    let mut ctx = HookCtx {
+        request_id: "r",
+        metadata: &mut md,
+    };
+    let text = |t: &str| {
+        StreamEvent::TextDelta(TextDelta {
+            choice: 0,
+            text: t.into(),
+        })
+    };
+    assert_eq!(plugin.on_chunk(&mut ctx, &text("a")), Ok(ChunkAction::Pass));
+    assert_eq!(
+        plugin.on_chunk(&mut ctx, &text("hold")),
+        Ok(ChunkAction::Hold)
+    );
+    assert_eq!(
+        plugin.on_chunk(&mut ctx, &text("stop")),
+        Ok(ChunkAction::Abort("budget".into()))
+    );
+    assert_eq!(
+        plugin.on_chunk(&mut ctx, &text("swap")),
+        Ok(ChunkAction::Replace(vec![
+            text("[x]"),
+            StreamEvent::Usage(Usage {
+                prompt_tokens: 1,
+                completion_tokens: 2,
+                cached_tokens: 0
+            })
+        ]))
+    );
+    assert_eq!(
+        plugin.on_chunk(&mut ctx, &StreamEvent::Usage(Usage::default())),
+        Ok(ChunkAction::Pass)
+    );
+}
+
+/// A rough number for the record; the criterion benchmark is the reference.
+#[test]
+fn hook_call_cost() {
+    let f = load(
+        r#"function on_request(req)
+             if req.headers["x-tenant"] == nil then return weir.reply(401, "no tenant") end
+             return { set_metadata = { tenant = req.headers["x-tenant"] } }
+           end"#,
+    );
+    let req = request();
+    let mut md = BTreeMap::new();
+    let n = 2000;
+    let started = Instant::now();
+    for _ in 0..n {
+        let mut ctx = HookCtx {
+            request_id: "r",
+            metadata: &mut md,
+        };
+        f.plugin.on_request(&mut ctx, &req).unwrap();
+    }
+    let per_call = started.elapsed() / n;
+    eprintln!("lua on_request: {per_call:?} per call (debug build)");
+}
