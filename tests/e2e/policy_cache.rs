@@ -262,6 +262,58 @@ async fn config_change_is_hot_reloaded() {
     .await;
 }
 
+/// 1,000 concurrent requests over 100 prompts with room for 50 entries: evictions race with
+/// hits and stores, and still every client gets the answer to its own question.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_never_get_another_prompts_answer() {
+    bounded(async {
+        let up = MockUpstream::start().await;
+        let gw = PolicyGateway::start(&body(&up, "max_entries = 50")).await;
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(1000)
+            .no_proxy()
+            .build()
+            .unwrap();
+        let url = gw.client.url("/v1/chat/completions");
+        let tasks: Vec<_> = (0..1000)
+            .map(|i| {
+                let http = http.clone();
+                let url = url.clone();
+                tokio::spawn(async move {
+                    let prompt = format!("prompt number {}", i % 100);
+                    let resp = http
+                        .post(&url)
+                        .header("content-type", "application/json")
+                        .body(chat_body("m", &prompt).to_string())
+                        .send()
+                        .await
+                        .unwrap();
+                    let status = resp.status().as_u16();
+                    let cache = resp
+                        .headers()
+                        .get("x-weir-cache")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_owned();
+                    let v: Value = serde_json::from_str(&resp.text().await.unwrap()).unwrap();
+                    (status, cache, prompt, content(&v))
+                })
+            })
+            .collect();
+        let mut hits = 0;
+        for t in tasks {
+            let (status, cache, prompt, answer) = t.await.unwrap();
+            assert_eq!(status, 200);
+            assert_eq!(answer, format!("Echo: {prompt}"));
+            if cache == "hit" {
+                hits += 1;
+            }
+        }
+        assert_eq!(hits + up.hits(), 1000);
+    })
+    .await;
+}
+
 #[test]
 fn fixtures_pass() {
     weir::plugin::harness::assert_fixtures_pass(&plugin_dir("cache"));
