@@ -18,7 +18,6 @@
 mod engine;
 mod store;
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -289,7 +288,7 @@ impl WasmPlugin {
     fn call<R>(
         &self,
         hook: Hook,
-        metadata: &mut BTreeMap<String, String>,
+        ctx: &mut HookCtx<'_>,
         run: impl FnOnce(&Plugin, &mut Store<StoreState>) -> wasmtime::Result<R>,
     ) -> Result<R, HookError> {
         let pooled = self.lock_idle().pop();
@@ -301,9 +300,10 @@ impl WasmPlugin {
         };
         let deadline = self.limits.deadline(hook);
         ready.store.set_epoch_deadline(ticks(deadline));
-        std::mem::swap(&mut ready.store.data_mut().metadata, metadata);
+        // The request's bag moves into the store for the call (ctx-get / ctx-set) and back.
+        std::mem::swap(&mut ready.store.data_mut().metadata, ctx.metadata);
         let result = run(&ready.plugin, &mut ready.store);
-        std::mem::swap(&mut ready.store.data_mut().metadata, metadata);
+        std::mem::swap(&mut ready.store.data_mut().metadata, ctx.metadata);
         match result {
             Ok(value) => {
                 self.release(ready);
@@ -313,6 +313,7 @@ impl WasmPlugin {
                 let err = classify(e, ready.store.data().out_of_memory, deadline);
                 tracing::warn!(
                     plugin = %self.name,
+                    request_id = %ctx.request_id,
                     hook = hook.as_str(),
                     kind = err.kind(),
                     error = %err,
@@ -344,7 +345,7 @@ impl PluginRuntime for WasmPlugin {
     }
 
     fn on_request(&self, ctx: &mut HookCtx<'_>, req: &RequestView) -> Result<Decision, HookError> {
-        self.call(Hook::OnRequest, ctx.metadata, |plugin, store| {
+        self.call(Hook::OnRequest, ctx, |plugin, store| {
             plugin.call_on_request(store, req)
         })
     }
@@ -354,7 +355,7 @@ impl PluginRuntime for WasmPlugin {
         ctx: &mut HookCtx<'_>,
         resp: &ResponseView,
     ) -> Result<ResponseDecision, HookError> {
-        self.call(Hook::OnResponse, ctx.metadata, |plugin, store| {
+        self.call(Hook::OnResponse, ctx, |plugin, store| {
             plugin.call_on_response(store, resp)
         })
     }
@@ -364,13 +365,13 @@ impl PluginRuntime for WasmPlugin {
         ctx: &mut HookCtx<'_>,
         event: &StreamEvent,
     ) -> Result<ChunkAction, HookError> {
-        self.call(Hook::OnResponseChunk, ctx.metadata, |plugin, store| {
+        self.call(Hook::OnResponseChunk, ctx, |plugin, store| {
             plugin.call_on_response_chunk(store, event)
         })
     }
 
     fn on_log(&self, ctx: &mut HookCtx<'_>, entry: &LogEntry) -> Result<(), HookError> {
-        self.call(Hook::OnLog, ctx.metadata, |plugin, store| {
+        self.call(Hook::OnLog, ctx, |plugin, store| {
             plugin.call_on_log(store, entry)
         })
     }
