@@ -90,7 +90,10 @@ pub struct LogConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig { format: LogFormat::default(), level: default_level() }
+        LogConfig {
+            format: LogFormat::default(),
+            level: default_level(),
+        }
     }
 }
 
@@ -265,7 +268,10 @@ pub struct ReloadConfig {
 
 impl Default for ReloadConfig {
     fn default() -> Self {
-        ReloadConfig { debounce_ms: default_debounce(), keep_generations: default_keep_generations() }
+        ReloadConfig {
+            debounce_ms: default_debounce(),
+            keep_generations: default_keep_generations(),
+        }
     }
 }
 

@@ -54,14 +54,20 @@ pub enum ConfigError {
 impl ConfigError {
     /// An invalid value at `key`; the file is filled in by the loader.
     pub fn invalid(key: impl Into<String>, reason: impl Into<String>) -> Self {
-        ConfigError::Invalid { file: PathBuf::new(), key: key.into(), reason: reason.into() }
+        ConfigError::Invalid {
+            file: PathBuf::new(),
+            key: key.into(),
+            reason: reason.into(),
+        }
     }
 
     fn in_file(self, path: &Path) -> Self {
         match self {
-            ConfigError::Invalid { key, reason, .. } => {
-                ConfigError::Invalid { file: path.to_owned(), key, reason }
-            }
+            ConfigError::Invalid { key, reason, .. } => ConfigError::Invalid {
+                file: path.to_owned(),
+                key,
+                reason,
+            },
             other => other,
         }
     }
@@ -74,12 +80,17 @@ pub fn validate_base_url(provider: &str, url: &str) -> Result<String, ConfigErro
     let rest = trimmed
         .strip_prefix("https://")
         .or_else(|| trimmed.strip_prefix("http://"))
-        .ok_or_else(|| ConfigError::invalid(&key, format!("'{url}' must start with http:// or https://")))?;
+        .ok_or_else(|| {
+            ConfigError::invalid(&key, format!("'{url}' must start with http:// or https://"))
+        })?;
     if rest.is_empty() || rest.starts_with('/') {
         return Err(ConfigError::invalid(&key, format!("'{url}' has no host")));
     }
     if trimmed.parse::<http::Uri>().is_err() {
-        return Err(ConfigError::invalid(&key, format!("'{url}' is not a valid URL")));
+        return Err(ConfigError::invalid(
+            &key,
+            format!("'{url}' is not a valid URL"),
+        ));
     }
     Ok(trimmed.to_owned())
 }
@@ -120,7 +131,10 @@ pub struct ProviderEntry {
 impl std::fmt::Debug for ProviderEntry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never print the provider itself: it holds credentials.
-        f.debug_struct("ProviderEntry").field("name", &self.name).field("kind", &self.kind).finish()
+        f.debug_struct("ProviderEntry")
+            .field("name", &self.name)
+            .field("kind", &self.kind)
+            .finish()
     }
 }
 
@@ -209,38 +223,53 @@ pub struct Config {
 impl Config {
     /// Reads, interpolates, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { file: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: path.to_owned(),
+            source,
+        })?;
         Self::from_toml(path, &text)
     }
 
     /// Parses and validates config text; `path` is used in messages and for relative paths.
     pub fn from_toml(path: &Path, text: &str) -> Result<Config, ConfigError> {
-        let mut value: toml::Value = toml::from_str(text)
-            .map_err(|e| ConfigError::Syntax { file: path.to_owned(), reason: e.to_string() })?;
-        let disabled = env::interpolate(&mut value, &|k| std::env::var(k).ok()).map_err(|e| e.in_file(path))?;
+        let mut value: toml::Value = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            file: path.to_owned(),
+            reason: e.to_string(),
+        })?;
+        let disabled = env::interpolate(&mut value, &|k| std::env::var(k).ok())
+            .map_err(|e| e.in_file(path))?;
         let file: FileConfig = serde_path_to_error::deserialize(value).map_err(|e| {
             let key = e.path().to_string();
             ConfigError::Invalid {
                 file: path.to_owned(),
                 key,
-                reason: e.inner().to_string().lines().next().unwrap_or_default().to_owned(),
+                reason: e
+                    .inner()
+                    .to_string()
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned(),
             }
         })?;
         Self::build(path, file, &disabled).map_err(|e| e.in_file(path))
     }
 
     fn build(path: &Path, file: FileConfig, disabled: &[String]) -> Result<Config, ConfigError> {
-        let listen = file
-            .server
-            .listen
-            .parse::<SocketAddr>()
-            .map_err(|e| ConfigError::invalid("server.listen", format!("'{}': {e}", file.server.listen)))?;
+        let listen = file.server.listen.parse::<SocketAddr>().map_err(|e| {
+            ConfigError::invalid("server.listen", format!("'{}': {e}", file.server.listen))
+        })?;
         if file.server.max_body_bytes == 0 {
-            return Err(ConfigError::invalid("server.max_body_bytes", "must be greater than 0"));
+            return Err(ConfigError::invalid(
+                "server.max_body_bytes",
+                "must be greater than 0",
+            ));
         }
         if file.retry.attempts_per_target == 0 {
-            return Err(ConfigError::invalid("retry.attempts_per_target", "must be at least 1"));
+            return Err(ConfigError::invalid(
+                "retry.attempts_per_target",
+                "must be at least 1",
+            ));
         }
         let admin = Admin {
             listen: file.admin.listen.parse::<SocketAddr>().map_err(|e| {
@@ -271,13 +300,22 @@ impl Config {
         for (i, m) in file.models.iter().enumerate() {
             let key = format!("models[{i}]");
             if m.name.is_empty() {
-                return Err(ConfigError::invalid(format!("{key}.name"), "must not be empty"));
+                return Err(ConfigError::invalid(
+                    format!("{key}.name"),
+                    "must not be empty",
+                ));
             }
             if models.contains_key(&m.name) {
-                return Err(ConfigError::invalid(format!("{key}.name"), format!("model '{}' is defined twice", m.name)));
+                return Err(ConfigError::invalid(
+                    format!("{key}.name"),
+                    format!("model '{}' is defined twice", m.name),
+                ));
             }
             if m.targets.is_empty() {
-                return Err(ConfigError::invalid(format!("{key}.targets"), "needs at least one target"));
+                return Err(ConfigError::invalid(
+                    format!("{key}.targets"),
+                    "needs at least one target",
+                ));
             }
             let mut targets = Vec::new();
             for (j, t) in m.targets.iter().enumerate() {
@@ -291,14 +329,26 @@ impl Config {
                     )
                 })?;
                 let model = t.model.clone().unwrap_or_else(|| m.name.clone());
-                targets.push(Target { provider: provider.clone(), model });
+                targets.push(Target {
+                    provider: provider.clone(),
+                    model,
+                });
             }
             if targets.is_empty() {
-                warnings.push(format!("model '{}' is not served: all of its providers are disabled", m.name));
+                warnings.push(format!(
+                    "model '{}' is not served: all of its providers are disabled",
+                    m.name
+                ));
                 continue;
             }
             model_order.push(m.name.clone());
-            models.insert(m.name.clone(), Arc::new(Model { name: m.name.clone(), targets }));
+            models.insert(
+                m.name.clone(),
+                Arc::new(Model {
+                    name: m.name.clone(),
+                    targets,
+                }),
+            );
         }
         Ok(Config {
             path: path.to_owned(),
