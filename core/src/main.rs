@@ -94,7 +94,9 @@ fn serve(path: PathBuf, listen: Option<SocketAddr>) -> anyhow::Result<()> {
     if let Some(addr) = listen {
         config.listen = addr;
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async move {
         let addr = config.listen;
         let grace = config.shutdown_grace;
@@ -105,7 +107,8 @@ fn serve(path: PathBuf, listen: Option<SocketAddr>) -> anyhow::Result<()> {
         let state = weir::state::open(&config.file.state, &path)?;
         let services = Services::new(state.clone(), &metrics)?;
         // Loading plugins compiles WASM and runs `init`: keep it off the async workers.
-        let snapshot = tokio::task::spawn_blocking(move || Snapshot::build(config, &services)).await??;
+        let snapshot =
+            tokio::task::spawn_blocking(move || Snapshot::build(config, &services)).await??;
         let (gw, reloader) = weir::reload::Reloader::start(snapshot, metrics, state.clone())?;
         start_lifecycle(&reloader, &admin, state).await?;
         let listener = tokio::net::TcpListener::bind(addr)
@@ -134,7 +137,11 @@ async fn start_lifecycle(
     }
     let gw = reloader.gateway();
     let log = if admin.request_log_max_records > 0 {
-        let (log, tx) = weir::requestlog::RequestLog::start(state, admin.request_log_max_records, &gw.metrics.registry)?;
+        let (log, tx) = weir::requestlog::RequestLog::start(
+            state,
+            admin.request_log_max_records,
+            &gw.metrics.registry,
+        )?;
         gw.request_log.install(&log, tx);
         Some(log)
     } else {
@@ -144,6 +151,12 @@ async fn start_lifecycle(
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {} (admin): {e}", admin.listen))?;
     tracing::info!(addr = %admin.listen, "Admin API listening.");
-    weir::admin::spawn(listener, weir::admin::AdminState { reloader: reloader.clone(), log });
+    weir::admin::spawn(
+        listener,
+        weir::admin::AdminState {
+            reloader: reloader.clone(),
+            log,
+        },
+    );
     Ok(())
 }
