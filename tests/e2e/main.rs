@@ -20,6 +20,7 @@ mod fallback;
 mod gemini_upstream;
 mod lifecycle;
 mod openai;
+mod plugins;
 mod policy_auth;
 mod policy_budget;
 mod policy_cache;

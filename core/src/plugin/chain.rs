@@ -219,7 +219,18 @@ impl Instance {
     }
 
     /// The policy for a failure of `kind`: `Err` stops the request.
+    /// Counts a shadow-mode decision (never enforced).
+    fn shadow(&self, decision: &str) {
+        self.metrics
+            .shadow
+            .with_label_values(&[self.name.as_str(), decision])
+            .inc();
+    }
+
     fn on_failure(&self, kind: &'static str) -> Result<(), PluginFailure> {
+        if self.mode == Mode::Shadow {
+            self.shadow("failure");
+        }
         match (self.mode, self.failure) {
             (Mode::Enforce, FailurePolicy::Closed) => Err(PluginFailure {
                 plugin: self.name.clone(),
@@ -427,7 +438,11 @@ impl Chain {
             let result = inst.runtime.on_request(&mut hctx, v);
             let outcome = match result {
                 Ok(decision) if inst.mode == Mode::Shadow => {
-                    tracing::debug!(plugin = %inst.name, ?decision, "Shadow plugin decision (not applied).");
+                    match &decision {
+                        Decision::Continue(_) => inst.shadow("continue"),
+                        Decision::Reply(r) => inst.shadow(&format!("reply_{}", r.status)),
+                    }
+                    tracing::info!(plugin = %inst.name, decision = ?decision_label(&decision), "Shadow plugin decision (not applied).");
                     Ok(None)
                 }
                 Ok(Decision::Reply(reply)) => Ok(Some(reply)),
@@ -483,7 +498,11 @@ impl Chain {
             let result = inst.runtime.on_response(&mut hctx, &view);
             let outcome = match result {
                 Ok(decision) if inst.mode == Mode::Shadow => {
-                    tracing::debug!(plugin = %inst.name, ?decision, "Shadow plugin decision (not applied).");
+                    match &decision {
+                        ResponseDecision::Continue(_) => inst.shadow("continue"),
+                        ResponseDecision::Reply(r) => inst.shadow(&format!("reply_{}", r.status)),
+                    }
+                    tracing::debug!(plugin = %inst.name, "Shadow plugin response decision (not applied).");
                     Ok(None)
                 }
                 Ok(ResponseDecision::Reply(reply)) => Ok(Some(reply)),
@@ -551,6 +570,14 @@ impl Chain {
             let result = inst.runtime.on_log(&mut hctx, entry);
             inst.record(admission, result.as_ref().map(|_| ()));
         }
+    }
+}
+
+/// A short label for a request decision, for logs (never the reply body: it may echo input).
+fn decision_label(d: &Decision) -> String {
+    match d {
+        Decision::Continue(_) => "continue".to_owned(),
+        Decision::Reply(r) => format!("reply {}", r.status),
     }
 }
 
@@ -922,16 +949,20 @@ impl ChunkFilter {
         Ok(())
     }
 
-    /// The stream ended: releases held text (through the plugins after the holder).
+    /// The stream ended: releases held text.
+    ///
+    /// The holder sees its held text once more (it may still replace it; another `hold` is
+    /// not possible and releases the text as is), then the plugins after it do.
     pub fn finish(&mut self, out: &mut Vec<ChatChunk>) -> Result<(), StreamStop> {
         for i in 0..self.stages.len() {
             let held = std::mem::take(&mut self.stages[i].held);
-            let events: Vec<StreamEvent> = held
-                .into_iter()
-                .map(|(choice, text)| StreamEvent::TextDelta(TextDelta { choice, text }))
-                .collect();
-            if events.is_empty() {
+            if held.is_empty() {
                 continue;
+            }
+            let mut events = Vec::new();
+            for (choice, text) in held {
+                let ev = StreamEvent::TextDelta(TextDelta { choice, text });
+                self.call(i, ev, &mut events, true)?;
             }
             let (events, _) = self.run(i + 1, events)?;
             for e in events {
@@ -1023,6 +1054,12 @@ impl ChunkFilter {
             Err(e) => return self.failed(i, &inst, e.kind(), event, out, merged),
         };
         if inst.mode == Mode::Shadow {
+            inst.shadow(match &action {
+                ChunkAction::Pass => "pass",
+                ChunkAction::Replace(_) => "replace",
+                ChunkAction::Hold => "hold",
+                ChunkAction::Abort(_) => "abort",
+            });
             tracing::debug!(plugin = %inst.name, ?action, "Shadow plugin chunk action (not applied).");
             out.push(event);
             return Ok(if merged { Step::Changed } else { Step::Same });

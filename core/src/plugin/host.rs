@@ -30,6 +30,10 @@ pub struct PluginMetrics {
     pub counters: IntCounterVec,
     /// `weir_plugin_histogram{plugin,name}`: values plugins observe (`weir.histogram`).
     pub histograms: HistogramVec,
+    /// `weir_shadow_decisions_total{plugin,decision}`: what shadow-mode instances decided
+    /// (`continue`, `reply_<status>`, `pass`, `replace`, `hold`, `abort`, `failure`), never
+    /// enforced.
+    pub shadow: IntCounterVec,
 }
 
 impl PluginMetrics {
@@ -39,6 +43,7 @@ impl PluginMetrics {
         registry.register(Box::new(m.failures.clone()))?;
         registry.register(Box::new(m.counters.clone()))?;
         registry.register(Box::new(m.histograms.clone()))?;
+        registry.register(Box::new(m.shadow.clone()))?;
         Ok(m)
     }
 
@@ -65,6 +70,13 @@ impl PluginMetrics {
                     "Values observed by plugins (weir.histogram / histogram-observe).",
                 ),
                 &["plugin", "name"],
+            )?,
+            shadow: IntCounterVec::new(
+                Opts::new(
+                    "weir_shadow_decisions_total",
+                    "Decisions of shadow-mode plugin instances (logged and counted, never enforced).",
+                ),
+                &["plugin", "decision"],
             )?,
         })
     }
