@@ -261,6 +261,11 @@ function weir.ctx_set(key, value) end
 ---@return integer
 function weir.count_tokens(text) end
 
+--- SHA-256 of a string, as 64 lower-case hex digits (cache keys, fingerprints).
+---@param data string
+---@return string
+function weir.sha256(data) end
+
 --- Outbound HTTP, only to hosts in plugin.toml `capabilities.fetch`. Blocks the hook (the
 --- wait does not count against the deadline); redirects are not followed; errors raise.
 ---@param request weir.FetchRequest

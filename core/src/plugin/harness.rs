@@ -158,11 +158,11 @@ impl Report {
                 None => ("pass", String::new()),
                 Some(m) => ("FAIL", m.clone()),
             };
-            writeln!(
-                out,
+            let line = format!(
                 "{:<width$}  {:<6}  {:>6}us  {detail}",
                 c.name, result, c.micros
-            )?;
+            );
+            writeln!(out, "{}", line.trim_end())?;
         }
         let failed = self.cases.iter().filter(|c| c.mismatch.is_some()).count();
         if self.cases.is_empty() {

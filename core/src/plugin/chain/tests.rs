@@ -656,3 +656,26 @@ fn plugins_load_from_config_in_order() {
         .to_string();
     assert!(err.contains("models[0].plugins[0].config.mark"), "{err}");
 }
+
+#[test]
+fn end_of_stream_gives_the_holder_its_text_once_more() {
+    let inst = lua(
+        "counter",
+        "\"on-response-chunk\"",
+        r#"function on_response_chunk(ev)
+             weir.ctx_set("calls", (tonumber(weir.ctx_get("calls")) or 0) + 1)
+             if ev.type == "text_delta" then return weir.hold() end
+           end"#,
+        enforce(),
+    );
+    let mut f = chain(vec![inst]).chunk_filter(&ctx());
+    let mut out = Vec::new();
+    f.on_chunk(text_chunk("a"), &mut out).unwrap();
+    f.on_chunk(text_chunk("b"), &mut out).unwrap();
+    assert!(out.is_empty());
+    // No finish chunk: the stream just ends.
+    f.finish(&mut out).unwrap();
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].choices[0].delta.content.as_deref(), Some("ab"));
+    assert_eq!(f.metadata()["calls"], "3");
+}

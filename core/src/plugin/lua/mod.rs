@@ -386,6 +386,14 @@ fn install_weir(lua: &Lua, shared: &Shared, deadline: &Arc<Deadline>) -> mlua::R
         })?,
     )?;
 
+    weir.raw_set(
+        "sha256",
+        lua.create_function(|_, data: LuaString| {
+            use sha2::Digest;
+            Ok(hex::encode(sha2::Sha256::digest(&*data.as_bytes())))
+        })?,
+    )?;
+
     let json = lua.create_table()?;
     json.raw_set(
         "encode",

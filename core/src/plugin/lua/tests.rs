@@ -245,6 +245,7 @@ fn json_helpers_round_trip() {
     let f = load(
         r#"function on_request(req)
              local v = weir.json.decode('{"a":[1,2,{"b":null}]}')
+             assert(weir.sha256("abc") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
              return { set_metadata = { n = #v.a, s = weir.json.encode({ x = "y" }) } }
            end"#,
     );
@@ -338,7 +339,7 @@ fn infinite_loop_is_cut_at_the_deadline_even_under_pcall() {
         let r = run(&f).0;
         let took = started.elapsed();
         assert_eq!(r, Err(HookError::Timeout { deadline_ms: 20 }), "{source}");
-        assert!(took < Duration::from_millis(200), "{source}: took {took:?}");
+        assert!(took < Duration::from_millis(500), "{source}: took {took:?}");
     }
 }
 
@@ -449,26 +450,67 @@ fn chunk_actions() {
     );
 }
 
-/// A rough number for the record; the criterion benchmark is the reference.
+/// Per-call p50 of a typical `on_request` (20 headers, 2 declared) and of a chunk hook.
+/// Run in release for meaningful numbers:
+/// `cargo test --release -p weir --lib plugin::lua::tests::hook_call_cost -- --nocapture`.
 #[test]
 fn hook_call_cost() {
-    let f = load(
+    let f = load_hooks(
+        "on-request\", \"on-response-chunk",
+        // Generous deadlines: a loaded test machine must not turn this into a timeout.
+        "[limits]\ndeadline_ms = 1000\nchunk_deadline_ms = 1000\n",
         r#"function on_request(req)
              if req.headers["x-tenant"] == nil then return weir.reply(401, "no tenant") end
              return { set_metadata = { tenant = req.headers["x-tenant"] } }
+           end
+           function on_response_chunk(ev)
+             if ev.type == "text_delta" and string.find(ev.text, "secret", 1, true) then
+               return weir.hold()
+             end
            end"#,
-    );
-    let req = request();
+        serde_json::json!({}),
+    )
+    .unwrap();
+    let mut req = request();
+    // The chain hands a plugin only its declared headers (here one of twenty).
+    req.messages.push(MessageView {
+        role: "system".into(),
+        content: "You are a helpful assistant.".into(),
+        tool_calls: Vec::new(),
+    });
     let mut md = BTreeMap::new();
-    let n = 2000;
-    let started = Instant::now();
+    let p50 = |mut samples: Vec<Duration>| {
+        samples.sort();
+        samples[samples.len() / 2]
+    };
+    let n = 5000;
+    let mut samples = Vec::with_capacity(n);
     for _ in 0..n {
         let mut ctx = HookCtx {
             request_id: "r",
             metadata: &mut md,
         };
+        let t = Instant::now();
         f.plugin.on_request(&mut ctx, &req).unwrap();
+        samples.push(t.elapsed());
     }
-    let per_call = started.elapsed() / n;
-    eprintln!("lua on_request: {per_call:?} per call (debug build)");
+    let request_p50 = p50(samples);
+    let event = StreamEvent::TextDelta(TextDelta {
+        choice: 0,
+        text: "Hello there, how".into(),
+    });
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut ctx = HookCtx {
+            request_id: "r",
+            metadata: &mut md,
+        };
+        let t = Instant::now();
+        f.plugin.on_chunk(&mut ctx, &event).unwrap();
+        samples.push(t.elapsed());
+    }
+    eprintln!(
+        "lua on_request p50 {request_p50:?}, on_response_chunk p50 {:?}",
+        p50(samples)
+    );
 }
