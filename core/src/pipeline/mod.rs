@@ -386,6 +386,11 @@ fn admit(
 ) -> Result<(Chain, Vec<Target>), Box<Response>> {
     let dialect = ctx.dialect;
     let chain = snap.plugins.chain(ctx.body.model()).clone();
+    // `on_log` runs for every request the chain saw, replies and failures included, so a
+    // plugin can settle what it reserved even when a later plugin refused the request.
+    if chain.wants_log() {
+        acct.log_chain = Some(chain.clone());
+    }
     match chain.on_request(ctx) {
         Ok(Flow::Continue) => {}
         Ok(Flow::Reply(reply)) => {
@@ -400,6 +405,7 @@ fn admit(
         }
         Err(failure) => {
             tracing::warn!(plugin = %failure.plugin, kind = failure.kind, "Fail-closed plugin failed; refusing the request.");
+            acct.metadata.clone_from(&ctx.metadata);
             let resp = fail_ref(
                 acct,
                 GatewayError::PluginFailed {
@@ -410,15 +416,15 @@ fn admit(
             return Err(Box::new(with_plugin_headers(resp, &ctx.metadata)));
         }
     }
-    if chain.wants_log() {
-        acct.log_chain = Some(chain.clone());
-    }
     match snap.targets(&ctx.targets, ctx.body.model()) {
         Ok(t) => Ok((chain, t)),
-        Err(e) => Err(Box::new(with_plugin_headers(
-            fail_ref(acct, e, dialect),
-            &ctx.metadata,
-        ))),
+        Err(e) => {
+            acct.metadata.clone_from(&ctx.metadata);
+            Err(Box::new(with_plugin_headers(
+                fail_ref(acct, e, dialect),
+                &ctx.metadata,
+            )))
+        }
     }
 }
 
