@@ -165,39 +165,3 @@ fn corpus_recall_and_false_positives() {
         "too many false positives on clean prompts: {notes:#?}"
     );
 }
-
-/// Scan cost on a 4 KiB prompt (run with `cargo test --release --test corpus -- --ignored
-/// --nocapture`; debug builds are 20-50x slower).
-#[test]
-#[ignore = "timing; run in release"]
-fn scan_speed_4k() {
-    let clean = load("without_pii.jsonl");
-    let mut prompt = String::new();
-    for c in clean.iter().cycle() {
-        if prompt.len() >= 4096 {
-            break;
-        }
-        prompt.push_str(&c.text);
-        prompt.push('\n');
-    }
-    prompt.truncate(4096);
-    let with_pii = load("with_pii.jsonl");
-    let mut dirty = prompt.clone();
-    dirty.truncate(3600);
-    dirty.push_str(&with_pii[55].text);
-    let scanner = Scanner::new(&Builtin::ALL, &[]).unwrap();
-    for (name, text) in [("clean 4 KiB", &prompt), ("4 KiB with PII", &dirty)] {
-        let mut samples = Vec::new();
-        for _ in 0..2000 {
-            let t = std::time::Instant::now();
-            std::hint::black_box(scanner.scan(std::hint::black_box(text)));
-            samples.push(t.elapsed().as_nanos());
-        }
-        samples.sort_unstable();
-        println!(
-            "{name}: p50 {:.1} us, p99 {:.1} us",
-            samples[samples.len() / 2] as f64 / 1000.0,
-            samples[samples.len() * 99 / 100] as f64 / 1000.0
-        );
-    }
-}
