@@ -838,6 +838,7 @@ pub(crate) fn urlencode(s: &str) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::state::MemoryStore;

@@ -201,8 +201,7 @@ pub fn report(
     }
     let mut out: Vec<UsageLine> = lines.into_values().collect();
     if let Some(keys) = keys {
-        let mut cache: BTreeMap<String, Option<(String, Option<f64>, Option<String>)>> =
-            BTreeMap::new();
+        let mut cache: BTreeMap<String, Option<KeyInfo>> = BTreeMap::new();
         for line in out.iter_mut().filter(|l| l.scope == "key") {
             let info = cache.entry(line.id.clone()).or_insert_with(|| {
                 keys.get(&line.id)
@@ -218,6 +217,9 @@ pub fn report(
     }
     Ok(out)
 }
+
+/// A key's name, budget and budget period, joined into its usage lines.
+type KeyInfo = (String, Option<f64>, Option<String>);
 
 #[derive(Clone)]
 struct UsageState {
@@ -339,6 +341,7 @@ async fn execute(args: UsageArgs) -> Result<(), String> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::state::MemoryStore;
