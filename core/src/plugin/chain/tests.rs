@@ -1,6 +1,8 @@
 //! Chain tests: order, mutations, replies, failure policies, breaker, shadow mode, hold
 //! buffering and stream rebuilding.
 
+#![allow(clippy::unwrap_used)]
+
 use std::path::Path;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -31,11 +33,13 @@ fn instance_cfg(failure: Option<FailurePolicy>, mode: Mode) -> PluginInstanceCon
     }
 }
 
+type Answer = Box<dyn Fn(u32, &RequestView) -> Result<Decision, HookError> + Send + Sync>;
+
 /// A runtime whose `on_request` answers from a closure and counts its calls.
 struct Fake {
     name: String,
     calls: AtomicU32,
-    answer: Box<dyn Fn(u32, &RequestView) -> Result<Decision, HookError> + Send + Sync>,
+    answer: Answer,
 }
 
 impl PluginRuntime for Fake {

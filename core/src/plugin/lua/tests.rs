@@ -1,5 +1,7 @@
 //! Lua host tests: decisions, host API, sandbox escapes, deadlines, memory, VM replacement.
 
+#![allow(clippy::unwrap_used)]
+
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
