@@ -51,24 +51,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Check { config } => match Config::load(&config) {
-            Ok(cfg) => {
-                for w in &cfg.warnings {
-                    println!("warning: {w}");
-                }
-                println!(
-                    "{}: ok ({} models, {} providers enabled)",
-                    config.display(),
-                    cfg.model_order.len(),
-                    cfg.providers.len()
-                );
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::FAILURE
-            }
-        },
+        Command::Check { config } => check(&config),
         Command::Admin(cmd) => weir::admin::cli::run(cmd),
         Command::Keys(args) => weir::admin::keys::run(args),
         Command::Usage(args) => weir::admin::usage::run(args),
@@ -80,6 +63,51 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+    }
+}
+
+/// `weir check`: everything `serve` would load, without serving: the config, every plugin
+/// (manifest, config schema, compiled WASM or Lua, `init`). Plugin state is kept in memory so
+/// a check never touches the gateway's sled directory.
+fn check(path: &std::path::Path) -> ExitCode {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let cfg = match Config::load(path) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    for w in &cfg.warnings {
+        println!("warning: {w}");
+    }
+    let (models, providers) = (cfg.model_order.len(), cfg.providers.len());
+    let plugins = cfg.file.plugins.len()
+        + cfg
+            .file
+            .models
+            .iter()
+            .map(|m| m.plugins.len())
+            .sum::<usize>();
+    let services = match Services::unregistered(Arc::new(weir::state::MemoryStore::new())) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match Snapshot::build(cfg, &services) {
+        Ok(_) => {
+            println!(
+                "{}: ok ({models} models, {providers} providers enabled, {plugins} plugin instances)",
+                path.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {}: {e}", path.display());
+            ExitCode::FAILURE
+        }
     }
 }
 
