@@ -13,13 +13,18 @@ pub fn prompt() -> String {
     s
 }
 
+/// Placeholder in [`chat`] bodies that the load generators replace with a per-request
+/// counter, so every request is distinct and a cache plugin always misses.
+pub const COUNTER: &str = "@N@";
+
 /// An OpenAI chat completion request of about 1 KB: a system and a user message and the
-/// usual sampling fields.
+/// usual sampling fields. The system message carries [`COUNTER`] (a cache keys on messages,
+/// not on `user`).
 pub fn chat(model: &str, stream: bool) -> Vec<u8> {
     let mut v = json!({
         "model": model,
         "messages": [
-            {"role": "system", "content": "You are a concise assistant."},
+            {"role": "system", "content": format!("You are a concise assistant (request {COUNTER}).")},
             {"role": "user", "content": prompt()}
         ],
         "temperature": 0.2,

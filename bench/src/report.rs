@@ -28,7 +28,8 @@ pub struct LoadResult {
     pub ttfb_p50_us: Option<f64>,
     /// 99th percentile of the same.
     pub ttfb_p99_us: Option<f64>,
-    /// Mean number of body reads per response: for a paced stream this should be close to
-    /// the number of chunks (chunks are not batched).
-    pub reads_per_response: Option<f64>,
+    /// Mean number of HTTP body frames (chunked-encoding chunks) per response. A proxy that
+    /// forwards each upstream event as it arrives shows one per event; one that coalesces
+    /// what it read (nginx) shows fewer.
+    pub frames_per_response: Option<f64>,
 }

@@ -1,7 +1,8 @@
 //! A small closed-loop HTTP/1.1 load generator that sees what `wrk` cannot: the time to the
 //! first body byte of a response (for a stream, the first token) as well as the total time,
-//! and how many reads a response arrived in (a paced stream whose chunks are not batched
-//! arrives in about one read per chunk).
+//! and how many HTTP body frames a response arrived in (a proxy that forwards each event as
+//! it comes shows one frame per event). With `--vary`, a placeholder in the body becomes a
+//! per-request counter, so no two requests are alike (a cache plugin always misses).
 //!
 //! `--concurrency` connections each send the same POST back to back (keep-alive) for
 //! `--duration` seconds after `--warmup` seconds; the result is one JSON object
@@ -50,6 +51,10 @@ struct Args {
     /// Runtime threads; 1 runs a current-thread runtime.
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// Replace this placeholder in the body with a per-request counter (empty: send the
+    /// body as is).
+    #[arg(long, default_value = weir_bench::bodies::COUNTER)]
+    vary: String,
     /// Per-request timeout in seconds.
     #[arg(long, default_value_t = 30.0)]
     timeout: f64,
@@ -60,7 +65,9 @@ struct Target {
     addr: SocketAddr,
     authority: HeaderValue,
     path: Uri,
-    body: Bytes,
+    /// The body, split at the counter placeholder (`tail` is `None` without one).
+    head: Bytes,
+    tail: Option<Bytes>,
     headers: Vec<(HeaderName, HeaderValue)>,
     timeout: Duration,
 }
@@ -147,6 +154,18 @@ fn target(args: &Args) -> anyhow::Result<Target> {
         .parse()?;
     let body =
         std::fs::read(&args.body).with_context(|| format!("reading {}", args.body.display()))?;
+    let split = if args.vary.is_empty() {
+        None
+    } else {
+        memchr::memmem::find(&body, args.vary.as_bytes())
+    };
+    let (head, tail) = match split {
+        Some(i) => (
+            Bytes::copy_from_slice(&body[..i]),
+            Some(Bytes::copy_from_slice(&body[i + args.vary.len()..])),
+        ),
+        None => (Bytes::from(body), None),
+    };
     let mut headers = Vec::new();
     for h in &args.headers {
         let (k, v) = h
@@ -161,7 +180,8 @@ fn target(args: &Args) -> anyhow::Result<Target> {
         addr: SocketAddr::new(ip, port),
         authority: HeaderValue::try_from(authority.as_str())?,
         path,
-        body: Bytes::from(body),
+        head,
+        tail,
         headers,
         timeout: Duration::from_secs_f64(args.timeout),
     })
@@ -172,7 +192,7 @@ async fn run(args: &Args, target: Arc<Target>) -> anyhow::Result<LoadResult> {
     let window_start = start + Duration::from_secs_f64(args.warmup);
     let window_end = window_start + Duration::from_secs_f64(args.duration);
     let tasks: Vec<_> = (0..args.concurrency)
-        .map(|_| tokio::spawn(connection(target.clone(), window_start, window_end)))
+        .map(|id| tokio::spawn(connection(target.clone(), id, window_start, window_end)))
         .collect();
     let mut all = Stats::new()?;
     for t in tasks {
@@ -197,7 +217,7 @@ async fn run(args: &Args, target: Arc<Target>) -> anyhow::Result<LoadResult> {
         total_p99_us: us(&all.total, 0.99),
         ttfb_p50_us: Some(us(&all.ttfb, 0.5)),
         ttfb_p99_us: Some(us(&all.ttfb, 0.99)),
-        reads_per_response: Some(if all.measured == 0 {
+        frames_per_response: Some(if all.measured == 0 {
             0.0
         } else {
             all.reads as f64 / all.measured as f64
@@ -215,12 +235,29 @@ async fn connect(t: &Target) -> anyhow::Result<SendRequest<Full<Bytes>>> {
     Ok(sender)
 }
 
+/// The body of request number `n` of connection `id`.
+fn body(t: &Target, id: usize, n: u64) -> Bytes {
+    match &t.tail {
+        None => t.head.clone(),
+        Some(tail) => {
+            let counter = format!("{id}-{n}");
+            let mut b = Vec::with_capacity(t.head.len() + counter.len() + tail.len());
+            b.extend_from_slice(&t.head);
+            b.extend_from_slice(counter.as_bytes());
+            b.extend_from_slice(tail);
+            Bytes::from(b)
+        }
+    }
+}
+
 /// One keep-alive connection sending requests back to back until `window_end`.
 async fn connection(
     t: Arc<Target>,
+    id: usize,
     window_start: Instant,
     window_end: Instant,
 ) -> anyhow::Result<Stats> {
+    let mut n = 0u64;
     let mut stats = Stats::new()?;
     let mut sender: Option<SendRequest<Full<Bytes>>> = None;
     while Instant::now() < window_end {
@@ -239,7 +276,8 @@ async fn connection(
         if s.ready().await.is_err() {
             continue;
         }
-        let mut req = Request::post(t.path.clone()).body(Full::new(t.body.clone()))?;
+        n += 1;
+        let mut req = Request::post(t.path.clone()).body(Full::new(body(&t, id, n)))?;
         let h = req.headers_mut();
         h.insert(header::HOST, t.authority.clone());
         h.insert(

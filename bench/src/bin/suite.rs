@@ -81,6 +81,9 @@ struct Args {
     /// Criterion's output directory; its estimates go into the micro-benchmark section.
     #[arg(long, default_value = "target/criterion")]
     criterion: PathBuf,
+    /// A sentence added to the report's method paragraph (how the run was prioritised, ...).
+    #[arg(long, default_value = "")]
+    note: String,
     /// The command line recorded in the report.
     #[arg(long, default_value = "bench/run.sh")]
     command: String,
@@ -545,7 +548,10 @@ targets = [{{ provider = "mock-slow", model = "mock-model" }}]
             fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         conf.push_str(&fragment.replace("@PLUGINS@", &plugins.to_string_lossy()));
     }
-    let conf_path = env.dir.join(format!("{name}.toml"));
+    // Each instance in its own folder: state (sled) is kept beside the config by default.
+    let conf_dir = env.dir.join(name);
+    fs::create_dir_all(&conf_dir)?;
+    let conf_path = conf_dir.join("weir.toml");
     fs::write(&conf_path, conf)?;
     let conf_arg = conf_path.to_string_lossy().into_owned();
     let check = Command::new(&env.args.weir)
@@ -709,7 +715,18 @@ fn wrk(env: &Env, url: &str, body: &Path, c: usize, secs: f64) -> anyhow::Result
         // The body file is the script's argument, so one script serves every run.
         let lua = r#"wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
-function init(args) wrk.body = assert(io.open(args[1], "rb")):read("*a") end
+local head, tail
+local n = 0
+function init(args)
+  local body = assert(io.open(args[1], "rb")):read("*a")
+  head, tail = body:match("^(.-)@N@(.*)$")
+  if not head then head, tail = body, "" end
+end
+-- A per-request counter in the body: every request is distinct (a cache plugin misses).
+function request()
+  n = n + 1
+  return wrk.format(nil, nil, nil, head .. n .. tail)
+end
 function done(summary, latency, requests)
   local e = summary.errors
   io.write(string.format('\n{"requests":%d,"duration_us":%d,"connect":%d,"read":%d,"write":%d,"status":%d,"timeout":%d,"p50":%.1f,"p99":%.1f}\n',
@@ -766,7 +783,7 @@ end
         total_p99_us: n("p99"),
         ttfb_p50_us: None,
         ttfb_p99_us: None,
-        reads_per_response: None,
+        frames_per_response: None,
     })
 }
 
@@ -890,8 +907,9 @@ fn render(r: &Report, args: &Args) -> String {
          `load` for streams) share CPU {}; the proxy under test (nginx or Weir) runs alone on CPU {} \
          (`taskset`). Each run: {:.0} s warm-up, then {:.0} s measured. CPU time per request = \
          (utime+stime from `/proc/<pid>/stat`, after - before) / requests completed; 10 ms tick \
-         resolution. All traffic on 127.0.0.1.\n",
-        args.load_cpu, args.proxy_cpu, args.warmup, args.duration
+         resolution. Every request carries a unique counter in its system message (a cache plugin always misses). \
+         All traffic on 127.0.0.1. {}\n",
+        args.load_cpu, args.proxy_cpu, args.warmup, args.duration, args.note
     );
 
     // Headline ratios against the issue's targets.
@@ -980,15 +998,15 @@ fn render(r: &Report, args: &Args) -> String {
         let expected =
             (args.chunks.saturating_sub(1) * args.slow_delay_ms as usize) as f64 * 1000.0;
         row(
-            "Slow streams not batched or delayed (reads per stream; total p99 vs paced time)",
+            "Slow streams not batched or delayed (body frames per stream; total p99 vs paced time)",
             format!(
-                "{:.1} reads for {} chunks; total p99 {} vs {}",
-                w.result.reads_per_response.unwrap_or(0.0),
+                "{:.1} frames for {} chunks; total p99 {} vs {}",
+                w.result.frames_per_response.unwrap_or(0.0),
                 args.chunks,
                 us(w.result.total_p99_us),
                 us(expected)
             ),
-            "one read per chunk; no added delay".into(),
+            "one frame per chunk; no added delay".into(),
             None,
         );
     }
@@ -1056,7 +1074,7 @@ fn render(r: &Report, args: &Args) -> String {
         let _ = writeln!(s, "\n### {label}\n");
         let _ = writeln!(
             s,
-            "| Target | Concurrency | Streams/s | First byte p50 | First byte p99 | Total p50 | Total p99 | Reads / stream | Proxy CPU / stream (µs) | Proxy CPU % | Peak RSS | Errors |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+            "| Target | Concurrency | Streams/s | First byte p50 | First byte p99 | Total p50 | Total p99 | Body frames / stream | Proxy CPU / stream (µs) | Proxy CPU % | Peak RSS | Errors |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
         );
         for x in r.runs.iter().filter(|x| x.scenario == sc) {
             let _ = writeln!(
@@ -1069,7 +1087,7 @@ fn render(r: &Report, args: &Args) -> String {
                 us(x.result.ttfb_p99_us.unwrap_or(f64::NAN)),
                 us(x.result.total_p50_us),
                 us(x.result.total_p99_us),
-                x.result.reads_per_response.unwrap_or(0.0),
+                x.result.frames_per_response.unwrap_or(0.0),
                 opt_us(x.proxy_cpu_us),
                 x.proxy_cpu_pct
                     .map_or_else(|| "-".into(), |p| format!("{p:.0}%")),
