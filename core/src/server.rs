@@ -72,6 +72,11 @@ async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, GatewayErro
 
 /// Parses JSON into `T`, naming the offending field on type errors.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, GatewayError> {
+    // The fast path: plain serde. Only a body that fails is parsed again with the path
+    // tracker, which costs ~8% of a request when always on.
+    if let Ok(v) = serde_json::from_slice::<T>(bytes) {
+        return Ok(v);
+    }
     let mut de = serde_json::Deserializer::from_slice(bytes);
     match serde_path_to_error::deserialize::<_, T>(&mut de) {
         Ok(v) => {

@@ -107,6 +107,10 @@ impl Snapshot {
                 .pool_idle_timeout(Duration::from_secs(90))
                 .pool_max_idle_per_host(256)
                 .tcp_nodelay(true)
+                // Weir retries and falls back itself; following a redirect would carry the
+                // provider's key to another host.
+                .redirect(reqwest::redirect::Policy::none())
+                .retry(reqwest::retry::never())
                 .user_agent(concat!("weir/", env!("CARGO_PKG_VERSION")))
                 .build()
                 .map_err(|e| {
