@@ -57,6 +57,15 @@ else
   cargo test --workspace --locked --no-fail-fast || failed+=("Rust tests (cargo test)")
 fi
 
+# Plugin crates are their own workspaces (built to WASM by build-plugins.sh); their native
+# tests (detector corpus, SDK harness tests) run here with one shared target dir.
+for manifest in plugins/*/Cargo.toml examples/*/Cargo.toml; do
+  [[ -f "$manifest" ]] || continue
+  step "cargo test --manifest-path $manifest"
+  cargo test --manifest-path "$manifest" --target-dir "$target_dir/plugin-tests" ||
+    failed+=("plugin tests ($manifest)")
+done
+
 step "Python real-client tests (tests/python)"
 bash scripts/setup-python.sh || die "could not set up the Python environment"
 pyenv="${WEIR_PYENV:-$root/target/pyenv}"
