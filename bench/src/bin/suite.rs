@@ -84,6 +84,9 @@ struct Args {
     /// A sentence added to the report's method paragraph (how the run was prioritised, ...).
     #[arg(long, default_value = "")]
     note: String,
+    /// Only copy criterion's estimates into the micro-benchmark section; run nothing.
+    #[arg(long)]
+    micro_only: bool,
     /// The command line recorded in the report.
     #[arg(long, default_value = "bench/run.sh")]
     command: String,
@@ -244,6 +247,10 @@ struct Env {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.micro_only {
+        let micro = render_micro(&args.criterion).context("no criterion results found")?;
+        return write_section(&args.out, MICRO_BEGIN, MICRO_END, &micro);
+    }
     let dir = std::env::temp_dir().join(format!("weir-bench-{}", std::process::id()));
     fs::create_dir_all(&dir)?;
     let result = run(args, &dir);
@@ -1142,7 +1149,8 @@ fn render_micro(dir: &Path) -> Option<String> {
     }
     rows.sort();
     let mut s = String::from(
-        "Criterion (`cargo bench -p weir-bench`), mean with 95% confidence interval, on the proxy's CPU.\n\n| Benchmark | Time |\n|---|---:|\n",
+        "Criterion (`cargo bench -p weir-bench`, pinned to CPU 1), mean and 95% confidence \
+         interval; throughput where the input size is fixed.\n\n| Benchmark | Time |\n|---|---:|\n",
     );
     for (name, text) in rows {
         let _ = writeln!(s, "| {name} | {text} |");
