@@ -191,8 +191,7 @@ mod tests {
     use super::*;
     use crate::api::openai::ChatChunk;
     use crate::api::sse::SseParser;
-    use serde_json::{Map, Value, json};
-    use std::path::PathBuf;
+    use serde_json::{Value, json};
 
     const CONFIG: &str = r#"
         endpoint = "https://myres.openai.azure.com/"
@@ -206,50 +205,15 @@ mod tests {
         Azure::new("azure", &cfg).expect("provider")
     }
 
-    fn golden_dir() -> PathBuf {
-        PathBuf::from(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../tests/golden/azure/"
-        ))
-    }
-
     fn read(name: &str) -> String {
-        std::fs::read_to_string(golden_dir().join(name))
-            .unwrap_or_else(|e| panic!("read {name}: {e}"))
+        super::super::golden::read("azure", name)
     }
 
-    /// Compares `actual` with the golden file `name`, or rewrites it when `WEIR_BLESS=1`.
     fn check_golden(name: &str, actual: &Value) {
-        let path = golden_dir().join(name);
-        let pretty = serde_json::to_string_pretty(actual).expect("json") + "\n";
-        if std::env::var("WEIR_BLESS").as_deref() == Ok("1") {
-            std::fs::write(&path, pretty).expect("write golden");
-            return;
-        }
-        let expected: Value = serde_json::from_str(&read(name)).expect("golden is JSON");
-        assert!(
-            expected == *actual,
-            "{name} differs from golden; actual:\n{pretty}"
-        );
+        super::super::golden::check("azure", name, actual);
     }
 
-    /// The upstream request as JSON: URL, headers (sensitive values hidden) and body.
-    fn upstream_json(up: &UpstreamRequest) -> Value {
-        let headers: Map<String, Value> = up
-            .headers
-            .iter()
-            .map(|(k, v)| {
-                let v = if v.is_sensitive() {
-                    "<sensitive>"
-                } else {
-                    v.to_str().expect("ascii header")
-                };
-                (k.as_str().to_owned(), json!(v))
-            })
-            .collect();
-        let body: Value = serde_json::from_slice(&up.body).expect("body is JSON");
-        json!({ "url": up.url, "headers": headers, "body": body })
-    }
+    use super::super::golden::upstream_json;
 
     #[test]
     fn golden_chat_request() {

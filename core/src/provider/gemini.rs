@@ -1161,7 +1161,6 @@ impl StreamDecoder for GeminiDecoder {
 mod tests {
     use super::*;
     use crate::api::sse::SseParser;
-    use std::path::PathBuf;
 
     const MODEL: &str = "gemini-2.0-flash";
 
@@ -1170,50 +1169,15 @@ mod tests {
         Gemini::new("gemini", &cfg).expect("provider")
     }
 
-    fn golden_dir() -> PathBuf {
-        PathBuf::from(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../tests/golden/gemini/"
-        ))
-    }
-
     fn read(name: &str) -> String {
-        std::fs::read_to_string(golden_dir().join(name))
-            .unwrap_or_else(|e| panic!("read {name}: {e}"))
+        super::super::golden::read("gemini", name)
     }
 
-    /// Compares `actual` with the golden file `name`, or rewrites it when `WEIR_BLESS=1`.
     fn check_golden(name: &str, actual: &Value) {
-        let path = golden_dir().join(name);
-        let pretty = serde_json::to_string_pretty(actual).expect("json") + "\n";
-        if std::env::var("WEIR_BLESS").as_deref() == Ok("1") {
-            std::fs::write(&path, pretty).expect("write golden");
-            return;
-        }
-        let expected: Value = serde_json::from_str(&read(name)).expect("golden is JSON");
-        assert!(
-            expected == *actual,
-            "{name} differs from golden; actual:\n{pretty}"
-        );
+        super::super::golden::check("gemini", name, actual);
     }
 
-    /// The upstream request as JSON: URL, headers (sensitive values hidden) and body.
-    fn upstream_json(up: &UpstreamRequest) -> Value {
-        let headers: Map<String, Value> = up
-            .headers
-            .iter()
-            .map(|(k, v)| {
-                let v = if v.is_sensitive() {
-                    "<sensitive>"
-                } else {
-                    v.to_str().expect("ascii header")
-                };
-                (k.as_str().to_owned(), json!(v))
-            })
-            .collect();
-        let body: Value = serde_json::from_slice(&up.body).expect("body is JSON");
-        json!({ "url": up.url, "headers": headers, "body": body })
-    }
+    use super::super::golden::upstream_json;
 
     fn golden_request(case: &str) {
         let req: ChatRequest =

@@ -12,6 +12,8 @@
 pub mod anthropic;
 pub mod azure;
 pub mod gemini;
+#[cfg(test)]
+mod golden;
 pub mod mock;
 pub mod openai;
 
