@@ -541,11 +541,12 @@ fn lua_policy(version: &str) -> String {
     )
 }
 
-/// The manifest of the versioned policy. Its deadline is generous because the Lua host
-/// builds a worker thread's VM (and runs `init`) inside the first hook call after a reload,
-/// and in a debug build that alone takes 10-30 ms: with the default 10 ms deadline the
-/// first request per worker thread after each reload fails closed (reported to the plugin
-/// runtime's owner; the VM should be built outside the deadline).
+/// The manifest of the versioned policy. Its deadline is generous because deadlines are
+/// wall-clock: on a busy 2-core test machine (debug build, other tests in parallel) a worker
+/// thread is sometimes descheduled for more than the default 10 ms in the middle of a hook,
+/// and this policy fails closed. (The Lua host builds its VMs at load, not inside the first
+/// hook call after a reload: see `plugin::lua`, `# Instances`. Before that, with the default
+/// deadline, this test failed one request per run right after a reload, 4 runs out of 4.)
 const LUA_MANIFEST: &str = "name = \"versioned\"\nversion = \"0.1.0\"\nkind = \"lua\"\nhooks = [\"on-request\"]\nfailure = \"closed\"\n\n[capabilities]\nkv = true\n\n[limits]\ndeadline_ms = 250\n";
 
 fn policy_header(resp: &Resp) -> String {

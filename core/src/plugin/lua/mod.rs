@@ -23,11 +23,23 @@
 //!
 //! # Instances
 //! One VM per plugin per worker thread: a thread-local pool keyed by the plugin's load id, so
-//! a hook call never takes a lock and never waits for another thread. A VM is created on a
-//! thread's first call (the script compiled once at load is loaded from its bytecode and
-//! `init(config)` runs), then reused. Any failure (Lua error, timeout, out of memory,
-//! malformed decision) drops that VM; the next call on that thread builds a fresh one. VMs
-//! of a plugin that was unloaded (reload) are dropped the next time the pool changes.
+//! a hook call never takes a lock and never waits for another thread.
+//!
+//! Building a VM (loading the bytecode compiled once at load, running `init(config)`) costs
+//! about 0.5 ms on an idle machine (plus whatever `init` does), and tens of ms on a thread
+//! that competes with request traffic: too much to spend inside a hook's deadline. So it
+//! happens at load, off the request path: [`LuaPlugin::load`] builds one spare VM per
+//! async worker thread (`TOKIO_WORKER_THREADS`, else the CPU count, at most
+//! [`MAX_SPARE_VMS`]; the VM that validates the script is the first of them). A thread's
+//! first call takes a spare (one short lock per thread per load) and keeps it in its pool;
+//! only a thread beyond the spares (e.g. a blocking-pool thread running `on_log`) builds
+//! one inside its first call. Any failure (Lua error, timeout, out of memory, malformed
+//! decision) drops that VM; the thread's next call takes another spare or builds one. The
+//! deadline is armed per call, so a VM built ahead of time runs under the same budget.
+//!
+//! Spares nobody claimed are freed with the plugin (the last snapshot holding it); VMs in
+//! thread pools of a plugin that was unloaded (reload) are dropped the next time that
+//! thread's pool changes, or when the thread exits.
 //!
 //! Plugins must not rely on VM-local globals across requests: each worker thread has its
 //! own VM. Shared state goes through `weir.kv`.
@@ -42,7 +54,7 @@ mod convert;
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock, Weak};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use mlua::chunk::{ChunkMode, Compiler};
@@ -63,6 +75,21 @@ const PRELUDE: &str = include_str!("prelude.luau");
 const DEADLINE_MESSAGE: &str = "weir: plugin deadline exceeded";
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Most spare VMs a load builds. Each holds about 0.5 MiB (mostly the prelude and the
+/// `weir` API) and takes about 0.5 ms to build.
+pub const MAX_SPARE_VMS: usize = 16;
+
+/// Spare VMs to build at load: one per async worker thread, as tokio counts them
+/// (`TOKIO_WORKER_THREADS`, else the CPU count), at least 1, at most [`MAX_SPARE_VMS`].
+fn default_spares() -> usize {
+    std::env::var("TOKIO_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from))
+        .clamp(1, MAX_SPARE_VMS)
+}
 
 /// A loaded Lua plugin.
 pub struct LuaPlugin {
@@ -89,6 +116,18 @@ struct Shared {
     host: Arc<dyn HostApi>,
     /// How many VMs were built (tests and diagnostics).
     vms_created: AtomicU64,
+    /// VMs built at load that no thread has claimed yet (`Vm` is `Send`: mlua's `send`
+    /// feature). Freed with the plugin.
+    spares: Mutex<Vec<Vm>>,
+}
+
+impl Shared {
+    fn take_spare(&self) -> Option<Vm> {
+        self.spares
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop()
+    }
 }
 
 /// The per-VM deadline, shared between the hook caller and the interrupt callback.
@@ -519,13 +558,25 @@ impl Vm {
 }
 
 impl LuaPlugin {
-    /// Compiles the plugin's script, builds a first VM (running `init(config)`), and checks
-    /// that every hook the manifest declares is defined.
+    /// Compiles the plugin's script, builds a first VM (running `init(config)`), checks that
+    /// every hook the manifest declares is defined, then builds the rest of the spare VMs
+    /// (see the module docs, `# Instances`).
     pub fn load(
         manifest: &Manifest,
         instance: &str,
         config: serde_json::Value,
         host: Arc<dyn HostApi>,
+    ) -> Result<LuaPlugin, PluginError> {
+        Self::load_with_spares(manifest, instance, config, host, default_spares())
+    }
+
+    /// [`LuaPlugin::load`] with `spares` VMs built ahead (at least the validating one).
+    fn load_with_spares(
+        manifest: &Manifest,
+        instance: &str,
+        config: serde_json::Value,
+        host: Arc<dyn HostApi>,
+        spares: usize,
     ) -> Result<LuaPlugin, PluginError> {
         let load_err = |reason: String| PluginError::Load {
             plugin: instance.to_owned(),
@@ -548,6 +599,7 @@ impl LuaPlugin {
             limits: manifest.limits,
             host,
             vms_created: AtomicU64::new(0),
+            spares: Mutex::new(Vec::new()),
         });
         let vm = Vm::new(&shared).map_err(|e| load_err(e.to_string()))?;
         for hook in [
@@ -573,17 +625,45 @@ impl LuaPlugin {
                 _ => {}
             }
         }
-        let plugin = LuaPlugin { shared };
-        plugin.release(vm);
-        Ok(plugin)
+        let mut ready = Vec::with_capacity(spares);
+        ready.push(vm);
+        while ready.len() < spares {
+            match Vm::new(&shared) {
+                Ok(vm) => ready.push(vm),
+                // The script validated once; a later `init` failing (a deadline missed on a
+                // busy machine, a script that looks at the clock) is not worth refusing the
+                // plugin for: the threads without a spare build their VM on first call.
+                Err(e) => {
+                    tracing::warn!(
+                        plugin = instance,
+                        built = ready.len(),
+                        error = %e,
+                        "Building a spare Lua VM failed; the rest are built on first use."
+                    );
+                    break;
+                }
+            }
+        }
+        *shared.spares.lock().unwrap_or_else(PoisonError::into_inner) = ready;
+        Ok(LuaPlugin { shared })
     }
 
-    /// How many VMs this plugin has built so far (one per thread, plus one per failure).
+    /// How many VMs this plugin has built so far: the spares built at load, plus one per
+    /// thread beyond them, plus one per failure.
     pub fn vms_created(&self) -> u64 {
         self.shared.vms_created.load(Ordering::Relaxed)
     }
 
-    /// Takes this thread's VM out of the pool, or builds one.
+    /// Spare VMs built at load and not yet claimed by a thread.
+    pub fn spare_vms(&self) -> usize {
+        self.shared
+            .spares
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+
+    /// Takes this thread's VM out of the pool, else a spare built at load, else builds one.
     fn acquire(&self) -> Result<Vm, HookError> {
         let id = self.shared.id;
         let pooled = POOL
@@ -594,7 +674,7 @@ impl LuaPlugin {
             })
             .ok()
             .flatten();
-        match pooled {
+        match pooled.or_else(|| self.shared.take_spare()) {
             Some(vm) => Ok(vm),
             None => Vm::new(&self.shared),
         }

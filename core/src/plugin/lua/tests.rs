@@ -1,4 +1,5 @@
-//! Lua host tests: decisions, host API, sandbox escapes, deadlines, memory, VM replacement.
+//! Lua host tests: decisions, host API, sandbox escapes, deadlines, memory, VM replacement,
+//! spare VMs built at load.
 
 #![allow(clippy::unwrap_used)]
 
@@ -76,6 +77,11 @@ fn request() -> RequestView {
         }],
         body: None,
     }
+}
+
+/// VMs taken into use so far: built at load and claimed, or built on a call.
+fn handed_out(plugin: &LuaPlugin) -> u64 {
+    plugin.vms_created() - plugin.spare_vms() as u64
 }
 
 fn run(f: &Fixture) -> (Result<Decision, HookError>, BTreeMap<String, String>) {
@@ -312,9 +318,9 @@ fn memory_bomb_is_cut() {
     .unwrap();
     assert_eq!(run(&f).0, Err(HookError::OutOfMemory));
     // The plugin still answers afterwards, from a fresh VM.
-    let before = f.plugin.vms_created();
+    let before = handed_out(&f.plugin);
     let _ = run(&f);
-    assert_eq!(f.plugin.vms_created(), before + 1);
+    assert_eq!(handed_out(&f.plugin), before + 1);
 }
 
 #[test]
@@ -369,30 +375,145 @@ fn errors_are_contained_and_the_vm_replaced() {
     );
     // A fresh VM: its local state starts over.
     assert_eq!(calls(&f), "1");
-    assert_eq!(f.plugin.vms_created(), 2);
+    assert_eq!(handed_out(&f.plugin), 2);
+}
+
+/// Loads `source` (an `on_request` plugin) with `spares` VMs built ahead.
+fn load_spares(source: &str, spares: usize) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    write_plugin(dir.path(), "on-request", "", source);
+    let manifest = Manifest::load(dir.path()).unwrap();
+    let host = Arc::new(MemoryHost::new());
+    let plugin =
+        LuaPlugin::load_with_spares(&manifest, "t", serde_json::json!({}), host.clone(), spares)
+            .unwrap();
+    Fixture {
+        _dir: dir,
+        plugin,
+        host,
+    }
+}
+
+/// Calls `on_request` `n` times from a new thread, which exits afterwards.
+fn call_from_new_thread(plugin: &Arc<LuaPlugin>, n: usize) {
+    let p = plugin.clone();
+    std::thread::spawn(move || {
+        for _ in 0..n {
+            let mut md = BTreeMap::new();
+            let mut ctx = HookCtx {
+                request_id: "r",
+                metadata: &mut md,
+            };
+            p.on_request(&mut ctx, &request()).unwrap();
+        }
+    })
+    .join()
+    .unwrap();
 }
 
 #[test]
 fn one_vm_per_thread() {
-    let f = load("function on_request(req) end");
+    let f = load_spares("function on_request(req) end", 1);
     let plugin = Arc::new(f.plugin);
     for _ in 0..3 {
-        let p = plugin.clone();
-        std::thread::spawn(move || {
-            for _ in 0..10 {
-                let mut md = BTreeMap::new();
-                let mut ctx = HookCtx {
-                    request_id: "r",
-                    metadata: &mut md,
-                };
-                p.on_request(&mut ctx, &request()).unwrap();
-            }
-        })
-        .join()
-        .unwrap();
+        call_from_new_thread(&plugin, 10);
     }
-    // The load built one on this thread, then one per new thread.
-    assert_eq!(plugin.vms_created(), 4);
+    // The load built one (taken by the first thread), then one per further thread.
+    assert_eq!(plugin.vms_created(), 3);
+}
+
+#[test]
+fn load_builds_one_spare_per_worker_and_threads_take_them() {
+    let n = 4;
+    // `init` runs once per VM: the count shows where VMs were built.
+    let source = "local inits = 0\nfunction init(c) inits = inits + 1 end\n\
+                  function on_request(req) return { set_metadata = { inits = inits } } end";
+    let f = load_spares(source, n);
+    assert_eq!(f.plugin.vms_created(), n as u64);
+    assert_eq!(f.plugin.spare_vms(), n);
+    let plugin = Arc::new(f.plugin);
+    // N threads, all alive at once (as a runtime's workers are), none builds a VM.
+    let barrier = Arc::new(std::sync::Barrier::new(n));
+    let threads: Vec<_> = (0..n)
+        .map(|_| {
+            let (p, barrier) = (plugin.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                for _ in 0..20 {
+                    let mut md = BTreeMap::new();
+                    let mut ctx = HookCtx {
+                        request_id: "r",
+                        metadata: &mut md,
+                    };
+                    let Decision::Continue(m) = p.on_request(&mut ctx, &request()).unwrap() else {
+                        panic!("expected continue")
+                    };
+                    // Each VM ran `init` exactly once, at load.
+                    assert_eq!(m.set_metadata, vec![("inits".into(), "1".into())]);
+                }
+                barrier.wait();
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(plugin.vms_created(), n as u64, "no thread built a VM");
+    assert_eq!(plugin.spare_vms(), 0, "every thread took a spare");
+    // A thread beyond the spares builds its own.
+    call_from_new_thread(&plugin, 1);
+    assert_eq!(plugin.vms_created(), n as u64 + 1);
+}
+
+#[test]
+fn default_spares_follow_the_worker_count() {
+    let f = load("function on_request(req) end");
+    let expected = default_spares();
+    assert!((1..=MAX_SPARE_VMS).contains(&expected));
+    assert_eq!(f.plugin.vms_created(), expected as u64);
+    assert_eq!(f.plugin.spare_vms(), expected);
+}
+
+/// Every VM holds clones of the host handle (in its `weir.*` functions), so the handle's
+/// reference count tells how many VMs are alive.
+#[test]
+fn vms_are_freed_with_the_plugin() {
+    let Fixture { _dir, plugin, host } = load_spares("function on_request(req) end", 4);
+    // Handles besides the VMs': the fixture's, and the plugin's own while it is loaded.
+    let per_vm = (Arc::strong_count(&host) - 2) / 4;
+    assert!(per_vm > 0);
+    let alive = |others: usize| {
+        let vms = Arc::strong_count(&host) - others;
+        assert_eq!(vms % per_vm, 0, "{vms}");
+        vms / per_vm
+    };
+    assert_eq!(alive(2), 4);
+    let plugin = Arc::new(plugin);
+    // Two threads take a spare each; their VMs go when the threads exit.
+    call_from_new_thread(&plugin, 3);
+    call_from_new_thread(&plugin, 3);
+    assert_eq!(plugin.spare_vms(), 2);
+    assert_eq!(alive(2), 2);
+    // This thread takes one and keeps it in its pool.
+    run_on(&plugin);
+    assert_eq!(plugin.spare_vms(), 1);
+    assert_eq!(alive(2), 2);
+    // Unloading frees the unclaimed spare at once...
+    drop(plugin);
+    assert_eq!(alive(1), 1, "only this thread's pooled VM is left");
+    // ...and this thread's pooled VM the next time its pool changes.
+    let other = load_spares("function on_request(req) end", 1);
+    run_on(&other.plugin);
+    assert_eq!(alive(1), 0, "every VM of the plugin was freed");
+}
+
+fn run_on(plugin: &LuaPlugin) {
+    let mut md = BTreeMap::new();
+    let mut ctx = HookCtx {
+        request_id: "r",
+        metadata: &mut md,
+    };
+    plugin.on_request(&mut ctx, &request()).unwrap();
 }
 
 #[test]
@@ -452,7 +573,8 @@ fn chunk_actions() {
     );
 }
 
-/// Per-call p50 of a typical `on_request` (20 headers, 2 declared) and of a chunk hook.
+/// Per-call p50 of a typical `on_request` (20 headers, 2 declared) and of a chunk hook, and
+/// the time to build one VM.
 /// Run in release for meaningful numbers:
 /// `cargo test --release -p weir --lib plugin::lua::tests::hook_call_cost -- --nocapture`.
 #[test]
@@ -511,8 +633,15 @@ fn hook_call_cost() {
         f.plugin.on_chunk(&mut ctx, &event).unwrap();
         samples.push(t.elapsed());
     }
+    let chunk_p50 = p50(samples);
+    // What a thread's first call would pay without spares: one VM (bytecode load + init).
+    let spares = 8;
+    let started = Instant::now();
+    let f = load_spares("function init(c) end function on_request(req) end", spares);
+    let per_vm = started.elapsed() / u32::try_from(spares).unwrap();
+    assert_eq!(f.plugin.vms_created(), spares as u64);
     eprintln!(
-        "lua on_request p50 {request_p50:?}, on_response_chunk p50 {:?}",
-        p50(samples)
+        "lua on_request p50 {request_p50:?}, on_response_chunk p50 {chunk_p50:?}, \
+         building a VM (at load, {spares} spares) {per_vm:?} each"
     );
 }
