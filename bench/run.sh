@@ -2,15 +2,17 @@
 # Weir's benchmark suite, one command:
 #
 #   bench/run.sh                 # everything: build, criterion micro-benchmarks, side by side
-#   bench/run.sh --quick         # 2 s runs, 200 slow streams, short criterion runs
+#   bench/run.sh --quick         # 2 s runs, 200 slow streams, 50 reloads, short criterion runs
 #   bench/run.sh --no-micro      # skip criterion
 #   bench/run.sh -- --duration 10   # anything after -- goes to the suite (see `suite --help`)
+#   bench/run.sh --no-micro -- --only reload   # only the hot-reload scenarios
 #
 # Environment: WEIR_BIN=path uses a prebuilt weir binary instead of building one.
 #
-# It installs wrk and nginx from Debian if they are missing, builds `weir` and the bench
-# binaries in release mode, runs the criterion benches pinned to CPU 1, then the side-by-side
-# suite (mock + load generator on CPU 0, proxy on CPU 1), and writes the tables into
+# It installs wrk and nginx from Debian if they are missing, builds `weir`, the bench
+# binaries (release) and the first-party WASM plugins, runs the criterion benches pinned to
+# CPU 1, then the suite (mock + load generator on CPU 0, proxy on CPU 1): side by side, then
+# RSS over 100 hot reloads and six-plugin reload latency. It writes the tables into
 # BENCHMARKS.md. Loopback only; every process it starts is stopped on exit.
 set -euo pipefail
 
@@ -25,7 +27,7 @@ while [[ $# -gt 0 ]]; do
         --quick) QUICK=1 ;;
         --no-micro) MICRO=0 ;;
         --) shift; SUITE_ARGS+=("$@"); break ;;
-        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
         *) echo "unknown option $1 (try --help)" >&2; exit 2 ;;
     esac
     shift
@@ -61,6 +63,13 @@ else
     nice cargo build --release -p weir
     cp target/release/weir "$BIN/weir"
 fi
+# plugin.wasm is built from source, never committed. Without it the chain rows and the
+# six-plugin reload are reported as not measured.
+for dir in plugins/*/; do
+    [[ -f "$dir/Cargo.toml" ]] || continue
+    nice scripts/build-plugins.sh "${dir%/}" \
+        || echo "warning: could not build ${dir%/}/plugin.wasm" >&2
+done
 
 if [[ $MICRO -eq 1 ]]; then
     echo "criterion micro-benchmarks (pinned to CPU 1) ..." >&2
@@ -71,7 +80,8 @@ if [[ $MICRO -eq 1 ]]; then
 fi
 
 if [[ $QUICK -eq 1 ]]; then
-    SUITE_ARGS=(--duration 2 --warmup 0.5 --slow-streams 200 "${SUITE_ARGS[@]}")
+    SUITE_ARGS=(--duration 2 --warmup 0.5 --slow-streams 200 --reloads 50 --reload-writes 8
+        "${SUITE_ARGS[@]}")
 fi
 
 # Other work on a shared machine steals the pinned CPUs; as root, run above it.
@@ -97,6 +107,8 @@ setsid "${PRIO[@]}" "$BIN/suite" \
     --weir "$BIN/weir" \
     --bin-dir "$BIN" \
     --chain-config bench/configs/default-chain.toml \
+    --six-plugins-config bench/configs/six-plugins.toml \
+    --wasm-cache "$OUT/wasm-cache" \
     --plugins-dir plugins \
     --out BENCHMARKS.md \
     --json "$OUT/results.json" \

@@ -8,7 +8,11 @@
 //! them is kept). Raw results go to `--json` as well.
 //!
 //! Everything listens on 127.0.0.1 and every process started here is killed when the suite
-//! ends, on error too.
+//! ends, on error too. `--only` picks scenarios (`--only reload` runs just the hot-reload
+//! ones, in `suite/hot_reload.rs`).
+
+#[path = "suite/hot_reload.rs"]
+mod hot_reload;
 
 use std::fmt::Write as _;
 use std::fs;
@@ -22,7 +26,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Parser;
 use serde::Serialize;
-use weir_bench::report::LoadResult;
+use weir_bench::report::{
+    LoadResult, RELOAD_AIM_MS, ReloadLatency, ReloadRss, max, percentile, render_reload_latency,
+    render_reload_rss,
+};
 use weir_bench::{bodies, procfs};
 
 /// Command line.
@@ -90,6 +97,60 @@ struct Args {
     /// The command line recorded in the report.
     #[arg(long, default_value = "bench/run.sh")]
     command: String,
+    /// Scenarios to run, comma-separated; all when absent. `reload` means both hot-reload
+    /// scenarios. The report then holds only the tables of those that ran.
+    #[arg(long, value_delimiter = ',', value_enum)]
+    only: Vec<Scenario>,
+    /// Hot reloads per Weir target in the memory-over-reloads scenario (RSS is read after
+    /// 10, 50 and 100 of them, as far as they go, and after the last).
+    #[arg(long, default_value_t = 100)]
+    reloads: u32,
+    /// Config rewrites timed in the reload-latency scenario with the file watcher at a 50 ms
+    /// debounce; a quarter as many (at least 3) at the default debounce and through the admin
+    /// API.
+    #[arg(long, default_value_t = 20)]
+    reload_writes: u32,
+    /// The six-plugin fragment of the reload-latency scenario (`@PLUGINS@`, `@RPM@`).
+    #[arg(long, default_value = "bench/configs/six-plugins.toml")]
+    six_plugins_config: PathBuf,
+    /// wasmtime's on-disk cache of compiled plugins (`WEIR_WASM_CACHE`) for every Weir the
+    /// suite starts; kept between runs.
+    #[arg(long, default_value = "target/weir-bench/wasm-cache")]
+    wasm_cache: PathBuf,
+}
+
+/// What `--only` selects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Scenario {
+    /// Non-streaming chat at c1, c16, c64.
+    Chat,
+    /// Streams without delay at c1 and c16.
+    Stream,
+    /// Many concurrent slow streams.
+    Slow,
+    /// RSS after start and over 100 hot reloads.
+    ReloadRss,
+    /// Six-plugin reload: write -> generation -> first answer.
+    ReloadLatency,
+    /// Both hot-reload scenarios.
+    Reload,
+}
+
+impl Args {
+    /// Whether `--only` lets `s` run.
+    fn wants(&self, s: Scenario) -> bool {
+        self.only.is_empty()
+            || self.only.contains(&s)
+            || (matches!(s, Scenario::ReloadRss | Scenario::ReloadLatency)
+                && self.only.contains(&Scenario::Reload))
+    }
+
+    /// Whether any scenario needs nginx and the long-lived Weir targets.
+    fn wants_side_by_side(&self) -> bool {
+        [Scenario::Chat, Scenario::Stream, Scenario::Slow]
+            .into_iter()
+            .any(|s| self.wants(s))
+    }
 }
 
 const BEGIN: &str = "<!-- suite:begin -->";
@@ -134,6 +195,7 @@ fn spawn_pinned(
     cpu: u32,
     program: &Path,
     args: &[&str],
+    envs: &[(&str, &Path)],
     dir: &Path,
 ) -> anyhow::Result<Proc> {
     let log = dir.join(format!("{name}.log"));
@@ -143,6 +205,7 @@ fn spawn_pinned(
         .arg(cpu.to_string())
         .arg(program)
         .args(args)
+        .envs(envs.iter().copied())
         .stdin(Stdio::null())
         .stdout(out.try_clone()?)
         .stderr(out)
@@ -227,6 +290,12 @@ struct Report {
     idle_rss_kib: Vec<(String, u64)>,
     end_rss_kib: Vec<(String, u64)>,
     skipped: Vec<(String, String)>,
+    /// RSS over hot reloads, per Weir target.
+    reload_rss: Vec<ReloadRss>,
+    /// Six-plugin reload series.
+    reload_latency: Vec<ReloadLatency>,
+    /// Hot-reload scenarios that could not run or failed, with the reason.
+    reload_failed: Vec<(String, String)>,
 }
 
 #[derive(Debug, Serialize)]
@@ -243,6 +312,8 @@ struct Env {
     dir: PathBuf,
     mock_pid: u32,
     bodies: PathBuf,
+    /// `--wasm-cache`, absolute.
+    wasm_cache: PathBuf,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -285,13 +356,16 @@ fn run(args: Args, dir: &Path) -> anyhow::Result<()> {
             "--chunks",
             &args.chunks.to_string(),
         ],
+        &[],
         dir,
     )?;
     wait_port(&mut mock, mock_port)?;
+    fs::create_dir_all(&args.wasm_cache)?;
     let env = Env {
         mock_pid: mock.pid(),
         bodies: bodies_dir,
         dir: dir.to_owned(),
+        wasm_cache: fs::canonicalize(&args.wasm_cache)?,
         args,
     };
     let slow_headers = vec![format!("x-mock-delay-ms: {}", env.args.slow_delay_ms)];
@@ -305,64 +379,29 @@ fn run(args: Args, dir: &Path) -> anyhow::Result<()> {
         proc: None,
         idle_rss_kib: None,
     }];
-    targets.push(start_nginx(&env, mock_port, slow_headers.clone())?);
     let mut skipped = Vec::new();
-    targets.push(start_weir(
-        &env,
-        mock_port,
-        "weir",
-        "Weir, no plugins",
-        "info",
-        None,
-    )?);
-    targets.push(start_weir(
-        &env,
-        mock_port,
-        "weir-quiet",
-        "Weir, no plugins, log level warn",
-        "warn",
-        None,
-    )?);
-    match &env.args.chain_config {
-        Some(path) => match start_weir(
-            &env,
-            mock_port,
-            "weir-chain",
-            "Weir, default chain",
-            "info",
-            Some(path),
-        ) {
-            Ok(t) => targets.push(t),
-            Err(e) => skipped.push((
-                "Weir, default chain".to_owned(),
-                first_line(&format!("{e:#}")),
-            )),
-        },
-        None => skipped.push((
-            "Weir, default chain".to_owned(),
-            "no chain config given".to_owned(),
-        )),
+    if env.args.wants_side_by_side() {
+        start_side_by_side(&env, mock_port, &slow_headers, &mut targets, &mut skipped)?;
     }
 
     let mut runs = Vec::new();
     let d = env.args.duration;
+    // Each scenario's runs, or none when `--only` leaves it out.
+    let args = &env.args;
+    let runs_of = |s| targets.iter().filter(move |_| args.wants(s));
     for c in [1, 16, 64] {
-        for t in &targets {
+        for t in runs_of(Scenario::Chat) {
             runs.push(measure(&env, t, "chat", c, Tool::Wrk, d)?);
         }
     }
+    // Streams: the log-level variant only matters for the plain request path.
+    let streamed = |s| runs_of(s).filter(|t| !t.label.contains("log level warn"));
     for c in [1, 16] {
-        for t in &targets {
-            if t.label.contains("log level warn") {
-                continue;
-            }
+        for t in streamed(Scenario::Stream) {
             runs.push(measure(&env, t, "stream", c, Tool::Load, d)?);
         }
     }
-    for t in &targets {
-        if t.label.contains("log level warn") {
-            continue;
-        }
+    for t in streamed(Scenario::Slow) {
         // Each slow stream takes about chunks x delay; measure a few generations of them.
         let secs = (env.args.chunks as f64 * env.args.slow_delay_ms as f64 / 1000.0 * 4.0).max(d);
         runs.push(measure(
@@ -392,6 +431,21 @@ fn run(args: Args, dir: &Path) -> anyhow::Result<()> {
         .iter()
         .filter_map(|t| Some((t.label.clone(), t.idle_rss_kib?)))
         .collect();
+    // The long-lived targets are done: stop them before the hot-reload scenarios start
+    // their own gateways on the same CPU.
+    targets.retain(|t| t.proc.is_none());
+
+    let mut reload_failed = Vec::new();
+    let reload_rss = if env.args.wants(Scenario::ReloadRss) {
+        hot_reload::memory(&env, mock_port, &mut reload_failed)
+    } else {
+        Vec::new()
+    };
+    let reload_latency = if env.args.wants(Scenario::ReloadLatency) {
+        hot_reload::latency(&env, mock_port, &mut reload_failed)
+    } else {
+        Vec::new()
+    };
 
     let report = Report {
         date: command_output("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
@@ -407,6 +461,9 @@ fn run(args: Args, dir: &Path) -> anyhow::Result<()> {
         idle_rss_kib,
         end_rss_kib,
         skipped,
+        reload_rss,
+        reload_latency,
+        reload_failed,
     };
     drop(targets);
     drop(mock);
@@ -427,6 +484,58 @@ fn run(args: Args, dir: &Path) -> anyhow::Result<()> {
         env.args.out.display(),
         env.args.json.display()
     );
+    if let Some((what, why)) = report.reload_failed.first() {
+        bail!("{what}: {why}");
+    }
+    Ok(())
+}
+
+/// nginx and the long-lived Weir targets of the side-by-side scenarios.
+fn start_side_by_side(
+    env: &Env,
+    mock_port: u16,
+    slow_headers: &[String],
+    targets: &mut Vec<Target>,
+    skipped: &mut Vec<(String, String)>,
+) -> anyhow::Result<()> {
+    targets.push(start_nginx(env, mock_port, slow_headers.to_vec())?);
+    targets.push(start_weir(
+        env,
+        mock_port,
+        "weir",
+        "Weir, no plugins",
+        "info",
+        None,
+    )?);
+    targets.push(start_weir(
+        env,
+        mock_port,
+        "weir-quiet",
+        "Weir, no plugins, log level warn",
+        "warn",
+        None,
+    )?);
+    match &env.args.chain_config {
+        Some(path) => match start_weir(
+            env,
+            mock_port,
+            "weir-chain",
+            "Weir, default chain",
+            "info",
+            Some(path),
+        ) {
+            Ok(t) => targets.push(t),
+            Err(e) => skipped.push((
+                "Weir, default chain".to_owned(),
+                first_line(&format!("{e:#}")),
+            )),
+        },
+        None => skipped.push((
+            "Weir, default chain".to_owned(),
+            "no chain config given".to_owned(),
+        )),
+    }
+
     Ok(())
 }
 
@@ -488,6 +597,7 @@ http {{
         env.args.proxy_cpu,
         &env.args.nginx,
         &["-p", &prefix, "-c", &conf_arg],
+        &[],
         &env.dir,
     )?;
     wait_port(&mut p, port)?;
@@ -513,11 +623,41 @@ fn start_weir(
     chain: Option<&PathBuf>,
 ) -> anyhow::Result<Target> {
     let port = free_port()?;
-    let (model, slow_model) = if chain.is_some() {
+    let (model, slow_model) = weir_models(chain.is_some());
+    let conf = weir_config(env, port, mock_port, level, chain.map(PathBuf::as_path), "")?;
+    let (p, _, idle) = launch_weir(env, name, port, &conf)?;
+    Ok(Target {
+        label: label.to_owned(),
+        base: format!("http://127.0.0.1:{port}"),
+        model,
+        slow_model,
+        slow_headers: Vec::new(),
+        proc: Some(p),
+        idle_rss_kib: idle,
+    })
+}
+
+/// The models of a Weir config: normal and slow streams, with or without the chain.
+fn weir_models(chain: bool) -> (&'static str, &'static str) {
+    if chain {
         ("bench-chain", "bench-chain-slow")
     } else {
         ("bench", "bench-slow")
-    };
+    }
+}
+
+/// A Weir config listening on `port`: log level, the mock providers and the models
+/// (`bench`, `bench-slow`, or `bench-chain`, `bench-chain-slow` with a chain), then `extra`
+/// (more sections), then the chain fragment with `@PLUGINS@` replaced.
+fn weir_config(
+    env: &Env,
+    port: u16,
+    mock_port: u16,
+    level: &str,
+    chain: Option<&Path>,
+    extra: &str,
+) -> anyhow::Result<String> {
+    let (model, slow_model) = weir_models(chain.is_some());
     let mut conf = format!(
         r#"[server]
 listen = "127.0.0.1:{port}"
@@ -547,6 +687,7 @@ targets = [{{ provider = "mock-slow", model = "mock-model" }}]
 "#,
         delay = env.args.slow_delay_ms,
     );
+    conf.push_str(extra);
     if let Some(path) = chain {
         conf.push('\n');
         let plugins = fs::canonicalize(&env.args.plugins_dir)
@@ -555,6 +696,19 @@ targets = [{{ provider = "mock-slow", model = "mock-model" }}]
             fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         conf.push_str(&fragment.replace("@PLUGINS@", &plugins.to_string_lossy()));
     }
+    Ok(conf)
+}
+
+/// Writes `conf` to `<dir>/<name>/weir.toml`, has `weir check` accept it (which also
+/// compiles the WASM plugins into the on-disk cache), starts `weir serve` on the proxy CPU
+/// and waits for `port`. Returns the process, the config path and the RSS 500 ms after the
+/// port opened.
+fn launch_weir(
+    env: &Env,
+    name: &str,
+    port: u16,
+    conf: &str,
+) -> anyhow::Result<(Proc, PathBuf, Option<u64>)> {
     // Each instance in its own folder: state (sled) is kept beside the config by default.
     let conf_dir = env.dir.join(name);
     fs::create_dir_all(&conf_dir)?;
@@ -563,6 +717,7 @@ targets = [{{ provider = "mock-slow", model = "mock-model" }}]
     let conf_arg = conf_path.to_string_lossy().into_owned();
     let check = Command::new(&env.args.weir)
         .args(["check", "--config", &conf_arg])
+        .env("WEIR_WASM_CACHE", &env.wasm_cache)
         .output()?;
     if !check.status.success() {
         bail!(
@@ -577,20 +732,13 @@ targets = [{{ provider = "mock-slow", model = "mock-model" }}]
         env.args.proxy_cpu,
         &env.args.weir,
         &["serve", "--config", &conf_arg, "--listen", &listen],
+        &[("WEIR_WASM_CACHE", &env.wasm_cache)],
         &env.dir,
     )?;
     wait_port(&mut p, port)?;
     std::thread::sleep(Duration::from_millis(500));
     let idle = procfs::rss_kib(p.pid()).ok();
-    Ok(Target {
-        label: label.to_owned(),
-        base: format!("http://127.0.0.1:{port}"),
-        model,
-        slow_model,
-        slow_headers: Vec::new(),
-        proc: Some(p),
-        idle_rss_kib: idle,
-    })
+    Ok((p, conf_path, idle))
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -1039,18 +1187,55 @@ fn render(r: &Report, args: &Args) -> String {
             Some(ch.proxy_cpu_us.unwrap_or(f64::MAX) <= 50.0),
         );
     }
-    row(
-        "Flat RSS after 100 hot reloads",
-        "not yet measured: hot reload not landed".into(),
-        "flat".into(),
-        None,
-    );
+    for x in &r.reload_rss {
+        let growth = x.growth_after_first_kib().unwrap_or(i64::MAX);
+        let first = x.checkpoints.first().map_or(0, |&(n, _)| n);
+        let last = x.checkpoints.last().map_or(0, |&(n, _)| n);
+        row(
+            &format!("{}: RSS flat over {last} hot reloads", x.target),
+            format!(
+                "{:+.1} MiB from reload {first} to {last} ({} after start, {} after {last})",
+                growth as f64 / 1024.0,
+                mib(x.idle_kib),
+                x.last_kib().map_or_else(|| "-".into(), mib),
+            ),
+            format!(
+                "flat: <= +{} MiB from reload {first} to {last}",
+                hot_reload::FLAT_KIB / 1024
+            ),
+            Some(growth <= hot_reload::FLAT_KIB && x.failures == 0),
+        );
+    }
+    if let Some(x) = r.reload_latency.first() {
+        let p50 = percentile(&x.to_answer_ms, 50.0);
+        let worst = max(&x.to_answer_ms);
+        row(
+            &format!(
+                "Six-plugin reload, write -> first answer of the new version ({})",
+                x.trigger
+            ),
+            format!(
+                "p50 {p50:.0} ms, max {worst:.0} ms ({} reloads, {} of {} requests failed)",
+                x.to_answer_ms.len(),
+                x.failures,
+                x.requests
+            ),
+            format!("<= {RELOAD_AIM_MS:.0} ms, no failed request"),
+            Some(worst <= RELOAD_AIM_MS && x.failures == 0),
+        );
+    }
+    for (what, why) in &r.reload_failed {
+        row(what, format!("failed: {why}"), "-".into(), None);
+    }
 
-    let _ = writeln!(s, "\n### Non-streaming chat, ~1 KB prompt (wrk)\n");
-    let _ = writeln!(
-        s,
-        "| Target | Concurrency | RPS | p50 | p99 | Proxy CPU / req (µs) | Mock CPU / req (µs) | Errors |\n|---|---:|---:|---:|---:|---:|---:|---:|"
-    );
+    let ran = |sc: &str| r.runs.iter().any(|x| x.scenario == sc);
+    if ran("chat") {
+        let _ = writeln!(s, "\n### Non-streaming chat, ~1 KB prompt (wrk)\n");
+        let _ = writeln!(
+            s,
+            "| Target | Concurrency | RPS | p50 | p99 | Proxy CPU / req (µs) | Mock CPU / req (µs) | Errors |\n|---|---:|---:|---:|---:|---:|---:|---:|"
+        );
+    }
     for x in r.runs.iter().filter(|x| x.scenario == "chat") {
         let _ = writeln!(
             s,
@@ -1078,6 +1263,9 @@ fn render(r: &Report, args: &Args) -> String {
             "slow",
         ),
     ] {
+        if !ran(sc) {
+            continue;
+        }
         let _ = writeln!(s, "\n### {label}\n");
         let _ = writeln!(
             s,
@@ -1103,11 +1291,13 @@ fn render(r: &Report, args: &Args) -> String {
             );
         }
     }
-    let _ = writeln!(s, "\n### Memory\n");
-    let _ = writeln!(
-        s,
-        "| Target | RSS after start | RSS at the end of the run |\n|---|---:|---:|"
-    );
+    if !r.idle_rss_kib.is_empty() {
+        let _ = writeln!(s, "\n### Memory\n");
+        let _ = writeln!(
+            s,
+            "| Target | RSS after start | RSS at the end of the run |\n|---|---:|---:|"
+        );
+    }
     for (t, idle) in &r.idle_rss_kib {
         let end = r
             .end_rss_kib
@@ -1118,6 +1308,23 @@ fn render(r: &Report, args: &Args) -> String {
     }
     for (t, why) in &r.skipped {
         let _ = writeln!(s, "\n**{t}: not yet measured** ({why}).");
+    }
+    if !r.reload_rss.is_empty() {
+        let _ = writeln!(s, "\n### Memory over hot reloads\n");
+        s.push_str(&render_reload_rss(
+            &r.reload_rss,
+            &hot_reload::memory_note(args),
+        ));
+    }
+    if !r.reload_latency.is_empty() {
+        let _ = writeln!(s, "\n### Hot reload: six plugins, write to live\n");
+        s.push_str(&render_reload_latency(
+            &r.reload_latency,
+            &hot_reload::latency_note(args, &r.reload_latency),
+        ));
+    }
+    for (what, why) in &r.reload_failed {
+        let _ = writeln!(s, "\n**{what}: failed** ({why}).");
     }
     let errors: Vec<_> = r
         .runs
