@@ -1,8 +1,12 @@
-//! Hot reload through the real binary: config and Lua policy rewritten under steady load
-//! (some versions broken), a long stream across a reload, memory after 100 reloads.
+//! Hot reload through the real binary: config, Lua policy and WASM plugin rewritten under
+//! steady load (some versions broken), a long stream across a reload, memory after 100
+//! reloads.
 //!
 //! These tests need the config file's path, so they start `weir` with [`Managed`] (same
 //! shape as [`crate::support::TestGateway`], plus the path, the admin API and the pid).
+//!
+//! The WASM case uses the fixture plugin in `tests/fixtures/wasm/versioned`, built by
+//! `scripts/build-plugins.sh` (which `scripts/test.sh` runs first).
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read};
@@ -76,6 +80,9 @@ impl Managed {
             .arg(addr.to_string())
             .env_remove("RUST_LOG")
             .env("NO_COLOR", "1")
+            // Compiled WASM is cached per test, not in the user's cache: every component a
+            // test writes is compiled (and timed) as an operator's first deploy of it would be.
+            .env("WEIR_WASM_CACHE", dir.path().join(".wasm-cache"))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -637,6 +644,183 @@ async fn lua_policy_rewritten_under_load_never_fails_a_request() {
         println!(
             "Lua policy reload under load: {} valid + {broken} broken versions, {requests} requests, 0 failed; write -> first response on the new version: p50 {p50:.0} ms, max {max:.0} ms; kv counter {hits} after all reloads",
             valid.len()
+        );
+    })
+    .await;
+}
+
+/// Where the version sits in the versioned fixture: after this prefix, [`WASM_VERSION_LEN`]
+/// characters (see `tests/fixtures/wasm/versioned/src/lib.rs`).
+const WASM_MARKER: &[u8] = b"weir-version:";
+
+/// Length of a version of the versioned fixture (`v0000`).
+const WASM_VERSION_LEN: usize = 5;
+
+/// The versioned fixture's folder.
+fn versioned_fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/wasm/versioned")
+}
+
+/// The versioned fixture's component (built from source, never committed) and the offset
+/// of its version.
+fn versioned_wasm() -> (Vec<u8>, usize) {
+    let path = versioned_fixture().join("plugin.wasm");
+    let wasm = std::fs::read(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e}: run scripts/build-plugins.sh tests/fixtures/wasm/versioned \
+             (scripts/test.sh builds every fixture) before the e2e tests",
+            path.display()
+        )
+    });
+    let found: Vec<usize> = wasm
+        .windows(WASM_MARKER.len())
+        .enumerate()
+        .filter(|(_, w)| *w == WASM_MARKER)
+        .map(|(i, _)| i + WASM_MARKER.len())
+        .collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "{}: the version marker must appear exactly once",
+        path.display()
+    );
+    (wasm, found[0])
+}
+
+/// The component with its version set to `version` (same length: nothing else moves).
+fn wasm_version(wasm: &[u8], at: usize, version: &str) -> Vec<u8> {
+    assert_eq!(version.len(), WASM_VERSION_LEN, "{version}");
+    let mut out = wasm.to_vec();
+    out[at..at + WASM_VERSION_LEN].copy_from_slice(version.as_bytes());
+    out
+}
+
+/// The three kinds of broken component, in turn: truncated, garbage, `init` fails.
+fn broken_wasm(wasm: &[u8], at: usize, i: usize) -> (Vec<u8>, &'static str) {
+    match (i / 4) % 3 {
+        // A new build cut short (a copy that has not finished).
+        0 => {
+            let whole = wasm_version(wasm, at, &format!("T{i:04}"));
+            (whole[..whole.len() / 2 + i].to_vec(), "compile")
+        }
+        // Not WASM at all (deterministic noise, a different length each time).
+        1 => {
+            let mut x = 0x9e37_79b9_u32.wrapping_mul(u32::try_from(i).unwrap());
+            let noise = (0..4096 + i)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 17;
+                    x ^= x << 5;
+                    x.to_le_bytes()[0]
+                })
+                .collect();
+            (noise, "compile")
+        }
+        // A valid component whose `init` refuses to start.
+        _ => (wasm_version(wasm, at, &format!("FAIL{}", i % 10)), "init"),
+    }
+}
+
+/// How long the reload that made `generation` serve took (read, hash, compile, instantiate,
+/// `init`, swap), from the admin status's last reload. The swap comes before that
+/// bookkeeping, so responses show a new version a moment before the status does; `None` if
+/// a later reload (an extra file event finding nothing new) already took its place.
+async fn reload_duration_of(gw: &Managed, generation: u64) -> Option<Duration> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let last = gw.status().await["reload"]["last"].clone();
+        if last["generation"].as_u64() >= Some(generation) {
+            return (last["generation"].as_u64() == Some(generation)
+                && last["outcome"] == "success")
+                .then(|| Duration::from_secs_f64(last["duration_ms"].as_f64().unwrap() / 1000.0));
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the status never showed generation {generation}: {last}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn version_header(resp: &Resp) -> String {
+    resp.header("x-version")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn wasm_plugin_rewritten_under_load_never_fails_a_request() {
+    let (wasm, at) = versioned_wasm();
+    let manifest = std::fs::read(versioned_fixture().join("plugin.toml")).unwrap();
+    bounded(async {
+        let admin = free_addr();
+        let config = format!(
+            "{}\n[[plugins]]\npath = \"versioned\"\n",
+            mock_config(admin, "ok", "")
+        );
+        let gw = Managed::start_with(admin, &config, |dir| {
+            std::fs::create_dir(dir.join("versioned")).unwrap();
+            std::fs::write(dir.join("versioned/plugin.toml"), &manifest).unwrap();
+            std::fs::write(dir.join("versioned/plugin.wasm"), &wasm).unwrap();
+        })
+        .await;
+        let file = gw.dir.path().join("versioned/plugin.wasm");
+        let load = Load::start(&gw.client, 6, version_header);
+        assert!(load.wait_seen("v0000", Duration::from_secs(5)).await.is_some());
+        let mut latencies = Vec::new();
+        let mut builds = Vec::new();
+        let mut broken = 0;
+        let mut valid = vec!["v0000".to_owned()];
+        let mut generation = gw.status().await["generation"].as_u64().unwrap();
+        for i in 1..=24 {
+            if i % 4 == 3 {
+                let (bytes, kind) = broken_wasm(&wasm, at, i);
+                let before = failures_counted(&gw).await;
+                replace_file(&file, &bytes);
+                let err = wait_failure(&gw, before).await;
+                assert_eq!(err["plugin"], "versioned", "{kind}: names the plugin: {err}");
+                let message = err["message"].as_str().unwrap();
+                assert!(message.contains(kind), "{kind}: {err}");
+                broken += 1;
+                continue;
+            }
+            let version = format!("v{i:04}");
+            let bytes = wasm_version(&wasm, at, &version);
+            let written = Instant::now();
+            if i % 2 == 0 {
+                replace_file(&file, &bytes);
+            } else {
+                // In place, as `cp new.wasm plugin.wasm` does: the debounce waits it out.
+                std::fs::write(&file, &bytes).unwrap();
+            }
+            let seen = load
+                .wait_seen(&version, Duration::from_secs(15))
+                .await
+                .unwrap_or_else(|| panic!("{version} never took effect"));
+            latencies.push(seen.saturating_duration_since(written));
+            generation += 1;
+            builds.extend(reload_duration_of(&gw, generation).await);
+            valid.push(version);
+        }
+        let (requests, failures, seen) = load.stop().await;
+        assert!(
+            failures.is_empty(),
+            "{} of {requests} requests failed: {:?}",
+            failures.len(),
+            &failures[..failures.len().min(5)]
+        );
+        for v in &valid {
+            assert!(seen.contains_key(v), "{v} never answered");
+        }
+        let leaked: Vec<_> = seen.keys().filter(|k| !valid.contains(k)).collect();
+        assert!(leaked.is_empty(), "unexpected versions answered: {leaked:?}");
+        let counted = failures_counted(&gw).await;
+        assert!(counted >= broken, "{counted} failed reloads counted, {broken} broken versions written");
+        let (p50, max) = summary(latencies);
+        let builds_n = builds.len();
+        let (build_p50, build_max) = summary(builds);
+        println!(
+            "WASM plugin reload under load: {} valid + {broken} broken versions, {requests} requests, 0 failed; write -> first response on the new version: p50 {p50:.0} ms, max {max:.0} ms (debounce 100 ms; the reload itself, compile included: p50 {build_p50:.0} ms, max {build_max:.0} ms, of {} reloads)",
+            valid.len() - 1,
+            builds_n,
         );
     })
     .await;
