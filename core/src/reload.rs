@@ -1107,6 +1107,28 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_config_without_models_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("weir.toml");
+        std::fs::write(&path, GOOD.replace("REPLY", "v1")).unwrap();
+        let (gw, r) = start(dir.path(), Arc::new(MemoryStore::new()));
+        // A save cut short before `[[models]]`: valid TOML, nothing to serve.
+        let half = &GOOD[..GOOD.find("[[models]]").unwrap()];
+        std::fs::write(&path, half).unwrap();
+        let Outcome::Failure(f) = r.reload(Trigger::Watch).await else {
+            panic!("must fail")
+        };
+        assert_eq!(f.key.as_deref(), Some("models"), "{f:?}");
+        assert!(f.message.contains("config defines no models"), "{f:?}");
+        assert!(f.file.as_deref().unwrap().ends_with("weir.toml"));
+        assert_eq!(reply(&gw), "v1");
+        assert_eq!(r.stats().failure, 1);
+        // Startup (and `weir check`) refuse it the same way.
+        let err = Config::load(&path).unwrap_err().to_string();
+        assert!(err.contains("config defines no models"), "{err}");
+    }
+
+    #[tokio::test]
     async fn keeps_only_the_configured_number_of_generations() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("weir.toml");

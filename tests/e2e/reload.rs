@@ -346,15 +346,23 @@ pub fn summary(mut v: Vec<Duration>) -> (f64, f64) {
     (ms(v[v.len() / 2]), ms(*v.last().unwrap()))
 }
 
-/// The three kinds of broken config, in turn.
+/// The four kinds of broken config, in turn.
 fn broken_config(admin: SocketAddr, i: usize) -> (String, &'static str) {
     let reply = format!("BROKEN-{i}");
-    match (i / 4) % 3 {
+    match (i / 4) % 4 {
         0 => (
             mock_config(admin, &reply, "").replace("[[models]]", "[[models]"),
             "syntax error",
         ),
         1 => (mock_config(admin, &reply, "no_such_key = 1"), "unknown key"),
+        // A save cut short before the models: valid TOML, nothing to serve.
+        2 => {
+            let whole = mock_config(admin, &reply, "");
+            (
+                whole[..whole.find("[[models]]").unwrap()].to_owned(),
+                "no models",
+            )
+        }
         _ => (
             mock_config(admin, &reply, "").replace("provider = \"local\"", "provider = \"nope\""),
             "unknown provider",
@@ -382,7 +390,11 @@ async fn config_rewritten_under_load_never_fails_a_request() {
                     err["file"].as_str().unwrap().ends_with("weir.toml"),
                     "{kind}: the error names the file: {err}"
                 );
-                if kind != "syntax error" {
+                if kind == "no models" {
+                    assert_eq!(err["key"], "models", "{kind}: {err}");
+                    let message = err["message"].as_str().unwrap();
+                    assert!(message.contains("config defines no models"), "{err}");
+                } else if kind != "syntax error" {
                     assert!(err["key"].is_string(), "{kind}: the error names the key: {err}");
                 } else {
                     assert!(err["line"].is_u64(), "{kind}: the error names the line: {err}");

@@ -295,6 +295,16 @@ impl Config {
             let entry = provider::build(name, spec)?;
             providers.insert(name.clone(), Arc::new(entry));
         }
+        // Without models, every request 404s unless a plugin answers or routes it. A file
+        // that parses but defines none is far more often a mistake (a half-written save, the
+        // wrong file) than a wish, and a reload must not swap it in: refused here, so at
+        // startup, `weir check` and reload alike.
+        if file.models.is_empty() {
+            return Err(ConfigError::invalid(
+                "models",
+                "config defines no models (add at least one [[models]] entry)",
+            ));
+        }
         let mut models = HashMap::new();
         let mut model_order = Vec::new();
         for (i, m) in file.models.iter().enumerate() {
