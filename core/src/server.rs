@@ -166,8 +166,6 @@ fn span_for(id: &str, route: &'static str, dialect: Dialect) -> tracing::Span {
         route,
         dialect = dialect.as_str(),
         model = tracing::field::Empty,
-        provider = tracing::field::Empty,
-        status = tracing::field::Empty,
     )
 }
 

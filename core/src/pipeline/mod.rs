@@ -19,6 +19,7 @@
 //! A request takes [`Gateway::snapshot`] once at the start and keeps that snapshot (config,
 //! HTTP clients, plugins) until its last byte, so a reload never changes a request in flight.
 
+pub mod client;
 pub mod ctx;
 pub mod error;
 pub mod stream;
@@ -93,7 +94,7 @@ pub struct Snapshot {
     /// The generation that accepted this snapshot (0 until [`crate::reload`] numbers it).
     pub generation: u64,
     /// One pooled HTTP client per provider.
-    clients: HashMap<String, reqwest::Client>,
+    clients: HashMap<String, client::HttpClient>,
 }
 
 impl Snapshot {
@@ -102,20 +103,11 @@ impl Snapshot {
     pub fn build(config: Config, services: &Services) -> Result<Snapshot, GatewayError> {
         let mut clients = HashMap::new();
         for (name, entry) in &config.providers {
-            let client = reqwest::Client::builder()
-                .connect_timeout(entry.timeouts.connect)
-                .pool_idle_timeout(Duration::from_secs(90))
-                .pool_max_idle_per_host(256)
-                .tcp_nodelay(true)
-                // Weir retries and falls back itself; following a redirect would carry the
-                // provider's key to another host.
-                .redirect(reqwest::redirect::Policy::none())
-                .retry(reqwest::retry::never())
-                .user_agent(concat!("weir/", env!("CARGO_PKG_VERSION")))
-                .build()
-                .map_err(|e| {
-                    GatewayError::Internal(format!("HTTP client for provider {name}: {e}"))
-                })?;
+            // No redirects are followed (a redirect would carry the provider's key to another
+            // host) and nothing is retried below the pipeline's own retry and fallback.
+            let client = client::HttpClient::new(entry.timeouts.connect).map_err(|e| {
+                GatewayError::Internal(format!("HTTP client for provider {name}: {e}"))
+            })?;
             clients.insert(name.clone(), client);
         }
         let plugins = Plugins::load(&config, services.state.clone(), &services.plugin_metrics)
@@ -299,9 +291,10 @@ impl Drop for Accounting {
                 .with_label_values(&[self.model.as_str(), "output"])
                 .inc_by(u.completion_tokens);
         }
+        // Provider and status go on the final line rather than into the span: recording a
+        // span field makes the log formatter re-format the span's fields.
         let _enter = self.span.enter();
-        self.span.record("provider", provider);
-        self.span.record("status", self.status.as_u16());
+        let status = self.status.as_u16();
         let latency_ms = elapsed.as_secs_f64() * 1000.0;
         let (tokens_in, tokens_out) = self
             .usage
@@ -309,15 +302,25 @@ impl Drop for Accounting {
             .unwrap_or((0, 0));
         if !self.complete {
             tracing::info!(
+                provider,
+                status,
                 latency_ms,
                 tokens_in,
                 tokens_out,
                 "Client went away before the response ended."
             );
         } else if let Some(reason) = self.error {
-            tracing::info!(latency_ms, error = reason, "Request failed.");
+            tracing::info!(
+                provider,
+                status,
+                latency_ms,
+                error = reason,
+                "Request failed."
+            );
         } else {
             tracing::info!(
+                provider,
+                status,
                 latency_ms,
                 tokens_in,
                 tokens_out,
@@ -468,8 +471,14 @@ pub async fn chat(gw: &Arc<Gateway>, mut ctx: RequestCtx) -> Response {
         retry: snap.config.retry,
         metrics: &gw.metrics,
     };
-    // Forward upstream chunks untouched only when nobody needs to see or change them.
-    let passthrough_ok = dialect == Dialect::OpenAi && !chain.wants_chunks();
+    // Forward the upstream answer (body or chunks) untouched only when the client speaks the
+    // same dialect and no plugin needs to see or change it.
+    let passthrough_ok = dialect == Dialect::OpenAi
+        && if stream {
+            !chain.wants_chunks()
+        } else {
+            !chain.wants_response()
+        };
     let served = match up.chat(req, &targets, passthrough_ok).await {
         Ok(s) => s,
         Err(e) => {
@@ -489,6 +498,12 @@ pub async fn chat(gw: &Arc<Gateway>, mut ctx: RequestCtx) -> Response {
     acct.upstream_time = upstream_time;
     tracing::debug!(provider = %target.provider.name, upstream_model = %target.model, attempts, "Upstream answered.");
     match answer {
+        Answer::Raw { body, usage } => {
+            acct.usage = usage;
+            acct.complete = true;
+            acct.metadata.clone_from(&ctx.metadata);
+            with_plugin_headers(json_response(StatusCode::OK, body), &ctx.metadata)
+        }
         Answer::Json(mut resp) => {
             acct.usage = resp.usage;
             match chain.on_response(&mut ctx, &mut resp) {
@@ -675,8 +690,8 @@ fn fail_ref(acct: &mut Accounting, e: GatewayError, dialect: Dialect) -> Respons
 }
 
 /// A JSON response from already-encoded bytes.
-pub fn json_response(status: StatusCode, body: Vec<u8>) -> Response {
-    let mut resp = (status, body).into_response();
+pub fn json_response(status: StatusCode, body: impl Into<Bytes>) -> Response {
+    let mut resp = (status, body.into()).into_response();
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),

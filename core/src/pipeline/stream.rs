@@ -39,7 +39,7 @@ pub enum StreamItem {
 
 enum Source {
     Http {
-        body: BoxStream<'static, reqwest::Result<bytes::Bytes>>,
+        body: BoxStream<'static, Result<bytes::Bytes, super::client::HttpError>>,
         parser: SseParser,
         decoder: Box<dyn StreamDecoder>,
         passthrough: bool,
@@ -64,7 +64,7 @@ pub struct ChunkStream {
 impl ChunkStream {
     /// A stream over an HTTP response body.
     pub fn http(
-        resp: reqwest::Response,
+        resp: http::Response<hyper::body::Incoming>,
         decoder: Box<dyn StreamDecoder>,
         passthrough: bool,
         provider: String,
@@ -73,7 +73,7 @@ impl ChunkStream {
     ) -> Self {
         ChunkStream {
             source: Source::Http {
-                body: resp.bytes_stream().boxed(),
+                body: super::client::data_stream(resp.into_body()),
                 parser: SseParser::new(),
                 decoder,
                 passthrough,

@@ -12,6 +12,7 @@ use bytes::Bytes;
 use http::StatusCode;
 use tokio::time::timeout_at;
 
+use super::client::{self, HttpClient, HttpError};
 use super::error::GatewayError;
 use super::stream::ChunkStream;
 use crate::api::openai::{ChatRequest, ChatResponse, EmbeddingsRequest, EmbeddingsResponse};
@@ -59,6 +60,15 @@ impl AttemptError {
 pub enum Answer<T> {
     /// A complete JSON response.
     Json(T),
+    /// A complete OpenAI-shaped JSON response to forward byte for byte (checked to be a chat
+    /// completion, usage read): only when the client speaks OpenAI and no plugin wants to see
+    /// or change the response.
+    Raw {
+        /// The upstream body.
+        body: Bytes,
+        /// The usage it reports.
+        usage: Option<crate::api::openai::Usage>,
+    },
     /// A stream whose first item has already arrived.
     Stream(Box<ChunkStream>),
 }
@@ -78,7 +88,7 @@ pub struct Served<T> {
 /// The upstream side of the pipeline: shared HTTP clients and the retry policy.
 pub struct Upstream<'a> {
     /// HTTP client per provider name (one pool per provider, with its connect timeout).
-    pub clients: &'a std::collections::HashMap<String, reqwest::Client>,
+    pub clients: &'a std::collections::HashMap<String, HttpClient>,
     /// Retry policy.
     pub retry: Retry,
     /// Metrics.
@@ -258,6 +268,12 @@ impl Upstream<'_> {
             }
         } else {
             let body = read_body(entry, resp, deadline).await?;
+            if passthrough_ok && provider.passthrough_stream() {
+                // Same dialect both ways and nobody looks: forward the bytes, read only usage.
+                return crate::provider::openai::peek_chat_response(&body)
+                    .map(|usage| Answer::Raw { body, usage })
+                    .map_err(|e| translate_error(entry, e));
+            }
             provider
                 .chat_response(&body, &target.model)
                 .map(Answer::Json)
@@ -293,7 +309,7 @@ impl Upstream<'_> {
         provider: &dyn Provider,
         up: UpstreamRequest,
         deadline: Instant,
-    ) -> Result<reqwest::Response, AttemptError> {
+    ) -> Result<http::Response<hyper::body::Incoming>, AttemptError> {
         let client = self.clients.get(&entry.name).ok_or_else(|| {
             AttemptError::fatal(GatewayError::Internal(format!(
                 "no HTTP client for provider {}",
@@ -301,11 +317,7 @@ impl Upstream<'_> {
             )))
         })?;
         let first_deadline = (Instant::now() + entry.timeouts.first_byte).min(deadline);
-        let send = client
-            .post(&up.url)
-            .headers(up.headers)
-            .body(up.body)
-            .send();
+        let send = client.post(&up.url, up.headers, up.body);
         let resp = match timeout_at(first_deadline.into(), send).await {
             Err(_) => {
                 return Err(AttemptError::retryable(GatewayError::UpstreamTimeout {
@@ -349,10 +361,10 @@ impl Upstream<'_> {
 /// Reads a whole 2xx body before the deadline.
 async fn read_body(
     entry: &ProviderEntry,
-    resp: reqwest::Response,
+    resp: http::Response<hyper::body::Incoming>,
     deadline: Instant,
 ) -> Result<Bytes, AttemptError> {
-    match timeout_at(deadline.into(), resp.bytes()).await {
+    match timeout_at(deadline.into(), client::read_all(resp.into_body())).await {
         Err(_) => Err(AttemptError::retryable(GatewayError::UpstreamTimeout {
             provider: entry.name.clone(),
             phase: "total",
@@ -363,10 +375,14 @@ async fn read_body(
 }
 
 /// Reads at most [`MAX_ERROR_BODY`] bytes of an error body; gives up quietly at the deadline.
-async fn read_error_body(mut resp: reqwest::Response, deadline: Instant) -> Vec<u8> {
+async fn read_error_body(
+    resp: http::Response<hyper::body::Incoming>,
+    deadline: Instant,
+) -> Vec<u8> {
+    let mut body = resp.into_body();
     let mut out = Vec::new();
     let read = async {
-        while let Ok(Some(chunk)) = resp.chunk().await {
+        while let Some(Ok(chunk)) = client::next_chunk(&mut body).await {
             out.extend_from_slice(&chunk);
             if out.len() >= MAX_ERROR_BODY {
                 break;
@@ -378,30 +394,17 @@ async fn read_error_body(mut resp: reqwest::Response, deadline: Instant) -> Vec<
     out
 }
 
-/// Maps a reqwest error, never including the URL (it may carry a key in its query).
-pub(crate) fn request_error(entry: &ProviderEntry, e: &reqwest::Error) -> GatewayError {
+/// Maps an HTTP client error (never carrying the URL: it may hold a key in its query).
+pub(crate) fn request_error(entry: &ProviderEntry, e: &HttpError) -> GatewayError {
     if e.is_timeout() {
         return GatewayError::UpstreamTimeout {
             provider: entry.name.clone(),
-            phase: if e.is_connect() { "connect" } else { "total" },
+            phase: "connect",
         };
-    }
-    let what = if e.is_connect() {
-        "connection failed"
-    } else if e.is_body() || e.is_decode() {
-        "response body broken"
-    } else {
-        "request failed"
-    };
-    let mut reason = what.to_owned();
-    let mut source = std::error::Error::source(e);
-    if let Some(s) = source.take() {
-        reason.push_str(": ");
-        reason.push_str(&s.to_string());
     }
     GatewayError::UpstreamFailed {
         provider: entry.name.clone(),
-        reason,
+        reason: e.to_string(),
     }
 }
 

@@ -200,8 +200,9 @@ pub trait Provider: Send + Sync {
         openai_error_message(body)
     }
 
-    /// Whether upstream chunks are already canonical OpenAI chunks, so the pipeline may forward
-    /// the upstream bytes untouched when no plugin needs to see them.
+    /// Whether upstream answers are already canonical OpenAI documents (chat completions and
+    /// their stream chunks), so the pipeline may forward the upstream bytes untouched when the
+    /// client speaks OpenAI and no plugin needs to see them.
     fn passthrough_stream(&self) -> bool {
         false
     }

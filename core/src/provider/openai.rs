@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use super::{Decoded, Provider, ProviderError, StreamDecoder, UpstreamRequest};
 use crate::api::openai::{
-    ChatChunk, ChatRequest, ChatResponse, EmbeddingsRequest, EmbeddingsResponse,
+    ChatChunk, ChatRequest, ChatResponse, EmbeddingsRequest, EmbeddingsResponse, Usage,
 };
 use crate::api::sse::SseEvent;
 use crate::config::ConfigError;
@@ -148,6 +148,24 @@ impl Provider for OpenAi {
 /// Parses an OpenAI chat completion body.
 pub fn parse_chat_response(body: &[u8]) -> Result<ChatResponse, ProviderError> {
     serde_json::from_slice(body).map_err(|e| ProviderError::InvalidResponse(e.to_string()))
+}
+
+/// Checks that an OpenAI body is a chat completion (an object with an `id` and a `choices`
+/// array) and reads its usage, without building the response: for forwarding the body as is.
+pub fn peek_chat_response(body: &[u8]) -> Result<Option<Usage>, ProviderError> {
+    use serde::de::IgnoredAny;
+    #[derive(Deserialize)]
+    struct Peek {
+        #[serde(rename = "id")]
+        _id: IgnoredAny,
+        #[serde(rename = "choices")]
+        _choices: Vec<IgnoredAny>,
+        #[serde(default)]
+        usage: Option<Usage>,
+    }
+    serde_json::from_slice::<Peek>(body)
+        .map(|p| p.usage)
+        .map_err(|e| ProviderError::InvalidResponse(e.to_string()))
 }
 
 /// Parses an OpenAI embeddings body.
