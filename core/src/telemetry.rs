@@ -5,6 +5,7 @@ use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::field::MakeExt;
 
 use crate::config::LogFormat;
 
@@ -27,7 +28,22 @@ pub fn init_logging(format: LogFormat, level: &str) {
             .flatten_event(true)
             .with_current_span(true)
             .try_init(),
-        LogFormat::Pretty => builder.compact().try_init(),
+        LogFormat::Pretty if ansi => builder.compact().try_init(),
+        // Off a terminal, fields are written as plain `name=value`: the default field
+        // formatter styles every name even with colours off (~5% of a request in profiles).
+        LogFormat::Pretty => builder
+            .compact()
+            .fmt_fields(
+                tracing_subscriber::fmt::format::debug_fn(|w, field, value| {
+                    if field.name() == "message" {
+                        write!(w, "{value:?}")
+                    } else {
+                        write!(w, "{field}={value:?}")
+                    }
+                })
+                .delimited(" "),
+            )
+            .try_init(),
     };
 }
 

@@ -2,6 +2,7 @@
 //! Anthropic Messages dialect ([`anthropic`]), and server-sent events ([`sse`]).
 
 pub mod anthropic;
+pub mod open;
 pub mod openai;
 pub mod sse;
 

@@ -15,7 +15,7 @@ fn is_false(b: &bool) -> bool {
 }
 
 /// `POST /v1/chat/completions` request body.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ChatRequest {
     /// The model name the client asked for (a name from Weir's config).
     pub model: String,
@@ -81,7 +81,7 @@ impl ChatRequest {
 }
 
 /// `stream_options`.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct StreamOptions {
     /// Send a final chunk with `usage`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -112,7 +112,7 @@ impl Stop {
 }
 
 /// One message of the conversation.
-#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize)]
 pub struct ChatMessage {
     /// `system`, `developer`, `user`, `assistant` or `tool`.
     pub role: String,
@@ -144,7 +144,7 @@ impl ChatMessage {
 }
 
 /// Message content: a plain string or a list of parts (text, images, audio, files).
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum MessageContent {
     /// Plain text.
@@ -168,7 +168,7 @@ impl MessageContent {
 }
 
 /// One content part (`{"type":"text","text":..}`, `{"type":"image_url","image_url":{..}}`).
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ContentPart {
     /// `text`, `image_url`, `input_audio`, `file`...
     #[serde(rename = "type")]
@@ -500,4 +500,69 @@ pub struct EmbeddingsUsage {
     /// Same as `prompt_tokens`.
     #[serde(default)]
     pub total_tokens: u64,
+}
+
+// Request-path types parse without `#[serde(flatten)]`'s buffering (see `api::open`).
+crate::open_object!(ChatRequest, "a chat completion request object", {
+    model: "model" => required,
+    messages: "messages" => required,
+    stream: "stream" => defaulted,
+    stream_options: "stream_options" => optional,
+    tools: "tools" => optional,
+    tool_choice: "tool_choice" => optional,
+    parallel_tool_calls: "parallel_tool_calls" => optional,
+    max_tokens: "max_tokens" => optional,
+    max_completion_tokens: "max_completion_tokens" => optional,
+    temperature: "temperature" => optional,
+    top_p: "top_p" => optional,
+    n: "n" => optional,
+    stop: "stop" => optional,
+    response_format: "response_format" => optional,
+    user: "user" => optional,
+});
+
+crate::open_object!(StreamOptions, "a stream_options object", {
+    include_usage: "include_usage" => optional,
+});
+
+crate::open_object!(ChatMessage, "a message object", {
+    role: "role" => required,
+    content: "content" => optional,
+    name: "name" => optional,
+    tool_calls: "tool_calls" => optional,
+    tool_call_id: "tool_call_id" => optional,
+});
+
+crate::open_object!(ContentPart, "a content part object", {
+    kind: "type" => required,
+    text: "text" => optional,
+    image_url: "image_url" => optional,
+});
+
+/// `content` is a string or an array of parts; decided by the JSON type, without the
+/// buffering `#[serde(untagged)]` needs.
+impl<'de> Deserialize<'de> for MessageContent {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct ContentVisitor;
+        impl<'de> serde::de::Visitor<'de> for ContentVisitor {
+            type Value = MessageContent;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string or an array of content parts")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<MessageContent, E> {
+                Ok(MessageContent::Text(v.to_owned()))
+            }
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<MessageContent, E> {
+                Ok(MessageContent::Text(v))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                seq: A,
+            ) -> Result<MessageContent, A::Error> {
+                Vec::<ContentPart>::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))
+                    .map(MessageContent::Parts)
+            }
+        }
+        d.deserialize_any(ContentVisitor)
+    }
 }
