@@ -90,6 +90,7 @@ fn main() {
             headers,
             body: Body::Chat(body.clone()),
             targets: None,
+            client_body: None,
             metadata,
         }
     };

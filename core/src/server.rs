@@ -182,7 +182,14 @@ async fn chat_completions(State(gw): State<Arc<Gateway>>, req: Request) -> Respo
             Ok(c) => c,
             Err(e) => return reject(&gw, e, Dialect::OpenAi, "unknown"),
         };
-        let ctx = new_ctx(&id, Dialect::OpenAi, started, headers, CtxBody::Chat(chat));
+        let ctx = new_ctx(
+            &id,
+            Dialect::OpenAi,
+            started,
+            headers,
+            CtxBody::Chat(chat),
+            Some(bytes.clone()),
+        );
         pipeline::chat(&gw, ctx).await
     }
     .instrument(span)
@@ -210,6 +217,7 @@ async fn messages(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
             started,
             headers,
             CtxBody::Chat(chat),
+            None,
         );
         pipeline::chat(&gw, ctx).await
     }
@@ -236,6 +244,7 @@ async fn embeddings(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
             started,
             headers,
             CtxBody::Embeddings(e),
+            None,
         );
         pipeline::embeddings(&gw, ctx).await
     }
@@ -250,6 +259,7 @@ fn new_ctx(
     started: Instant,
     headers: HeaderMap,
     body: CtxBody,
+    client_body: Option<bytes::Bytes>,
 ) -> RequestCtx {
     RequestCtx {
         request_id: id.to_owned(),
@@ -258,6 +268,7 @@ fn new_ctx(
         headers,
         body,
         targets: None,
+        client_body,
         metadata: BTreeMap::new(),
     }
 }

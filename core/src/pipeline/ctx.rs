@@ -72,6 +72,10 @@ pub struct RequestCtx {
     pub headers: HeaderMap,
     /// The canonical body; plugins may rewrite it (redaction, model change).
     pub body: Body,
+    /// The client's body bytes, kept while they still say what `body` says (an OpenAI-dialect
+    /// chat request no plugin changed), so an OpenAI-compatible upstream can be sent them
+    /// with only the model replaced instead of a re-encoding. Cleared by any body mutation.
+    pub client_body: Option<bytes::Bytes>,
     /// Targets set by a plugin; `None` means the model's configured targets.
     pub targets: Option<Vec<TargetOverride>>,
     /// Request-scoped key-value bag shared by the plugins of one request (`tenant`, `key`...).

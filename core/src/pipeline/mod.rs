@@ -479,7 +479,10 @@ pub async fn chat(gw: &Arc<Gateway>, mut ctx: RequestCtx) -> Response {
         } else {
             !chain.wants_response()
         };
-    let served = match up.chat(req, &targets, passthrough_ok).await {
+    let served = match up
+        .chat(req, ctx.client_body.as_deref(), &targets, passthrough_ok)
+        .await
+    {
         Ok(s) => s,
         Err(e) => {
             acct.metadata.clone_from(&ctx.metadata);

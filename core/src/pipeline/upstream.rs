@@ -97,9 +97,12 @@ pub struct Upstream<'a> {
 
 impl Upstream<'_> {
     /// Runs a chat request over `targets` in order. `req.model` is rewritten per target.
+    /// `client_body` is the client's own bytes of `req` when no plugin changed it (see
+    /// [`crate::pipeline::RequestCtx::client_body`]).
     pub async fn chat(
         &self,
         req: &mut ChatRequest,
+        client_body: Option<&[u8]>,
         targets: &[Target],
         passthrough_ok: bool,
     ) -> Result<Served<ChatResponse>, GatewayError> {
@@ -113,7 +116,9 @@ impl Upstream<'_> {
                     tokio::time::sleep(self.backoff(attempt)).await;
                 }
                 attempts += 1;
-                let result = self.chat_once(req, target, passthrough_ok).await;
+                let result = self
+                    .chat_once(req, client_body, target, passthrough_ok)
+                    .await;
                 let outcome = match &result {
                     Ok(_) => "ok",
                     Err(e) => e.error.reason(),
@@ -221,6 +226,7 @@ impl Upstream<'_> {
     async fn chat_once(
         &self,
         req: &ChatRequest,
+        client_body: Option<&[u8]>,
         target: &Target,
         passthrough_ok: bool,
     ) -> Result<Answer<ChatResponse>, AttemptError> {
@@ -241,8 +247,9 @@ impl Upstream<'_> {
             }
             ProviderImpl::Http(p) => p.as_ref(),
         };
-        let up = provider
-            .chat_request(req, &target.model)
+        let up = client_body
+            .and_then(|raw| provider.chat_request_from_client_body(raw, req, &target.model))
+            .unwrap_or_else(|| provider.chat_request(req, &target.model))
             .map_err(|e| translate_error(entry, e))?;
         let deadline = Instant::now() + entry.timeouts.total;
         let resp = self.send(entry, provider, up, deadline).await?;

@@ -713,6 +713,10 @@ fn apply_request(ctx: &mut RequestCtx, m: Mutations) -> Result<bool, String> {
         }),
     };
 
+    if new_body.is_some() || m.set_model.is_some() || m.set_messages.is_some() {
+        // The client's bytes no longer say what the request says.
+        ctx.client_body = None;
+    }
     let mut stale = false;
     if let Some(body) = new_body {
         ctx.body = body;

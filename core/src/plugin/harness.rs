@@ -422,6 +422,7 @@ fn request_ctx(file: &Path, req: &FixtureRequest) -> Result<RequestCtx, HarnessE
         headers,
         body,
         targets: None,
+        client_body: None,
         metadata: req.metadata.clone(),
     })
 }

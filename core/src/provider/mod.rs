@@ -194,6 +194,20 @@ pub trait Provider: Send + Sync {
         model: &str,
     ) -> Result<EmbeddingsResponse, ProviderError>;
 
+    /// The upstream request built from the client's own OpenAI-dialect body bytes, when the
+    /// parsed `req` differs from them only by what the pipeline sets (`model`, and
+    /// `stream_options` for a stream). `None` (the default) means "use [`Provider::chat_request`]".
+    /// Only providers that speak OpenAI implement it: copying the client's bytes is cheaper
+    /// than encoding the request again.
+    fn chat_request_from_client_body(
+        &self,
+        _raw: &[u8],
+        _req: &ChatRequest,
+        _model: &str,
+    ) -> Option<Result<UpstreamRequest, ProviderError>> {
+        None
+    }
+
     /// Extracts a human-readable message from an upstream error body (non-2xx), for logs and
     /// for the client's error message. Default: the OpenAI `{"error":{"message":..}}` shape.
     fn error_message(&self, body: &[u8]) -> Option<String> {

@@ -99,6 +99,70 @@ fn body_with_model<T: serde::Serialize + Clone>(
         .map_err(|e| ProviderError::Unsupported(format!("cannot encode request: {e}")))
 }
 
+/// The members of a JSON object in order, values left as raw JSON text.
+struct RawMembers<'a>(Vec<(crate::api::open::Key<'a>, &'a serde_json::value::RawValue)>);
+
+impl<'de> serde::Deserialize<'de> for RawMembers<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct MembersVisitor;
+        impl<'de> serde::de::Visitor<'de> for MembersVisitor {
+            type Value = RawMembers<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<RawMembers<'de>, A::Error> {
+                let mut members = Vec::with_capacity(map.size_hint().unwrap_or(8));
+                while let Some(key) = map.next_key()? {
+                    members.push((key, map.next_value()?));
+                }
+                Ok(RawMembers(members))
+            }
+        }
+        d.deserialize_map(MembersVisitor)
+    }
+}
+
+/// The upstream body for an OpenAI-compatible provider made from the client's own request
+/// bytes, when no plugin changed the request: every member is copied as it came, except
+/// `model` (the target's model) and, for a stream, `stream_options` (the pipeline asks for
+/// usage). Re-encoding the parsed request instead escapes every string again, which was
+/// the largest single cost of a plain request in profiles.
+pub fn splice_chat_body(raw: &[u8], req: &ChatRequest) -> Result<Bytes, ProviderError> {
+    let invalid =
+        |e: serde_json::Error| ProviderError::Unsupported(format!("cannot encode request: {e}"));
+    let RawMembers(members) = serde_json::from_slice(raw).map_err(invalid)?;
+    let mut out = Vec::with_capacity(raw.len() + 64);
+    out.push(b'{');
+    let mut wrote_options = false;
+    for (key, value) in &members {
+        if out.len() > 1 {
+            out.push(b',');
+        }
+        serde_json::to_writer(&mut out, key.as_str()).map_err(invalid)?;
+        out.push(b':');
+        match key.as_str() {
+            "model" => serde_json::to_writer(&mut out, &req.model).map_err(invalid)?,
+            "stream_options" if req.stream => {
+                serde_json::to_writer(&mut out, &req.stream_options).map_err(invalid)?;
+                wrote_options = true;
+            }
+            _ => out.extend_from_slice(value.get().as_bytes()),
+        }
+    }
+    if req.stream && !wrote_options && req.stream_options.is_some() {
+        if out.len() > 1 {
+            out.push(b',');
+        }
+        out.extend_from_slice(b"\"stream_options\":");
+        serde_json::to_writer(&mut out, &req.stream_options).map_err(invalid)?;
+    }
+    out.push(b'}');
+    Ok(Bytes::from(out))
+}
+
 impl Provider for OpenAi {
     fn chat_request(
         &self,
@@ -110,6 +174,22 @@ impl Provider for OpenAi {
             headers: self.headers.clone(),
             body: body_with_model(req, req.model == model, |r| r.model = model.to_owned())?,
         })
+    }
+
+    fn chat_request_from_client_body(
+        &self,
+        raw: &[u8],
+        req: &ChatRequest,
+        model: &str,
+    ) -> Option<Result<UpstreamRequest, ProviderError>> {
+        if req.model != model {
+            return None;
+        }
+        Some(splice_chat_body(raw, req).map(|body| UpstreamRequest {
+            url: format!("{}/chat/completions", self.base_url),
+            headers: self.headers.clone(),
+            body,
+        }))
     }
 
     fn chat_response(&self, body: &[u8], _model: &str) -> Result<ChatResponse, ProviderError> {
@@ -203,6 +283,49 @@ impl StreamDecoder for OpenAiDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn client_body_is_copied_with_model_and_stream_options_replaced() {
+        let raw = br#"{"model":"alias","messages":[{"role":"user","content":"caf\u00e9 \"q\"","x":[1, 2]}],"seed":7,"stream":true,"stream_options":{"other":1}}"#;
+        let mut req: ChatRequest = serde_json::from_slice(raw).expect("parses");
+        req.model = "gpt-4o".into();
+        req.stream_options.as_mut().expect("present").include_usage = Some(true);
+        let body = splice_chat_body(raw, &req).expect("splices");
+        let text = std::str::from_utf8(&body).expect("utf-8");
+        // Untouched members are the client's bytes, escapes and spacing included.
+        assert!(
+            text.contains(r#""content":"caf\u00e9 \"q\"","x":[1, 2]"#),
+            "{text}"
+        );
+        let v: serde_json::Value = serde_json::from_slice(&body).expect("valid JSON");
+        assert_eq!(v["model"], "gpt-4o");
+        assert_eq!(v["seed"], 7);
+        assert_eq!(
+            v["stream_options"],
+            serde_json::json!({"include_usage": true, "other": 1})
+        );
+        // And it says exactly what the parsed request says.
+        let again: ChatRequest = serde_json::from_slice(&body).expect("parses again");
+        assert_eq!(again, req);
+    }
+
+    #[test]
+    fn stream_options_are_added_when_the_client_sent_none() {
+        let raw = br#"{"messages":[{"role":"user","content":"hi"}],"model":"m","stream":true}"#;
+        let mut req: ChatRequest = serde_json::from_slice(raw).expect("parses");
+        req.stream_options = Some(crate::api::openai::StreamOptions {
+            include_usage: Some(true),
+            rest: Default::default(),
+        });
+        let body = splice_chat_body(raw, &req).expect("splices");
+        let again: ChatRequest = serde_json::from_slice(&body).expect("parses again");
+        assert_eq!(again, req);
+        // A non-stream request keeps the client's stream_options bytes as they were.
+        let raw = br#"{"model":"m","messages":[],"stream_options":{"include_usage":false}}"#;
+        let req: ChatRequest = serde_json::from_slice(raw).expect("parses");
+        let body = splice_chat_body(raw, &req).expect("splices");
+        assert_eq!(&body[..], &raw[..]);
+    }
 
     #[test]
     fn request_substitutes_model_and_keeps_unknown_fields() {

@@ -141,6 +141,7 @@ fn ctx() -> RequestCtx {
             .unwrap(),
         ),
         targets: None,
+        client_body: None,
         metadata: BTreeMap::new(),
     }
 }
