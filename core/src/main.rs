@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
@@ -149,7 +150,14 @@ fn serve(path: PathBuf, listen: Option<SocketAddr>) -> anyhow::Result<()> {
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
         tracing::info!(%addr, models, config = %path.display(), "Weir is serving.");
-        weir::server::serve(listener, gw, grace).await?;
+        weir::server::serve(listener, gw.clone(), grace).await?;
+        // Plugins' on_log settles reservations and usage: let the queue empty first.
+        let left = tokio::task::spawn_blocking(move || gw.on_log.drain(Duration::from_secs(5)))
+            .await
+            .unwrap_or(0);
+        if left > 0 {
+            tracing::warn!(left, "Stopped with on_log hooks still queued.");
+        }
         tracing::info!("Weir stopped.");
         Ok(())
     })

@@ -22,6 +22,7 @@
 pub mod client;
 pub mod ctx;
 pub mod error;
+pub mod onlog;
 pub mod stream;
 pub mod upstream;
 
@@ -169,6 +170,8 @@ pub struct Gateway {
     pub metrics: Metrics,
     /// Where finished requests are logged (off until installed).
     pub request_log: crate::requestlog::Sink,
+    /// The threads that run plugins' `on_log` hooks.
+    pub on_log: onlog::LogWorkers,
 }
 
 impl Gateway {
@@ -178,6 +181,7 @@ impl Gateway {
             snapshot: ArcSwap::from_pointee(snapshot),
             metrics,
             request_log: Default::default(),
+            on_log: Default::default(),
         }
     }
 
@@ -351,9 +355,7 @@ impl Drop for Accounting {
                 metadata: std::mem::take(&mut self.metadata).into_iter().collect(),
             };
             // Off the hot path: the response is already on its way.
-            if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                rt.spawn_blocking(move || chain.on_log(&entry));
-            }
+            self.gw.on_log.submit(chain, entry);
         }
         self.gw.request_log.push(|| crate::requestlog::Record {
             seq: 0,
