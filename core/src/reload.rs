@@ -16,7 +16,10 @@
 //! Every accepted snapshot gets a generation number: monotonic across restarts (the last one
 //! is persisted), recorded with the content hash of every input, the trigger and the time.
 //! The last few snapshots stay in memory, ready: a rollback swaps one back in and is itself a
-//! new generation pointing at the old content.
+//! new generation pointing at the old content. A snapshot that stops serving is *parked*: its
+//! plugins give back their spare Lua VMs and idle WASM instances, which are built again
+//! before a rollback swaps it back in (see [`crate::plugin::loads`]), so the kept
+//! generations cost their config and compiled code, not several MiB of VMs each.
 //!
 //! Watching: editors save by writing a temporary file and renaming it over the original, and
 //! Kubernetes ConfigMaps swap a `..data` symlink, so we watch *directories* (the config file's
@@ -34,6 +37,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::{Config, ConfigError};
 use crate::pipeline::{Gateway, GatewayError, Services, Snapshot};
+use crate::plugin::Loads;
 use crate::requestlog::now_ms;
 use crate::state::{StateError, StateStore};
 use crate::telemetry::Metrics;
@@ -448,6 +452,9 @@ impl Watched {
 struct Kept {
     record: GenerationRecord,
     snapshot: Arc<Snapshot>,
+    /// Its plugin runtimes: parked while it does not serve, unparked before a rollback to it.
+    /// Empty for the startup snapshot (built before the reloader exists).
+    loads: Loads,
 }
 
 /// Reload history, behind the lock that makes reloads one at a time.
@@ -472,6 +479,9 @@ pub struct ReloadStats {
     pub last: Option<LastReload>,
     /// The last failure, if any (it stays after later successes; compare times).
     pub last_error: Option<ReloadFailure>,
+    /// Plugin VMs and instances alive now, every generation together: after old
+    /// generations leave, these come back to what the kept ones hold.
+    pub live: crate::plugin::Live,
 }
 
 /// The last reload attempt.
@@ -599,6 +609,7 @@ impl Reloader {
                 kept: VecDeque::from([Kept {
                     record: record.clone(),
                     snapshot,
+                    loads: Loads::default(),
                 }]),
                 last_seen: inputs.hash,
             }),
@@ -635,12 +646,15 @@ impl Reloader {
             .clone()
     }
 
-    /// Reload counters and the last outcome and error.
+    /// Reload counters, the last outcome and error, and what plugins hold alive.
     pub fn stats(&self) -> ReloadStats {
-        self.stats
+        let mut stats = self
+            .stats
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+            .clone();
+        stats.live = crate::plugin::live();
+        stats
     }
 
     /// The generations kept in memory for rollback, oldest first.
@@ -693,9 +707,10 @@ impl Reloader {
             {
                 return Prepared::Unchanged;
             }
-            match config.and_then(|c| build(c, &services)) {
-                Ok(snapshot) => Prepared::Built(Box::new(snapshot), inputs),
-                Err(e) => Prepared::Failed(e, Some(inputs.hash)),
+            // The plugin runtimes it loads are recorded, to park them when it stops serving.
+            match Loads::record(|| config.and_then(|c| build(c, &services))) {
+                (Ok(snapshot), loads) => Prepared::Built(Box::new(snapshot), inputs, loads),
+                (Err(e), _) => Prepared::Failed(e, Some(inputs.hash)),
             }
         })
         .await
@@ -703,7 +718,7 @@ impl Reloader {
         let serving = self.current();
         let outcome = match prepared {
             Prepared::Unchanged => Outcome::Unchanged(serving.generation),
-            Prepared::Built(snapshot, inputs) => {
+            Prepared::Built(snapshot, inputs, loads) => {
                 history.last_seen.clone_from(&inputs.hash);
                 let record = GenerationRecord {
                     generation: serving.generation + 1,
@@ -714,7 +729,7 @@ impl Reloader {
                     rollback_of: None,
                 };
                 let generation = record.generation;
-                self.accept(&mut history, record, *snapshot).await;
+                self.accept(&mut history, record, *snapshot, loads).await;
                 Outcome::Success(generation)
             }
             Prepared::Failed(e, hash) => {
@@ -745,6 +760,7 @@ impl Reloader {
             return Ok(Outcome::Unchanged(serving.generation));
         }
         let snapshot = kept.snapshot.clone();
+        let loads = kept.loads.clone();
         let record = GenerationRecord {
             generation: serving.generation + 1,
             time_ms: now_ms(),
@@ -754,7 +770,13 @@ impl Reloader {
             rollback_of: Some(to),
         };
         let generation = record.generation;
-        self.install(&mut history, record, snapshot).await;
+        // Its plugins were parked when it stopped serving: spares first, so that its first
+        // requests do not build VMs. (Best effort; nothing here can fail the rollback.)
+        let warm = loads.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || warm.unpark()).await {
+            tracing::warn!(generation = to, error = %e, "Warming the plugins up again failed.");
+        }
+        self.install(&mut history, record, snapshot, loads).await;
         drop(history);
         let outcome = Outcome::Success(generation);
         self.finish(Trigger::Rollback, &outcome, started.elapsed());
@@ -767,21 +789,32 @@ impl Reloader {
         history: &mut History,
         record: GenerationRecord,
         mut snapshot: Snapshot,
+        loads: Loads,
     ) {
         snapshot.generation = record.generation;
-        self.install(history, record, Arc::new(snapshot)).await;
+        self.install(history, record, Arc::new(snapshot), loads)
+            .await;
     }
 
-    /// Swaps `snapshot` in, records the generation, trims the kept list.
+    /// Swaps `snapshot` in, parks the one it replaces, records the generation, trims the kept
+    /// list.
     async fn install(
         &self,
         history: &mut History,
         record: GenerationRecord,
         snapshot: Arc<Snapshot>,
+        loads: Loads,
     ) {
         let keep = snapshot.config.reload.keep_generations;
         let watched = Watched::new(&self.config_path, Some(&snapshot.config));
         self.gw.swap(snapshot.clone());
+        // The one that served until now (the last kept) keeps only what a rollback needs:
+        // its Lua VMs and WASM instances go (see `plugin::loads`).
+        if let Some(previous) = history.kept.back()
+            && !Arc::ptr_eq(&previous.snapshot, &snapshot)
+        {
+            previous.loads.park();
+        }
         self.generation_gauge
             .set(i64::try_from(record.generation).unwrap_or(i64::MAX));
         *self
@@ -800,7 +833,11 @@ impl Reloader {
                 tracing::warn!(generation = record.generation, error = %e, "Cannot record the generation.")
             }
         }
-        history.kept.push_back(Kept { record, snapshot });
+        history.kept.push_back(Kept {
+            record,
+            snapshot,
+            loads,
+        });
         // The serving one plus `keep` previous ones.
         while history.kept.len() > keep + 1 {
             history.kept.pop_front();
@@ -876,8 +913,8 @@ impl Reloader {
 enum Prepared {
     /// Same inputs as before.
     Unchanged,
-    /// A new snapshot and the inputs it was built from.
-    Built(Box<Snapshot>, Inputs),
+    /// A new snapshot, the inputs it was built from and the plugin runtimes it loaded.
+    Built(Box<Snapshot>, Inputs, Loads),
     /// The error, and the hash of the inputs when they could be read.
     Failed(ReloadError, Option<String>),
 }
@@ -913,7 +950,7 @@ fn persist(store: &dyn StateStore, record: &GenerationRecord) -> Result<(), Relo
 /// Debounce: an editor's save is several events (write a temp file, rename it over the
 /// original, touch metadata), `git checkout` and ConfigMap updates touch several files, and
 /// reading between them would build a half-written state. We wait until no relevant event
-/// has arrived for `debounce` (250 ms by default, `[reload] debounce_ms`), then read and hash
+/// has arrived for `debounce` (100 ms by default, `[reload] debounce_ms`), then read and hash
 /// everything once. Events that arrive during a reload start a new quiet period, so the
 /// last write always wins; the hash comparison turns redundant rounds into no-ops.
 pub fn spawn_watcher(
@@ -1148,6 +1185,59 @@ mod tests {
             ));
         }
         assert_eq!(r.kept().await, vec![4, 5, 6]);
+    }
+
+    /// What each kept generation holds ready (spare VMs and the like), oldest first.
+    async fn ready(r: &Reloader) -> Vec<(u64, usize)> {
+        let history = r.history.lock().await;
+        history
+            .kept
+            .iter()
+            .map(|k| (k.record.generation, k.loads.ready()))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn generations_that_stop_serving_give_back_their_vms_until_a_rollback() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("p")).unwrap();
+        std::fs::write(
+            dir.path().join("p/plugin.toml"),
+            "name = \"p\"\nversion = \"0.1.0\"\nkind = \"lua\"\nhooks = [\"on-request\"]\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("p/plugin.lua"),
+            "function on_request(req) end\n",
+        )
+        .unwrap();
+        let path = dir.path().join("weir.toml");
+        let cfg = |i: u32| {
+            format!(
+                "[reload]\nkeep_generations = 2\n\n[[plugins]]\npath = \"p\"\n\n{}",
+                GOOD.replace("REPLY", &format!("v{i}"))
+            )
+        };
+        std::fs::write(&path, cfg(0)).unwrap();
+        let (_gw, r) = start(dir.path(), Arc::new(MemoryStore::new()));
+        for i in 1..=3 {
+            std::fs::write(&path, cfg(i)).unwrap();
+            assert!(matches!(
+                r.reload(Trigger::Admin).await,
+                Outcome::Success(_)
+            ));
+        }
+        // The startup snapshot was built before the reloader (nothing recorded); of the
+        // others, only the serving one holds VMs.
+        let spares = crate::plugin::lua::default_spares();
+        assert_eq!(ready(&r).await, vec![(2, 0), (3, 0), (4, spares)]);
+        // A rollback builds the spares again before swapping in, and parks the one it
+        // replaces.
+        assert_eq!(r.rollback(3).await.unwrap(), Outcome::Success(5));
+        assert_eq!(ready(&r).await, vec![(3, spares), (4, 0), (5, spares)]);
+        std::fs::write(&path, cfg(9)).unwrap();
+        assert_eq!(r.reload(Trigger::Admin).await, Outcome::Success(6));
+        assert_eq!(ready(&r).await, vec![(4, 0), (5, 0), (6, spares)]);
     }
 
     #[test]

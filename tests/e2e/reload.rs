@@ -502,19 +502,49 @@ async fn long_stream_finishes_on_the_old_snapshot() {
     .await;
 }
 
+/// What the gateway's plugins hold alive (admin status, `reload.live`), once the generations
+/// that left the kept list are gone: requests finished on them a moment before.
+async fn live_settled(gw: &Managed, kept: u64) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let live = gw.status().await["reload"]["live"].clone();
+        if live["lua_plugins"] == kept && live["wasm_plugins"] == kept {
+            return live;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "old generations' plugins were never freed: {live}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_stays_flat_over_100_reloads() {
+    let (wasm, _) = versioned_wasm();
+    let wasm_manifest = std::fs::read(versioned_fixture().join("plugin.toml")).unwrap();
     bounded(async {
-        let gw = Managed::start("r0").await;
-        let admin = gw.admin_addr;
+        let admin = free_addr();
+        // One Lua and one WASM plugin: every reload loads both again.
+        let config = |reply: &str, pad: &str| {
+            format!(
+                "{}\n[[plugins]]\npath = \"policy\"\nname = \"policy\"\n\n[[plugins]]\npath = \"versioned\"\n",
+                mock_config(admin, reply, pad)
+            )
+        };
+        let gw = Managed::start_with(admin, &config("r0", ""), |dir| {
+            std::fs::create_dir(dir.join("policy")).unwrap();
+            std::fs::write(dir.join("policy/plugin.toml"), LUA_MANIFEST).unwrap();
+            std::fs::write(dir.join("policy/plugin.lua"), lua_policy("L0")).unwrap();
+            std::fs::create_dir(dir.join("versioned")).unwrap();
+            std::fs::write(dir.join("versioned/plugin.toml"), &wasm_manifest).unwrap();
+            std::fs::write(dir.join("versioned/plugin.wasm"), &wasm).unwrap();
+        })
+        .await;
         let reload = |i: usize| {
             // A few hundred bytes of distinct content per generation.
             let pad = format!("latency_ms = {}", i % 3);
-            gw.write_config(&mock_config(
-                admin,
-                &format!("r{i}-{}", "x".repeat(200)),
-                &pad,
-            ));
+            gw.write_config(&config(&format!("r{i}-{}", "x".repeat(200)), &pad));
         };
         let mut rss = Vec::new();
         for i in 1..=100 {
@@ -532,6 +562,7 @@ async fn memory_stays_flat_over_100_reloads() {
                 .post_json("/v1/chat/completions", &chat_body("m", "x"))
                 .await;
             assert_eq!(resp.status, 200);
+            assert_eq!(policy_header(&resp), "L0");
             if i == 10 || i == 50 || i == 100 {
                 rss.push(gw.rss_kib());
             }
@@ -541,8 +572,25 @@ async fn memory_stays_flat_over_100_reloads() {
             generation >= 100,
             "every reload made a generation: {generation}"
         );
+        // Old generations are freed: only the kept ones (the serving one and the default 5
+        // before it) hold plugin loads ...
+        let live = live_settled(&gw, 6).await;
+        // ... and of those, only the serving one holds instances and VMs: its one WASM
+        // instance (requests came one at a time), its spare Lua VMs (one per worker thread,
+        // at most 16), and at most one VM per other worker thread that has not returned a
+        // VM since the last reload (it drops parked generations' VMs when it does).
+        assert_eq!(live["wasm_instances"], 1, "{live}");
+        let workers = std::env::var("TOKIO_WORKER_THREADS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
+        let lua_vms = live["lua_vms"].as_u64().unwrap();
+        assert!(
+            lua_vms <= u64::try_from(workers.min(16) + workers).unwrap(),
+            "{workers} workers: {live}"
+        );
         println!(
-            "RSS after 10 / 50 / 100 reloads: {} / {} / {} KiB",
+            "RSS after 10 / 50 / 100 reloads (one Lua and one WASM plugin): {} / {} / {} KiB; live {live}",
             rss[0], rss[1], rss[2]
         );
         assert!(

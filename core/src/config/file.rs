@@ -258,7 +258,7 @@ fn default_request_log_max() -> u64 {
 #[serde(deny_unknown_fields)]
 pub struct ReloadConfig {
     /// Quiet time after the last file event before reloading, ms (editors write a file in
-    /// several steps). Default 250.
+    /// several steps). Default 100.
     #[serde(default = "default_debounce")]
     pub debounce_ms: u64,
     /// Previous generations kept in memory, ready for rollback. Default 5.
@@ -276,7 +276,7 @@ impl Default for ReloadConfig {
 }
 
 fn default_debounce() -> u64 {
-    250
+    100
 }
 fn default_keep_generations() -> usize {
     5

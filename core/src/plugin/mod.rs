@@ -9,6 +9,7 @@
 //! - [`manifest`]: `plugin.toml`; [`config`]: the `[[plugins]]` entries of `weir.toml`;
 //! - [`lua`] and [`wasm`]: the runtimes; [`host`]: the host API they share (state, metrics,
 //!   logs, fetch);
+//! - [`loads`]: what a generation keeps warm, given back when it stops serving;
 //! - [`harness`] and [`scaffold`]: `weir plugin test` and `weir plugin new` ([`cli`]).
 //!
 //! ```text
@@ -25,6 +26,7 @@ pub mod config;
 pub mod contract;
 pub mod harness;
 pub mod host;
+pub mod loads;
 pub mod lua;
 pub mod manifest;
 pub mod scaffold;
@@ -40,6 +42,34 @@ pub use chain::{
 pub use config::PluginInstanceConfig;
 pub use contract::{LogEntry, Reply};
 pub use host::PluginMetrics;
+pub use loads::Loads;
+
+/// What plugins hold alive in this process, over every generation and thread: the numbers
+/// that must come back to their level after old generations are dropped (admin status,
+/// `reload.live`; tests).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Live {
+    /// Lua plugin loads (one per instance per generation) not yet freed.
+    pub lua_plugins: usize,
+    /// Lua VMs: spares, thread pools and calls in progress.
+    pub lua_vms: usize,
+    /// WASM plugin loads not yet freed.
+    pub wasm_plugins: usize,
+    /// WASM instances (stores): idle in pools and calls in progress.
+    pub wasm_instances: usize,
+}
+
+/// The current [`Live`] counts.
+pub fn live() -> Live {
+    let (lua_vms, lua_plugins) = lua::live();
+    let (wasm_instances, wasm_plugins) = wasm::live();
+    Live {
+        lua_plugins,
+        lua_vms,
+        wasm_plugins,
+        wasm_instances,
+    }
+}
 
 /// Error loading plugins. Every variant names the plugin or file at fault.
 #[derive(Debug, thiserror::Error)]

@@ -21,7 +21,7 @@ const TOKEN: &str = "weir-bench-admin-token-not-a-secret";
 pub const DEBOUNCE_MS: u64 = 50;
 
 /// Weir's default `[reload] debounce_ms` (core/src/config/file.rs).
-pub const DEFAULT_DEBOUNCE_MS: u64 = 250;
+pub const DEFAULT_DEBOUNCE_MS: u64 = 100;
 
 /// Chat requests sent after each reload of the memory scenario.
 pub const REQUESTS_BETWEEN: u32 = 20;

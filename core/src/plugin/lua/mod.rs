@@ -32,14 +32,23 @@
 //! async worker thread (`TOKIO_WORKER_THREADS`, else the CPU count, at most
 //! [`MAX_SPARE_VMS`]; the VM that validates the script is the first of them). A thread's
 //! first call takes a spare (one short lock per thread per load) and keeps it in its pool;
-//! only a thread beyond the spares (e.g. a blocking-pool thread running `on_log`) builds
-//! one inside its first call. Any failure (Lua error, timeout, out of memory, malformed
+//! only a thread beyond the spares builds one inside its first call. Any failure (Lua error, timeout, out of memory, malformed
 //! decision) drops that VM; the thread's next call takes another spare or builds one. The
 //! deadline is armed per call, so a VM built ahead of time runs under the same budget.
 //!
-//! Spares nobody claimed are freed with the plugin (the last snapshot holding it); VMs in
-//! thread pools of a plugin that was unloaded (reload) are dropped the next time that
-//! thread's pool changes, or when the thread exits.
+//! `on_log` runs off the request path, on threads that are not the async workers (the
+//! pipeline's `on_log` threads, or tokio's blocking pool when their queue is full): its VMs
+//! are kept in a small pool of the plugin instead (built there on demand, at most one idle
+//! per spare), so that those threads do not each keep a VM of every plugin of every
+//! generation.
+//!
+//! Spares nobody claimed are freed with the plugin (the last snapshot holding it). When the
+//! generation holding the plugin stops serving (a reload; see [`super::loads`]), it is
+//! *parked*: its spares and pooled VMs are freed at once, and threads drop its VMs from their
+//! pools the next time they return a VM. Calls still made on it (a stream that started
+//! before the reload) share one pooled VM. A rollback unparks it, building its spares again.
+//! VMs of a plugin that was unloaded are dropped the next time a thread returns a VM, or when
+//! the thread exits.
 //!
 //! Plugins must not rely on VM-local globals across requests: each worker thread has its
 //! own VM. Shared state goes through `weir.kv`.
@@ -53,7 +62,7 @@ mod convert;
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
@@ -66,6 +75,7 @@ use super::contract::{
     Mutations, PluginRuntime, RequestView, ResponseDecision, ResponseMutations, ResponseView,
     StreamEvent,
 };
+use super::loads::{self, Warm};
 use super::manifest::{Hooks, Limits, Manifest};
 
 /// The Lua half of the `weir` global.
@@ -76,13 +86,26 @@ const DEADLINE_MESSAGE: &str = "weir: plugin deadline exceeded";
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
+/// Lua VMs alive in the process (built and not yet dropped), and Lua plugin loads alive:
+/// what a reload must give back (see [`live`]).
+static LIVE_VMS: AtomicUsize = AtomicUsize::new(0);
+static LIVE_PLUGINS: AtomicUsize = AtomicUsize::new(0);
+
+/// Lua VMs and Lua plugin loads alive in this process, all generations and threads together.
+pub fn live() -> (usize, usize) {
+    (
+        LIVE_VMS.load(Ordering::Relaxed),
+        LIVE_PLUGINS.load(Ordering::Relaxed),
+    )
+}
+
 /// Most spare VMs a load builds. Each holds about 0.5 MiB (mostly the prelude and the
 /// `weir` API) and takes about 0.5 ms to build.
 pub const MAX_SPARE_VMS: usize = 16;
 
 /// Spare VMs to build at load: one per async worker thread, as tokio counts them
 /// (`TOKIO_WORKER_THREADS`, else the CPU count), at least 1, at most [`MAX_SPARE_VMS`].
-fn default_spares() -> usize {
+pub(crate) fn default_spares() -> usize {
     std::env::var("TOKIO_WORKER_THREADS")
         .ok()
         .and_then(|v| v.trim().parse::<usize>().ok())
@@ -116,17 +139,77 @@ struct Shared {
     host: Arc<dyn HostApi>,
     /// How many VMs were built (tests and diagnostics).
     vms_created: AtomicU64,
+    /// Spare VMs kept ready while serving: built at load, and again by `unpark`.
+    spare_target: usize,
     /// VMs built at load that no thread has claimed yet (`Vm` is `Send`: mlua's `send`
-    /// feature). Freed with the plugin.
+    /// feature). Freed with the plugin, or when it is parked.
     spares: Mutex<Vec<Vm>>,
+    /// VMs of calls that do not keep one in a thread's pool: `on_log` (it runs on threads
+    /// other than the async workers) and every call while parked. At most `spare_target`
+    /// idle (1 while parked).
+    shared_pool: Mutex<Vec<Vm>>,
+    /// Set while the generation holding this load is not serving ([`Warm::park`]). Thread
+    /// pool slots hold a clone, so that they drop this load's VMs.
+    parked: Arc<AtomicBool>,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        LIVE_PLUGINS.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn lock(vms: &Mutex<Vec<Vm>>) -> std::sync::MutexGuard<'_, Vec<Vm>> {
+    vms.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Shared {
-    fn take_spare(&self) -> Option<Vm> {
-        self.spares
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .pop()
+    fn is_parked(&self) -> bool {
+        self.parked.load(Ordering::Relaxed)
+    }
+
+    /// Builds spares until there are `spare_target`; stops at the first failure (the script
+    /// validated once: a later `init` failing, e.g. a deadline missed on a busy machine, is
+    /// not worth failing for: threads without a spare build their VM on first call).
+    fn fill_spares(&self) {
+        let mut have = lock(&self.spares).len();
+        while have < self.spare_target {
+            match Vm::new(self) {
+                Ok(vm) => {
+                    let mut spares = lock(&self.spares);
+                    spares.push(vm);
+                    have = spares.len();
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        plugin = %self.name,
+                        built = have,
+                        error = %e,
+                        "Building a spare Lua VM failed; the rest are built on first use."
+                    );
+                    break;
+                }
+            }
+        }
+    }
+}
+
+impl Warm for Shared {
+    fn park(&self) {
+        self.parked.store(true, Ordering::Relaxed);
+        // Dropped outside the locks.
+        let spares = std::mem::take(&mut *lock(&self.spares));
+        let pooled = std::mem::take(&mut *lock(&self.shared_pool));
+        drop((spares, pooled));
+    }
+
+    fn unpark(&self) {
+        self.parked.store(false, Ordering::Relaxed);
+        self.fill_spares();
+    }
+
+    fn ready(&self) -> usize {
+        lock(&self.spares).len() + lock(&self.shared_pool).len()
     }
 }
 
@@ -199,10 +282,24 @@ struct Vm {
     on_log: Option<Function>,
 }
 
+impl Drop for Vm {
+    fn drop(&mut self) {
+        LIVE_VMS.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 struct Slot {
     id: u64,
     owner: Weak<Shared>,
+    parked: Arc<AtomicBool>,
     vm: Vm,
+}
+
+impl Slot {
+    /// Whether its plugin is loaded and serving; other slots are dropped.
+    fn is_serving(&self) -> bool {
+        self.owner.strong_count() > 0 && !self.parked.load(Ordering::Relaxed)
+    }
 }
 
 thread_local! {
@@ -525,11 +622,19 @@ impl Vm {
                 let config = lua.to_value(&shared.config)?;
                 init.call::<()>(config)?;
             }
+            let (on_request, on_response, on_response_chunk, on_log) = (
+                get("on_request")?,
+                get("on_response")?,
+                get("on_response_chunk")?,
+                get("on_log")?,
+            );
+            // Counted here, where every VM is made; `Drop for Vm` uncounts it.
+            LIVE_VMS.fetch_add(1, Ordering::Relaxed);
             Ok(Vm {
-                on_request: get("on_request")?,
-                on_response: get("on_response")?,
-                on_response_chunk: get("on_response_chunk")?,
-                on_log: get("on_log")?,
+                on_request,
+                on_response,
+                on_response_chunk,
+                on_log,
                 lua: lua.clone(),
                 deadline: deadline.clone(),
             })
@@ -590,6 +695,7 @@ impl LuaPlugin {
         let bytecode = compiler()
             .compile(&source)
             .map_err(|e| load_err(format!("{}: {e}", manifest.entry.display())))?;
+        LIVE_PLUGINS.fetch_add(1, Ordering::Relaxed);
         let shared = Arc::new(Shared {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             name: instance.to_owned(),
@@ -599,7 +705,10 @@ impl LuaPlugin {
             limits: manifest.limits,
             host,
             vms_created: AtomicU64::new(0),
+            spare_target: spares.max(1),
             spares: Mutex::new(Vec::new()),
+            shared_pool: Mutex::new(Vec::new()),
+            parked: Arc::new(AtomicBool::new(false)),
         });
         let vm = Vm::new(&shared).map_err(|e| load_err(e.to_string()))?;
         for hook in [
@@ -625,26 +734,10 @@ impl LuaPlugin {
                 _ => {}
             }
         }
-        let mut ready = Vec::with_capacity(spares);
-        ready.push(vm);
-        while ready.len() < spares {
-            match Vm::new(&shared) {
-                Ok(vm) => ready.push(vm),
-                // The script validated once; a later `init` failing (a deadline missed on a
-                // busy machine, a script that looks at the clock) is not worth refusing the
-                // plugin for: the threads without a spare build their VM on first call.
-                Err(e) => {
-                    tracing::warn!(
-                        plugin = instance,
-                        built = ready.len(),
-                        error = %e,
-                        "Building a spare Lua VM failed; the rest are built on first use."
-                    );
-                    break;
-                }
-            }
-        }
-        *shared.spares.lock().unwrap_or_else(PoisonError::into_inner) = ready;
+        lock(&shared.spares).push(vm);
+        shared.fill_spares();
+        let load: Weak<dyn Warm> = Arc::downgrade(&shared) as Weak<Shared>;
+        loads::loaded(load);
         Ok(LuaPlugin { shared })
     }
 
@@ -663,35 +756,63 @@ impl LuaPlugin {
             .len()
     }
 
-    /// Takes this thread's VM out of the pool, else a spare built at load, else builds one.
-    fn acquire(&self) -> Result<Vm, HookError> {
+    /// This thread's pooled VM of this plugin, if it has one.
+    fn take_local(&self) -> Option<Vm> {
         let id = self.shared.id;
-        let pooled = POOL
-            .try_with(|pool| {
-                let mut pool = pool.borrow_mut();
-                let i = pool.iter().position(|s| s.id == id)?;
-                Some(pool.swap_remove(i).vm)
-            })
-            .ok()
-            .flatten();
-        match pooled.or_else(|| self.shared.take_spare()) {
+        POOL.try_with(|pool| {
+            let mut pool = pool.borrow_mut();
+            let i = pool.iter().position(|s| s.id == id)?;
+            Some(pool.swap_remove(i).vm)
+        })
+        .ok()
+        .flatten()
+    }
+
+    /// A VM for one call. `local` (a request-path hook of a serving plugin): this thread's
+    /// pooled VM, else a spare built at load. Otherwise (`on_log`, or parked): one from the
+    /// shared pool, else (parked) the one this thread kept from before. Else builds one.
+    fn acquire(&self, local: bool) -> Result<Vm, HookError> {
+        let found = if local {
+            self.take_local()
+                .or_else(|| lock(&self.shared.spares).pop())
+        } else {
+            let pooled = lock(&self.shared.shared_pool).pop();
+            pooled.or_else(|| self.shared.is_parked().then(|| self.take_local()).flatten())
+        };
+        match found {
             Some(vm) => Ok(vm),
             None => Vm::new(&self.shared),
         }
     }
 
-    /// Returns a healthy VM to this thread's pool, dropping VMs of unloaded plugins.
-    fn release(&self, vm: Vm) {
-        let slot = Slot {
-            id: self.shared.id,
-            owner: Arc::downgrade(&self.shared),
-            vm,
+    /// Returns a healthy VM: to this thread's pool (`local`, and still serving), dropping
+    /// VMs of plugins unloaded or parked since; else to the shared pool, up to its size.
+    fn release(&self, vm: Vm, local: bool) {
+        let parked = self.shared.is_parked();
+        if local && !parked {
+            let slot = Slot {
+                id: self.shared.id,
+                owner: Arc::downgrade(&self.shared),
+                parked: self.shared.parked.clone(),
+                vm,
+            };
+            let _ = POOL.try_with(|pool| {
+                let mut pool = pool.borrow_mut();
+                pool.retain(Slot::is_serving);
+                pool.push(slot);
+            });
+            return;
+        }
+        let keep = if parked { 1 } else { self.shared.spare_target };
+        let mut pooled = lock(&self.shared.shared_pool);
+        let extra = if pooled.len() < keep {
+            pooled.push(vm);
+            None
+        } else {
+            Some(vm)
         };
-        let _ = POOL.try_with(|pool| {
-            let mut pool = pool.borrow_mut();
-            pool.retain(|s| s.owner.strong_count() > 0);
-            pool.push(slot);
-        });
+        drop(pooled);
+        drop(extra);
     }
 
     /// Runs one hook: VM from the pool, argument built, metadata bag swapped in, deadline
@@ -703,7 +824,9 @@ impl LuaPlugin {
         arg: impl FnOnce(&Lua) -> mlua::Result<Table>,
         parse: impl FnOnce(&Lua, Value) -> Result<R, String>,
     ) -> Result<R, HookError> {
-        let vm = self.acquire()?;
+        // `on_log` runs off the async workers: its VMs stay with the plugin, not the thread.
+        let local = hook != Hook::OnLog && !self.shared.is_parked();
+        let vm = self.acquire(local)?;
         let budget = self.shared.limits.deadline_of(hook);
         let Some(func) = vm.function(hook) else {
             return Err(HookError::Plugin(format!(
@@ -727,7 +850,7 @@ impl LuaPlugin {
             Ok(v) => parse(&vm.lua, v).map_err(HookError::Plugin),
         };
         if result.is_ok() {
-            self.release(vm);
+            self.release(vm, local);
         }
         result
     }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use super::*;
 use crate::plugin::contract::{
-    Dialect, Endpoint, MemoryHost, MessageView, Reply, TextDelta, Usage,
+    Dialect, Endpoint, LogEntry, MemoryHost, MessageView, Reply, TextDelta, Usage,
 };
 
 #[derive(Debug)]
@@ -505,6 +505,113 @@ fn vms_are_freed_with_the_plugin() {
     let other = load_spares("function on_request(req) end", 1);
     run_on(&other.plugin);
     assert_eq!(alive(1), 0, "every VM of the plugin was freed");
+}
+
+/// Loads `source` (`on_request` and `on_log`) with `spares` VMs built ahead; counts its
+/// VMs alive by the host handles they hold, as [`vms_are_freed_with_the_plugin`] does.
+fn load_logging(spares: usize) -> (Fixture, impl Fn(&Fixture) -> usize) {
+    let dir = tempfile::tempdir().unwrap();
+    write_plugin(
+        dir.path(),
+        "on-request\", \"on-log",
+        "",
+        "function on_request(req) end\nfunction on_log(entry) end",
+    );
+    let manifest = Manifest::load(dir.path()).unwrap();
+    let host = Arc::new(MemoryHost::new());
+    let plugin =
+        LuaPlugin::load_with_spares(&manifest, "t", serde_json::json!({}), host.clone(), spares)
+            .unwrap();
+    // Handles besides the VMs': the fixture's and the plugin's own.
+    let per_vm = (Arc::strong_count(&host) - 2) / spares;
+    let f = Fixture {
+        _dir: dir,
+        plugin,
+        host,
+    };
+    let alive = move |f: &Fixture| {
+        let vms = Arc::strong_count(&f.host) - 2;
+        assert_eq!(vms % per_vm, 0, "{vms}");
+        vms / per_vm
+    };
+    (f, alive)
+}
+
+fn log_on(plugin: &LuaPlugin) {
+    let mut md = BTreeMap::new();
+    let mut ctx = HookCtx {
+        request_id: "r",
+        metadata: &mut md,
+    };
+    plugin.on_log(&mut ctx, &LogEntry::default()).unwrap();
+}
+
+#[test]
+fn on_log_vms_stay_with_the_plugin_not_the_thread() {
+    let (f, alive) = load_logging(2);
+    assert_eq!(alive(&f), 2);
+    // Five `on_log` threads, one after another, share one VM, built by the first (the
+    // spares are for the request path) and kept by the plugin, not by the threads.
+    for _ in 0..5 {
+        std::thread::scope(|s| {
+            s.spawn(|| log_on(&f.plugin));
+        });
+    }
+    assert_eq!(f.plugin.vms_created(), 3);
+    assert_eq!((f.plugin.spare_vms(), alive(&f)), (2, 3));
+    drop(f.plugin);
+    assert_eq!(
+        Arc::strong_count(&f.host),
+        1,
+        "every VM was freed with the plugin"
+    );
+}
+
+#[test]
+fn parking_frees_what_is_kept_warm_and_unparking_builds_spares_again() {
+    let (f, alive) = load_logging(2);
+    run_on(&f.plugin); // this thread claims a spare into its pool
+    log_on(&f.plugin); // one VM in the plugin's shared pool
+    assert_eq!((f.plugin.spare_vms(), alive(&f)), (1, 3));
+    assert_eq!(f.plugin.shared.ready(), 2);
+
+    f.plugin.shared.park();
+    assert_eq!(f.plugin.shared.ready(), 0);
+    assert_eq!(alive(&f), 1, "only this thread's pooled VM is left");
+    // A call while parked (a stream that started before the reload) still works: it moves
+    // this thread's VM to the shared pool, and later calls share that one.
+    run_on(&f.plugin);
+    log_on(&f.plugin);
+    assert_eq!((f.plugin.shared.ready(), alive(&f)), (1, 1));
+    // The thread's pool no longer holds it.
+    let other = load_spares("function on_request(req) end", 1);
+    run_on(&other.plugin);
+    assert_eq!(alive(&f), 1);
+    assert_eq!(f.plugin.vms_created(), 3, "nothing was built while parked");
+
+    // A rollback: spares again, so that no thread builds a VM on its first call.
+    f.plugin.shared.unpark();
+    assert_eq!((f.plugin.spare_vms(), f.plugin.shared.ready()), (2, 3));
+    assert_eq!(alive(&f), 3);
+    run_on(&f.plugin);
+    assert_eq!(f.plugin.vms_created(), 5);
+}
+
+#[test]
+fn a_thread_drops_vms_of_parked_plugins_when_it_returns_one() {
+    let old = load_spares("function on_request(req) end", 1);
+    let new = load_spares("function on_request(req) end", 1);
+    let vms = |f: &Fixture| Arc::strong_count(&f.host) - 2;
+    let per_vm = vms(&old);
+    run_on(&old.plugin);
+    old.plugin.shared.park();
+    assert_eq!(vms(&old), per_vm, "still in this thread's pool");
+    run_on(&new.plugin);
+    assert_eq!(
+        vms(&old),
+        0,
+        "dropped when this thread returned a VM of the new one"
+    );
 }
 
 fn run_on(plugin: &LuaPlugin) {

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
@@ -65,9 +65,11 @@ pub struct WasmEngine {
 
 struct EngineInner {
     engine: Engine,
-    /// Compiled components by sha256 of their bytes: a reload of an unchanged plugin
-    /// does not compile again.
-    compiled: Mutex<HashMap<[u8; 32], Component>>,
+    /// Compiled components by sha256 of their bytes, while some loaded plugin uses them: a
+    /// reload of an unchanged plugin does not compile again. Held weakly, so that the code
+    /// of a version no generation uses any more is freed (memory would otherwise grow with
+    /// every new version of a plugin); the on-disk cache still spares a recompile.
+    compiled: Mutex<HashMap<[u8; 32], Weak<Component>>>,
 }
 
 impl std::fmt::Debug for WasmEngine {
@@ -121,26 +123,38 @@ impl WasmEngine {
         &self.inner.engine
     }
 
-    /// Compiles a component, or returns the cached one with the same content hash.
-    pub fn compile(&self, wasm: &[u8]) -> Result<Component, WasmError> {
+    /// Compiles a component, or returns the one with the same content hash that a loaded
+    /// plugin still holds. The caller keeps the `Arc` for as long as it uses the component.
+    pub fn compile(&self, wasm: &[u8]) -> Result<Arc<Component>, WasmError> {
         let hash: [u8; 32] = Sha256::digest(wasm).into();
-        let memo = |m: &Mutex<HashMap<[u8; 32], Component>>| {
-            m.lock()
+        let memo = || {
+            self.inner
+                .compiled
+                .lock()
                 .unwrap_or_else(PoisonError::into_inner)
-                .get(&hash)
-                .cloned()
         };
-        if let Some(component) = memo(&self.inner.compiled) {
+        if let Some(component) = memo().get(&hash).and_then(Weak::upgrade) {
             return Ok(component);
         }
-        let component = Component::new(&self.inner.engine, wasm)
-            .map_err(|e| WasmError::Compile(format!("{e:#}")))?;
+        let component = Arc::new(
+            Component::new(&self.inner.engine, wasm)
+                .map_err(|e| WasmError::Compile(format!("{e:#}")))?,
+        );
+        let mut compiled = memo();
+        compiled.retain(|_, c| c.strong_count() > 0);
+        compiled.insert(hash, Arc::downgrade(&component));
+        Ok(component)
+    }
+
+    /// Compiled components held in memory (tests).
+    pub fn compiled_in_memory(&self) -> usize {
         self.inner
             .compiled
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(hash, component.clone());
-        Ok(component)
+            .values()
+            .filter(|c| c.strong_count() > 0)
+            .count()
     }
 }
 

@@ -19,10 +19,11 @@ mod engine;
 mod store;
 
 use std::path::Path;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
-use wasmtime::component::Linker;
+use wasmtime::component::{Component, Linker};
 use wasmtime::{Store, Trap};
 
 pub use engine::{EPOCH_TICK, EngineOptions, MAX_MEMORY_BYTES, MAX_WASM_STACK, WasmEngine};
@@ -31,6 +32,7 @@ use crate::plugin::contract::{
     ChunkAction, Decision, Hook, HookCtx, HookError, HostApi, LogEntry, PluginRuntime, RequestView,
     ResponseDecision, ResponseView, StreamEvent,
 };
+use crate::plugin::loads::{self, Warm};
 use store::StoreState;
 
 /// Host bindings generated from the contract; the hook types are the ones in
@@ -155,29 +157,95 @@ fn ticks(deadline: Duration) -> u64 {
     u64::try_from(n).unwrap_or(u64::MAX).saturating_add(1)
 }
 
+/// Instances (stores) and WASM plugin loads alive in the process: what a reload must give
+/// back (see [`live`]).
+static LIVE_INSTANCES: AtomicUsize = AtomicUsize::new(0);
+static LIVE_PLUGINS: AtomicUsize = AtomicUsize::new(0);
+
+/// WASM instances and WASM plugin loads alive in this process, all generations together.
+pub fn live() -> (usize, usize) {
+    (
+        LIVE_INSTANCES.load(Ordering::Relaxed),
+        LIVE_PLUGINS.load(Ordering::Relaxed),
+    )
+}
+
 /// An instance ready to run a hook.
 struct Ready {
     store: Store<StoreState>,
     plugin: Plugin,
 }
 
+impl Ready {
+    fn new(store: Store<StoreState>, plugin: Plugin) -> Ready {
+        LIVE_INSTANCES.fetch_add(1, Ordering::Relaxed);
+        Ready { store, plugin }
+    }
+}
+
+impl Drop for Ready {
+    fn drop(&mut self) {
+        LIVE_INSTANCES.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// A loaded WASM plugin: a pre-linked component and a pool of initialized instances.
 pub struct WasmPlugin {
+    inner: Arc<Inner>,
+}
+
+/// The plugin itself, shared with the generation's [`Loads`](crate::plugin::Loads).
+struct Inner {
     name: String,
     engine: WasmEngine,
+    /// Keeps the engine's in-memory compile cache entry alive while this plugin is loaded.
+    _component: Arc<Component>,
     pre: PluginPre<StoreState>,
     config_json: String,
     limits: WasmLimits,
     host: Arc<dyn HostApi>,
     idle: Mutex<Vec<Ready>>,
+    /// Set while the generation holding this load is not serving ([`Warm::park`]): at most
+    /// one instance stays idle.
+    parked: AtomicBool,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        LIVE_PLUGINS.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl std::fmt::Debug for WasmPlugin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WasmPlugin")
-            .field("name", &self.name)
-            .field("limits", &self.limits)
+            .field("name", &self.inner.name)
+            .field("limits", &self.inner.limits)
             .finish_non_exhaustive()
+    }
+}
+
+impl Warm for Inner {
+    fn park(&self) {
+        self.parked.store(true, Ordering::Relaxed);
+        let idle = std::mem::take(&mut *self.lock_idle());
+        drop(idle);
+    }
+
+    fn unpark(&self) {
+        self.parked.store(false, Ordering::Relaxed);
+        if !self.lock_idle().is_empty() {
+            return;
+        }
+        match self.instantiate() {
+            Ok(ready) => self.release(ready),
+            Err(err) => {
+                tracing::warn!(plugin = %self.name, error = %err, "WASM plugin instantiation failed; the first call will try again.");
+            }
+        }
+    }
+    fn ready(&self) -> usize {
+        self.lock_idle().len()
     }
 }
 
@@ -211,20 +279,25 @@ impl WasmPlugin {
             memory_bytes: limits.memory_bytes.min(MAX_MEMORY_BYTES),
             ..limits
         };
-        let plugin = WasmPlugin {
+        LIVE_PLUGINS.fetch_add(1, Ordering::Relaxed);
+        let inner = Arc::new(Inner {
             name: name.to_owned(),
             engine: engine.clone(),
+            _component: component,
             pre,
             config_json: config_json.to_owned(),
             limits,
             host,
             idle: Mutex::new(Vec::new()),
-        };
-        let first = plugin
+            parked: AtomicBool::new(false),
+        });
+        let first = inner
             .instantiate()
             .map_err(|e| WasmError::Init(e.to_string()))?;
-        plugin.release(first);
-        Ok(plugin)
+        inner.release(first);
+        let load: Weak<dyn Warm> = Arc::downgrade(&inner) as Weak<Inner>;
+        loads::loaded(load);
+        Ok(WasmPlugin { inner })
     }
 
     /// [`WasmPlugin::load`] from a file (a plugin folder's `plugin.wasm`).
@@ -245,14 +318,16 @@ impl WasmPlugin {
 
     /// The limits this plugin runs under.
     pub fn limits(&self) -> &WasmLimits {
-        &self.limits
+        &self.inner.limits
     }
 
     /// Ready instances currently pooled (for tests and metrics).
     pub fn idle_instances(&self) -> usize {
-        self.lock_idle().len()
+        self.inner.lock_idle().len()
     }
+}
 
+impl Inner {
     fn lock_idle(&self) -> std::sync::MutexGuard<'_, Vec<Ready>> {
         self.idle.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -271,17 +346,28 @@ impl WasmPlugin {
             HookError::Unavailable(err.to_string())
         })?;
         match plugin.call_init(&mut store, &self.config_json) {
-            Ok(Ok(())) => Ok(Ready { store, plugin }),
+            Ok(Ok(())) => Ok(Ready::new(store, plugin)),
             Ok(Err(message)) => Err(HookError::Plugin(format!("init: {message}"))),
             Err(e) => Err(classify(e, store.data().out_of_memory, deadline)),
         }
     }
 
+    /// Pools a healthy instance, up to `max_idle_instances` (1 while parked).
     fn release(&self, ready: Ready) {
+        let keep = if self.parked.load(Ordering::Relaxed) {
+            1
+        } else {
+            self.limits.max_idle_instances
+        };
         let mut idle = self.lock_idle();
-        if idle.len() < self.limits.max_idle_instances {
+        let extra = if idle.len() < keep {
             idle.push(ready);
-        }
+            None
+        } else {
+            Some(ready)
+        };
+        drop(idle);
+        drop(extra);
     }
 
     /// Runs one hook on a pooled instance; a failed instance is dropped.
@@ -341,11 +427,11 @@ fn classify(err: wasmtime::Error, out_of_memory: bool, deadline: Duration) -> Ho
 
 impl PluginRuntime for WasmPlugin {
     fn name(&self) -> &str {
-        &self.name
+        &self.inner.name
     }
 
     fn on_request(&self, ctx: &mut HookCtx<'_>, req: &RequestView) -> Result<Decision, HookError> {
-        self.call(Hook::OnRequest, ctx, |plugin, store| {
+        self.inner.call(Hook::OnRequest, ctx, |plugin, store| {
             plugin.call_on_request(store, req)
         })
     }
@@ -355,7 +441,7 @@ impl PluginRuntime for WasmPlugin {
         ctx: &mut HookCtx<'_>,
         resp: &ResponseView,
     ) -> Result<ResponseDecision, HookError> {
-        self.call(Hook::OnResponse, ctx, |plugin, store| {
+        self.inner.call(Hook::OnResponse, ctx, |plugin, store| {
             plugin.call_on_response(store, resp)
         })
     }
@@ -365,13 +451,14 @@ impl PluginRuntime for WasmPlugin {
         ctx: &mut HookCtx<'_>,
         event: &StreamEvent,
     ) -> Result<ChunkAction, HookError> {
-        self.call(Hook::OnResponseChunk, ctx, |plugin, store| {
-            plugin.call_on_response_chunk(store, event)
-        })
+        self.inner
+            .call(Hook::OnResponseChunk, ctx, |plugin, store| {
+                plugin.call_on_response_chunk(store, event)
+            })
     }
 
     fn on_log(&self, ctx: &mut HookCtx<'_>, entry: &LogEntry) -> Result<(), HookError> {
-        self.call(Hook::OnLog, ctx, |plugin, store| {
+        self.inner.call(Hook::OnLog, ctx, |plugin, store| {
             plugin.call_on_log(store, entry)
         })
     }
