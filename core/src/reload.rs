@@ -809,12 +809,13 @@ impl Reloader {
         let watched = Watched::new(&self.config_path, Some(&snapshot.config));
         self.gw.swap(snapshot.clone());
         // The one that served until now (the last kept) keeps only what a rollback needs:
-        // its Lua VMs and WASM instances go (see `plugin::loads`).
-        if let Some(previous) = history.kept.back()
-            && !Arc::ptr_eq(&previous.snapshot, &snapshot)
-        {
-            previous.loads.park();
-        }
+        // its Lua VMs and WASM instances go (see `plugin::loads`). Closing VMs takes a
+        // moment, so it happens off the async workers, with the write of the record.
+        let parked = history
+            .kept
+            .back()
+            .filter(|previous| !Arc::ptr_eq(&previous.snapshot, &snapshot))
+            .map(|previous| previous.loads.clone());
         self.generation_gauge
             .set(i64::try_from(record.generation).unwrap_or(i64::MAX));
         *self
@@ -823,7 +824,13 @@ impl Reloader {
             .unwrap_or_else(std::sync::PoisonError::into_inner) = record.clone();
         let store = self.store.clone();
         let to_persist = record.clone();
-        let persisted = tokio::task::spawn_blocking(move || persist(&*store, &to_persist)).await;
+        let persisted = tokio::task::spawn_blocking(move || {
+            if let Some(loads) = parked {
+                loads.park();
+            }
+            persist(&*store, &to_persist)
+        })
+        .await;
         match persisted {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
