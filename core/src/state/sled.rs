@@ -7,7 +7,8 @@
 //! Durability: sled writes to its log immediately and fsyncs every 500 ms (its default), and
 //! [`SledStore`] flushes when dropped; a crash can lose the last half-second of writes. That
 //! is the documented loss window for plugin state (rate-limit counters, caches); nothing in
-//! it needs stronger guarantees.
+//! it needs stronger guarantees. The gateway puts a [`super::WriteBehindStore`] in front,
+//! which adds its flush interval (100 ms) to that window.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -20,6 +21,14 @@ use super::{StateError, StateStore, add_to_counter, decode_live, encode, encode_
 
 fn backend(e: ::sled::Error) -> StateError {
     StateError::Backend(e.to_string())
+}
+
+/// One write of [`SledStore::write_entries`]: `value` is (expiry, bytes), `None` removes.
+#[derive(Debug, Clone)]
+pub(crate) struct SledWrite {
+    pub ns: String,
+    pub key: String,
+    pub value: Option<(u64, Vec<u8>)>,
 }
 
 /// A [`StateStore`] on a sled database directory.
@@ -100,6 +109,43 @@ impl SledStore {
     /// Writes everything to disk now.
     pub fn flush(&self) -> Result<(), StateError> {
         self.db.flush().map(|_| ()).map_err(backend)
+    }
+
+    /// The live value of `key` and its expiry (ms since the epoch, 0 = never).
+    pub(crate) fn get_entry(
+        &self,
+        ns: &str,
+        key: &str,
+    ) -> Result<Option<(u64, Vec<u8>)>, StateError> {
+        let tree = self.tree(ns)?;
+        let now = now_ms();
+        Ok(self
+            .get_live(&tree, key, now)?
+            .and_then(|raw| decode_live(&raw, now).map(|(exp, v)| (exp, v.to_vec()))))
+    }
+
+    /// Applies `writes` one by one (a sled batch would take sled's global write lock and
+    /// stall every reader meanwhile). A removal of a key sled does not hold writes nothing.
+    pub(crate) fn write_entries(&self, writes: &[SledWrite]) -> Result<(), StateError> {
+        let mut current: Option<(&str, Tree)> = None;
+        for w in writes {
+            let tree = match &current {
+                Some((ns, tree)) if *ns == w.ns => tree,
+                _ => &current.insert((&w.ns, self.tree(&w.ns)?)).1,
+            };
+            match &w.value {
+                Some((expires, value)) => {
+                    tree.insert(w.key.as_bytes(), encode_at(value, *expires))
+                        .map_err(backend)?;
+                }
+                None => {
+                    if tree.contains_key(&w.key).map_err(backend)? {
+                        tree.remove(&w.key).map_err(backend)?;
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     fn tree(&self, ns: &str) -> Result<Tree, StateError> {
@@ -254,6 +300,10 @@ impl StateStore for SledStore {
             }
         }
         Ok(out)
+    }
+
+    fn flush(&self) -> Result<(), StateError> {
+        SledStore::flush(self)
     }
 }
 
