@@ -200,6 +200,14 @@ function Json.encode(value) end
 ---@return any
 function Json.decode(text) end
 
+--- JSON text re-encoded with object keys sorted and the top-level fields in `drop` removed:
+--- the same text as `Json.encode(Json.decode(text))` without those fields, computed by the
+--- host without building Lua tables (a cache key, say). Errors on invalid JSON.
+---@param text string
+---@param drop string[]?
+---@return string
+function Json.canonical(text, drop) end
+
 ---@class weir.FetchRequest
 ---@field url string Its host must be listed in plugin.toml `capabilities.fetch`
 ---@field method string? Default GET

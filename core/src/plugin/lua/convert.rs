@@ -3,8 +3,22 @@
 //!
 //! Decisions coming back from Lua are checked strictly: an unknown key in a decision table is
 //! an error (a typo such as `set_header` would otherwise be silently ignored).
+//!
+//! # Cost
+//! Building a hook's argument is most of a cheap hook's cost, so:
+//! - the builders run [`unmetered`]: with a memory limit set, mlua wraps every allocation
+//!   (each string, each table, each `raw_set`) in a protected call, several per field;
+//!   without one it pushes directly. What the host builds is bounded by the request it
+//!   describes, not by the script;
+//! - the outer tables are built by Luau constructors (`args.luau`, [`Builders`]) from field
+//!   values passed in one call, and flat string maps (headers, metadata, a message) with
+//!   `create_table_from`, one lock for the whole table, instead of a `raw_set` (a lock, a key
+//!   lookup, a push) per field.
 
-use mlua::{Lua, LuaSerdeExt, LuaString, Table, Value};
+use std::sync::OnceLock;
+
+use mlua::chunk::ChunkMode;
+use mlua::{AppDataRef, Function, Lua, LuaSerdeExt, LuaString, Table, Value};
 
 use crate::plugin::contract::{
     ChunkAction, Decision, Dialect, Endpoint, Finish, LogEntry, MessageView, Mutations, Pairs,
@@ -29,6 +43,109 @@ fn endpoint(e: Endpoint) -> &'static str {
     }
 }
 
+/// Runs `build` with the VM's memory limit lifted, then puts the limit back.
+///
+/// For allocations the host makes on the plugin's behalf (a hook's argument, a value a host
+/// call returns), whose size the host controls. mlua then pushes without a protected call
+/// per allocation (an allocation failure without a limit aborts the process, as it would in
+/// Rust). The limit still bounds the script: its next allocation past the limit fails, so a
+/// host value can overshoot it by at most its own size. Luau's garbage collector calls no
+/// Lua code, so nothing of the plugin's runs while the limit is lifted.
+pub(super) fn unmetered<R>(lua: &Lua, build: impl FnOnce() -> mlua::Result<R>) -> mlua::Result<R> {
+    let limit = lua.set_memory_limit(0)?;
+    let out = build();
+    lua.set_memory_limit(limit)?;
+    out
+}
+
+/// `weir.json.canonical(text, drop?)`: `text` re-encoded with object keys sorted and the
+/// top-level fields named in `drop` removed. The same bytes as
+/// `weir.json.encode(weir.json.decode(text))` after `t[field] = nil` for each dropped field,
+/// numbers included (Luau has one number type: a value that is a whole number in the `i64`
+/// range comes back as an integer, `1.0` as `1`), without building the Lua tables: several
+/// times cheaper for a chat body, which is what a cache keys on.
+pub(super) fn canonical_json(
+    lua: &Lua,
+    (text, drop): (LuaString, Option<Table>),
+) -> mlua::Result<LuaString> {
+    let mut json: serde_json::Value = serde_json::from_slice(&text.as_bytes())
+        .map_err(|e| mlua::Error::runtime(format!("invalid JSON: {e}")))?;
+    if let (Some(drop), serde_json::Value::Object(map)) = (drop, &mut json) {
+        for name in drop.sequence_values::<LuaString>() {
+            map.remove(&*name?.to_str()?);
+        }
+    }
+    as_lua_numbers(&mut json);
+    let out = serde_json::to_vec(&json).map_err(mlua::Error::external)?;
+    unmetered(lua, || lua.create_string(out))
+}
+
+/// Rewrites every number as a trip through a Luau number (a double) and back through mlua
+/// would: a whole double in the `i64` range (not -0) becomes that integer, anything else the
+/// double.
+fn as_lua_numbers(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Number(n) => {
+            let Some(x) = n.as_f64() else { return };
+            // `as` saturates; the bit comparison keeps only exact round trips (and drops -0).
+            let i = x as i64;
+            let exact = x.fract() == 0.0
+                && (-9_223_372_036_854_775_808.0..9_223_372_036_854_775_808.0).contains(&x)
+                && (i as f64).to_bits() == x.to_bits();
+            *n = if exact {
+                serde_json::Number::from(i)
+            } else {
+                match serde_json::Number::from_f64(x) {
+                    Some(f) => f,
+                    None => return,
+                }
+            };
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(as_lua_numbers),
+        serde_json::Value::Object(map) => map.values_mut().for_each(as_lua_numbers),
+        _ => {}
+    }
+}
+
+/// The Luau side of the builders.
+const ARGS: &str = include_str!("args.luau");
+
+/// The functions of `args.luau`, in a VM's app data.
+struct Builders {
+    request: Function,
+    response: Function,
+    log: Function,
+    text_delta: Function,
+}
+
+fn args_bytecode() -> mlua::Result<&'static [u8]> {
+    static ARGS_BC: OnceLock<Result<Vec<u8>, String>> = OnceLock::new();
+    ARGS_BC
+        .get_or_init(|| super::compiler().compile(ARGS).map_err(|e| e.to_string()))
+        .as_deref()
+        .map_err(|e| mlua::Error::runtime(e.clone()))
+}
+
+/// This VM's builders, loaded on its first hook call.
+fn builders(lua: &Lua) -> mlua::Result<AppDataRef<'_, Builders>> {
+    if let Some(b) = lua.app_data_ref::<Builders>() {
+        return Ok(b);
+    }
+    let t: Table = lua
+        .load(args_bytecode()?)
+        .set_mode(ChunkMode::Binary)
+        .set_name("=weir-args")
+        .call(())?;
+    lua.set_app_data(Builders {
+        request: t.raw_get("request")?,
+        response: t.raw_get("response")?,
+        log: t.raw_get("log")?,
+        text_delta: t.raw_get("text_delta")?,
+    });
+    lua.app_data_ref::<Builders>()
+        .ok_or_else(|| mlua::Error::runtime("weir: argument builders missing"))
+}
+
 fn tool_calls(lua: &Lua, calls: &[ToolCallView]) -> mlua::Result<Table> {
     let t = lua.create_table_with_capacity(calls.len(), 0)?;
     for c in calls {
@@ -41,57 +158,55 @@ fn tool_calls(lua: &Lua, calls: &[ToolCallView]) -> mlua::Result<Table> {
     Ok(t)
 }
 
-fn usage(lua: &Lua, u: &Usage) -> mlua::Result<Table> {
-    let t = lua.create_table_with_capacity(0, 3)?;
-    t.raw_set("prompt_tokens", u.prompt_tokens)?;
-    t.raw_set("completion_tokens", u.completion_tokens)?;
-    t.raw_set("cached_tokens", u.cached_tokens)?;
-    Ok(t)
-}
-
 /// `req` of `on_request`: headers as a map of lower-case names (repeated headers joined with
 /// `, `), messages as a list of `{role, content, tool_calls?}`.
 pub(super) fn request_table(lua: &Lua, req: &RequestView) -> mlua::Result<Table> {
-    let t = lua.create_table_with_capacity(0, 8)?;
-    t.raw_set("request_id", req.request_id.as_str())?;
-    t.raw_set("dialect", dialect(req.dialect))?;
-    t.raw_set("endpoint", endpoint(req.endpoint))?;
-    t.raw_set("model", req.model.as_str())?;
-    t.raw_set("stream", req.stream)?;
-    let headers = lua.create_table_with_capacity(0, req.headers.len())?;
+    unmetered(lua, || build_request_table(lua, req))
+}
+
+fn build_request_table(lua: &Lua, req: &RequestView) -> mlua::Result<Table> {
+    // Repeated headers joined with `, `, in first-seen order (a clone only when repeated).
+    let mut headers: Vec<(&str, std::borrow::Cow<'_, str>)> = Vec::with_capacity(req.headers.len());
     for (k, v) in &req.headers {
-        match headers.raw_get::<Option<LuaString>>(k.as_str())? {
-            None => headers.raw_set(k.as_str(), v.as_str())?,
-            Some(prev) => {
-                let joined = format!("{}, {v}", prev.to_str()?);
-                headers.raw_set(k.as_str(), joined)?;
-            }
+        match headers.iter_mut().find(|(name, _)| *name == k.as_str()) {
+            None => headers.push((k.as_str(), v.as_str().into())),
+            Some((_, prev)) => *prev = format!("{prev}, {v}").into(),
         }
     }
-    t.raw_set("headers", headers)?;
-    let messages = lua.create_table_with_capacity(req.messages.len(), 0)?;
-    for m in &req.messages {
-        let msg = lua.create_table_with_capacity(0, 3)?;
-        msg.raw_set("role", m.role.as_str())?;
-        msg.raw_set("content", m.content.as_str())?;
-        if !m.tool_calls.is_empty() {
-            msg.raw_set("tool_calls", tool_calls(lua, &m.tool_calls)?)?;
-        }
-        messages.raw_push(msg)?;
-    }
-    t.raw_set("messages", messages)?;
-    if let Some(body) = &req.body {
-        t.raw_set("body", body.as_str())?;
-    }
-    Ok(t)
+    let headers = lua.create_table_from(headers.iter().map(|(k, v)| (*k, v.as_ref())))?;
+    let messages = lua.create_sequence_from(
+        req.messages
+            .iter()
+            .map(|m| {
+                let msg = lua.create_table_from([
+                    ("role", m.role.as_str()),
+                    ("content", m.content.as_str()),
+                ])?;
+                if !m.tool_calls.is_empty() {
+                    msg.raw_set("tool_calls", tool_calls(lua, &m.tool_calls)?)?;
+                }
+                Ok(msg)
+            })
+            .collect::<mlua::Result<Vec<Table>>>()?,
+    )?;
+    builders(lua)?.request.call((
+        req.request_id.as_str(),
+        dialect(req.dialect),
+        endpoint(req.endpoint),
+        req.model.as_str(),
+        req.stream,
+        headers,
+        messages,
+        req.body.as_deref(),
+    ))
 }
 
 /// `resp` of `on_response`.
 pub(super) fn response_table(lua: &Lua, resp: &ResponseView) -> mlua::Result<Table> {
-    let t = lua.create_table_with_capacity(0, 5)?;
-    t.raw_set("request_id", resp.request_id.as_str())?;
-    t.raw_set("model", resp.model.as_str())?;
-    t.raw_set("status", resp.status)?;
+    unmetered(lua, || build_response_table(lua, resp))
+}
+
+fn build_response_table(lua: &Lua, resp: &ResponseView) -> mlua::Result<Table> {
     let choices = lua.create_table_with_capacity(resp.choices.len(), 0)?;
     for c in &resp.choices {
         let choice = lua.create_table_with_capacity(0, 4)?;
@@ -105,23 +220,32 @@ pub(super) fn response_table(lua: &Lua, resp: &ResponseView) -> mlua::Result<Tab
         }
         choices.raw_push(choice)?;
     }
-    t.raw_set("choices", choices)?;
-    if let Some(u) = &resp.usage {
-        t.raw_set("usage", usage(lua, u)?)?;
-    }
-    Ok(t)
+    let u = resp.usage.as_ref();
+    builders(lua)?.response.call((
+        resp.request_id.as_str(),
+        resp.model.as_str(),
+        resp.status,
+        choices,
+        u.map(|u| u.prompt_tokens),
+        u.map(|u| u.completion_tokens),
+        u.map(|u| u.cached_tokens),
+    ))
 }
 
 /// `event` of `on_response_chunk`: `{type = "text_delta" | "tool_call_delta" | "usage" |
 /// "finish", ...}`.
 pub(super) fn event_table(lua: &Lua, event: &StreamEvent) -> mlua::Result<Table> {
+    unmetered(lua, || build_event_table(lua, event))
+}
+
+fn build_event_table(lua: &Lua, event: &StreamEvent) -> mlua::Result<Table> {
+    // Text deltas are nearly every event of a stream; the rest are rare.
+    if let StreamEvent::TextDelta(d) = event {
+        return builders(lua)?.text_delta.call((d.choice, d.text.as_str()));
+    }
     let t = lua.create_table_with_capacity(0, 6)?;
     match event {
-        StreamEvent::TextDelta(d) => {
-            t.raw_set("type", "text_delta")?;
-            t.raw_set("choice", d.choice)?;
-            t.raw_set("text", d.text.as_str())?;
-        }
+        StreamEvent::TextDelta(_) => {}
         StreamEvent::ToolCallDelta(d) => {
             t.raw_set("type", "tool_call_delta")?;
             t.raw_set("choice", d.choice)?;
@@ -147,24 +271,27 @@ pub(super) fn event_table(lua: &Lua, event: &StreamEvent) -> mlua::Result<Table>
 
 /// `entry` of `on_log`.
 pub(super) fn log_table(lua: &Lua, e: &LogEntry) -> mlua::Result<Table> {
-    let t = lua.create_table_with_capacity(0, 11)?;
-    t.raw_set("request_id", e.request_id.as_str())?;
-    t.raw_set("model", e.model.as_str())?;
-    t.raw_set("provider", e.provider.as_str())?;
-    t.raw_set("target_model", e.target_model.as_str())?;
-    t.raw_set("status", e.status)?;
-    t.raw_set("stream", e.stream)?;
-    if let Some(u) = &e.usage {
-        t.raw_set("usage", usage(lua, u)?)?;
-    }
-    t.raw_set("latency_ms", e.latency_ms)?;
-    t.raw_set("ttft_ms", e.ttft_ms)?;
-    let md = lua.create_table_with_capacity(0, e.metadata.len())?;
-    for (k, v) in &e.metadata {
-        md.raw_set(k.as_str(), v.as_str())?;
-    }
-    t.raw_set("metadata", md)?;
-    Ok(t)
+    unmetered(lua, || build_log_table(lua, e))
+}
+
+fn build_log_table(lua: &Lua, e: &LogEntry) -> mlua::Result<Table> {
+    let metadata =
+        lua.create_table_from(e.metadata.iter().map(|(k, v)| (k.as_str(), v.as_str())))?;
+    let u = e.usage.as_ref();
+    builders(lua)?.log.call((
+        e.request_id.as_str(),
+        e.model.as_str(),
+        e.provider.as_str(),
+        e.target_model.as_str(),
+        e.status,
+        e.stream,
+        e.latency_ms,
+        e.ttft_ms,
+        metadata,
+        u.map(|u| u.prompt_tokens),
+        u.map(|u| u.completion_tokens),
+        u.map(|u| u.cached_tokens),
+    ))
 }
 
 fn text(v: &Value, what: &str) -> Result<String, Malformed> {
@@ -482,5 +609,120 @@ pub(super) fn chunk_action(v: Value) -> Result<ChunkAction, Malformed> {
              weir.abort(message)"
                 .into(),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vm() -> Lua {
+        let lua = Lua::new();
+        let json = lua.create_table().unwrap();
+        json.raw_set(
+            "encode",
+            lua.create_function(|lua, v: Value| {
+                let json: serde_json::Value = lua.from_value(v)?;
+                Ok(json.to_string())
+            })
+            .unwrap(),
+        )
+        .unwrap();
+        json.raw_set(
+            "decode",
+            lua.create_function(|lua, s: LuaString| {
+                let json: serde_json::Value = serde_json::from_slice(&s.as_bytes()).unwrap();
+                lua.to_value(&json)
+            })
+            .unwrap(),
+        )
+        .unwrap();
+        json.raw_set("canonical", lua.create_function(canonical_json).unwrap())
+            .unwrap();
+        lua.globals().raw_set("json", json).unwrap();
+        lua
+    }
+
+    /// `weir.json.canonical` gives the bytes of the Lua round trip it replaces in the cache
+    /// plugin (so entries stored before keep their keys' canonical text).
+    #[test]
+    fn canonical_json_is_the_lua_round_trip() {
+        let lua = vm();
+        let round_trip = lua
+            .load(
+                r#"
+                local text, drop = ...
+                local body = json.decode(text)
+                for _, f in drop do body[f] = nil end
+                return json.encode(body), json.canonical(text, drop)
+            "#,
+            )
+            .into_function()
+            .unwrap();
+        for text in [
+            r#"{"model":"m","messages":[{"role":"user","content":"hi \"there\" \u00e9"}],"stream":true,"user":"u"}"#,
+            r#"{"b":1,"a":[1.0,2.5,-0.0,0,1e3,1e300,12345678901234567890,-9223372036854775808,9007199254740993],"c":{}}"#,
+            r#"{"z":null,"y":[],"x":[null,{}],"w":{"2":"two","10":"ten"},"v":true,"stream_options":{"include_usage":true}}"#,
+            r#"{"temperature":0.2,"top_p":1,"max_tokens":256,"n":1.5e-7,"stop":["\\n","STOP"]}"#,
+            r#"[1,2,{"b":0.1,"a":"x"}]"#,
+        ] {
+            let drop = lua
+                .create_sequence_from(["stream", "stream_options", "user"])
+                .unwrap();
+            let (want, got): (String, String) = round_trip.call((text, drop)).unwrap();
+            assert_eq!(got, want, "{text}");
+        }
+    }
+
+    #[test]
+    fn canonical_json_refuses_bad_json() {
+        let lua = vm();
+        let err = lua
+            .load(r#"return json.canonical("{nope", {})"#)
+            .exec()
+            .unwrap_err();
+        assert!(err.to_string().contains("invalid JSON"), "{err}");
+        // No drop list is fine too.
+        let out: String = lua
+            .load(r#"return json.canonical('{"b":1,"a":2}')"#)
+            .eval()
+            .unwrap();
+        assert_eq!(out, r#"{"a":2,"b":1}"#);
+        // Not an object: nothing to drop.
+        let out: String = lua
+            .load(r#"return json.canonical('"text"', {"text"})"#)
+            .eval()
+            .unwrap();
+        assert_eq!(out, r#""text""#);
+    }
+
+    #[test]
+    fn builders_restore_the_memory_limit() {
+        let lua = vm();
+        lua.set_memory_limit(1 << 20).unwrap();
+        let req = RequestView {
+            request_id: "r".into(),
+            dialect: Dialect::OpenAi,
+            endpoint: Endpoint::Chat,
+            model: "m".into(),
+            stream: false,
+            headers: vec![("a".into(), "1".into()), ("a".into(), "2".into())],
+            messages: vec![MessageView {
+                role: "user".into(),
+                content: "hello".into(),
+                tool_calls: Vec::new(),
+            }],
+            body: Some("{}".into()),
+        };
+        let t = request_table(&lua, &req).unwrap();
+        assert_eq!(lua.set_memory_limit(1 << 20).unwrap(), 1 << 20);
+        let headers: Table = t.raw_get("headers").unwrap();
+        assert_eq!(headers.raw_get::<String>("a").unwrap(), "1, 2");
+        // The limit still holds for the script afterwards.
+        let err = lua
+            .load(r#"return string.rep("x", 4 * 1024 * 1024)"#)
+            .exec()
+            .unwrap_err();
+        assert!(matches!(err, mlua::Error::MemoryError(_)), "{err}");
     }
 }

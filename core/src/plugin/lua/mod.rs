@@ -387,7 +387,9 @@ fn install_weir(lua: &Lua, shared: &Shared, deadline: &Arc<Deadline>) -> mlua::R
     kv.raw_set(
         "get",
         lua.create_function(move |lua, key: String| match host.kv_get(&key) {
-            Ok(Some(v)) => Ok(Value::String(lua.create_string(v)?)),
+            Ok(Some(v)) => Ok(Value::String(convert::unmetered(lua, || {
+                lua.create_string(v)
+            })?)),
             Ok(None) => Ok(Value::Nil),
             Err(e) => Err(host_err(e)),
         })?,
@@ -471,7 +473,10 @@ fn install_weir(lua: &Lua, shared: &Shared, deadline: &Arc<Deadline>) -> mlua::R
             let bag = lua
                 .app_data_ref::<Bag>()
                 .ok_or_else(|| mlua::Error::runtime("no request context"))?;
-            Ok(bag.0.get(&key).cloned())
+            match bag.0.get(&key) {
+                Some(v) => convert::unmetered(lua, || lua.create_string(v)).map(Some),
+                None => Ok(None),
+            }
         })?,
     )?;
     weir.raw_set(
@@ -524,9 +529,10 @@ fn install_weir(lua: &Lua, shared: &Shared, deadline: &Arc<Deadline>) -> mlua::R
 
     weir.raw_set(
         "sha256",
-        lua.create_function(|_, data: LuaString| {
+        lua.create_function(|lua, data: LuaString| {
             use sha2::Digest;
-            Ok(hex::encode(sha2::Sha256::digest(&*data.as_bytes())))
+            let hex = hex::encode(sha2::Sha256::digest(&*data.as_bytes()));
+            convert::unmetered(lua, || lua.create_string(hex))
         })?,
     )?;
 
@@ -535,7 +541,8 @@ fn install_weir(lua: &Lua, shared: &Shared, deadline: &Arc<Deadline>) -> mlua::R
         "encode",
         lua.create_function(|lua, v: Value| {
             let json: serde_json::Value = lua.from_value(v)?;
-            Ok(json.to_string())
+            // As long as the table it encodes, which the script already holds.
+            convert::unmetered(lua, || lua.create_string(json.to_string()))
         })?,
     )?;
     json.raw_set(
@@ -546,6 +553,7 @@ fn install_weir(lua: &Lua, shared: &Shared, deadline: &Arc<Deadline>) -> mlua::R
             lua.to_value(&json)
         })?,
     )?;
+    json.raw_set("canonical", lua.create_function(convert::canonical_json)?)?;
     json.raw_set("null", lua.null())?;
     weir.raw_set("json", json)?;
     Ok(weir)
