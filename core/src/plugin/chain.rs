@@ -412,8 +412,10 @@ impl Chain {
         if !self.any_request {
             return Ok(Flow::Continue);
         }
-        // Messages are flattened once and rebuilt only when a plugin changes the body.
+        // Messages are flattened once and rebuilt only when a plugin changes the body; the
+        // body JSON (capability `body`) is serialized once and again only after a change.
         let mut view: Option<RequestView> = None;
+        let mut body: Option<Option<String>> = None;
         for inst in self.instances.iter() {
             if !inst.manifest.hooks.on_request {
                 continue;
@@ -427,7 +429,7 @@ impl Chain {
             v.model.push_str(ctx.body.model());
             v.headers = select_headers(&ctx.headers, &inst.manifest.headers);
             v.body = if inst.manifest.capabilities.body {
-                body_json(&ctx.body)
+                body.get_or_insert_with(|| body_json(&ctx.body)).clone()
             } else {
                 None
             };
@@ -446,15 +448,22 @@ impl Chain {
                     Ok(None)
                 }
                 Ok(Decision::Reply(reply)) => Ok(Some(reply)),
-                Ok(Decision::Continue(m)) => match apply_request(ctx, m) {
-                    Ok(stale) => {
-                        if stale {
-                            view = None;
+                Ok(Decision::Continue(m)) => {
+                    let body_changed =
+                        m.set_body.is_some() || m.set_model.is_some() || m.set_messages.is_some();
+                    match apply_request(ctx, m) {
+                        Ok(stale) => {
+                            if stale {
+                                view = None;
+                            }
+                            if body_changed {
+                                body = None;
+                            }
+                            Ok(None)
                         }
-                        Ok(None)
+                        Err(reason) => Err(HookError::Plugin(reason)),
                     }
-                    Err(reason) => Err(HookError::Plugin(reason)),
-                },
+                }
                 Err(e) => Err(e),
             };
             match outcome {

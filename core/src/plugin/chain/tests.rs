@@ -71,11 +71,22 @@ fn fake(
     mode: Mode,
     answer: impl Fn(u32, &RequestView) -> Result<Decision, HookError> + Send + Sync + 'static,
 ) -> (Arc<Instance>, Arc<Fake>) {
+    fake_with(name, "", failure, mode, answer)
+}
+
+/// [`fake`] with more manifest text (e.g. `[capabilities]`).
+fn fake_with(
+    name: &str,
+    manifest_extra: &str,
+    failure: Option<FailurePolicy>,
+    mode: Mode,
+    answer: impl Fn(u32, &RequestView) -> Result<Decision, HookError> + Send + Sync + 'static,
+) -> (Arc<Instance>, Arc<Fake>) {
     let manifest = Manifest::parse(
         Path::new("/fake"),
         &format!(
             "name = \"{name}\"\nversion = \"1\"\nkind = \"wasm\"\nhooks = [\"on-request\"]\n\
-             headers = [\"x-tenant\"]\n"
+             headers = [\"x-tenant\"]\n{manifest_extra}"
         ),
     )
     .unwrap();
@@ -205,6 +216,61 @@ fn mutations_apply_in_order_and_later_plugins_see_them() {
     assert_eq!(c.messages[0].text(), "be nicer");
     // The unchanged user message keeps its image part.
     assert!(matches!(&c.messages[1].content, Some(MessageContent::Parts(p)) if p.len() == 2));
+}
+
+#[test]
+fn the_body_is_serialized_once_and_again_after_a_change() {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let body_plugin = |name: &str, answer: fn() -> Mutations| {
+        let seen = seen.clone();
+        let name_owned = name.to_owned();
+        fake_with(
+            name,
+            "[capabilities]\nbody = true\n",
+            None,
+            Mode::Enforce,
+            move |_, req| {
+                seen.lock()
+                    .unwrap()
+                    .push((name_owned.clone(), req.body.clone()));
+                Ok(Decision::Continue(answer()))
+            },
+        )
+        .0
+    };
+    let renames = body_plugin("renames", || Mutations {
+        set_model: Some("gpt-mini".into()),
+        ..Mutations::default()
+    });
+    let reads = body_plugin("reads", Mutations::default);
+    let tag = || Mutations {
+        set_metadata: vec![("t".into(), "1".into())],
+        ..Mutations::default()
+    };
+    let tags = body_plugin("tags", tag);
+    let tags_again = body_plugin("tags-again", tag);
+    let (no_body, _) = fake("no-body", None, Mode::Enforce, |_, req| {
+        assert_eq!(req.body, None);
+        cont()
+    });
+    let mut ctx = ctx();
+    assert_eq!(
+        chain(vec![renames, no_body, reads, tags, tags_again]).on_request(&mut ctx),
+        Ok(Flow::Continue)
+    );
+    let seen = seen.lock().unwrap();
+    let model_of = |i: usize| {
+        let body: serde_json::Value = serde_json::from_str(seen[i].1.as_deref().unwrap()).unwrap();
+        body["model"].as_str().unwrap().to_owned()
+    };
+    assert_eq!(seen.len(), 4);
+    assert_eq!(model_of(0), "gpt");
+    // Every plugin after the rename sees the renamed body, and the same text.
+    for i in 1..4 {
+        assert_eq!(model_of(i), "gpt-mini");
+        assert_eq!(seen[i].1, seen[1].1);
+    }
+    assert_eq!(seen[1].1, body_json(&ctx.body));
 }
 
 #[test]
