@@ -57,31 +57,26 @@ function M.init(config: any)
 	EMPTY_ARRAY = weir.json.decode("[]")
 end
 
--- Hashing -------------------------------------------------------------------------------
+-- JSON ------------------------------------------------------------------------------------
 
--- Two 32-bit lanes over little-endian words, plus the length: fast in Luau (one
--- `string.unpack` per 32 bytes) and, since entries are verified against the full
--- canonical request, only a collision-to-miss concern.
-local function hash(s: string): string
-	local h1, h2 = 0x811c9dc5, 0x9747b28c
-	local n = #s
-	local i = 1
-	local bxor, lrot = bit32.bxor, bit32.lrotate
-	while i + 31 <= n do
-		local a, b, c, d, e, f, g, h = string.unpack("<I4I4I4I4I4I4I4I4", s, i)
-		for _, w in { a, b, c, d, e, f, g, h } do
-			h1 = (lrot(bxor(h1, w), 13) * 5 + 0xe6546b64) % 4294967296
-			h2 = (bxor(lrot(h2, 7), w) * 9 + 0x7ed55d16) % 4294967296
+-- The first `"<name>": <digits>` in a JSON text, as a string. Found with a plain search for
+-- the quoted name and an anchored match after it, not with `string.match(body, pattern)`:
+-- Luau's matcher calls the VM interrupt (the deadline check) at every byte it tries, which
+-- costs tens of microseconds on a 1 KB body. The same answer as that pattern: every match
+-- starts at an occurrence of the name, tried left to right.
+local function json_int(text: string, quoted_name: string): string?
+	local from = 1
+	while true do
+		local _, last = string.find(text, quoted_name, from, true)
+		if last == nil then
+			return nil
 		end
-		i += 32
+		local v = string.match(text, "^%s*:%s*(%d+)", last + 1)
+		if v ~= nil then
+			return v
+		end
+		from = last + 1
 	end
-	while i <= n do
-		local w = string.byte(s, i)
-		h1 = (lrot(bxor(h1, w), 13) * 5 + 0xe6546b64) % 4294967296
-		h2 = (bxor(lrot(h2, 7), w) * 9 + 0x7ed55d16) % 4294967296
-		i += 1
-	end
-	return string.format("%08x%08x%x", h1, h2, n)
 end
 
 -- Requests --------------------------------------------------------------------------------
@@ -95,16 +90,19 @@ local function opted_out(req): boolean
 	return string.find(cc, "no-store", 1, true) ~= nil or header(req, "x-weir-cache") == "skip"
 end
 
--- The canonical request: the body without the ignored fields, encoded with sorted keys.
-local function canonical(body): string
-	for _, f in cfg.ignore_fields do
-		body[f] = nil
+-- The canonical request: the body without the ignored fields, encoded with sorted keys
+-- (by the host: the same text as `weir.json.encode` of the decoded body, without building
+-- the Lua tables), prefixed by the partition values.
+local function canonical(body: string): string
+	local json = weir.json.canonical(body, cfg.ignore_fields)
+	if #cfg.partition_by == 0 then
+		return json
 	end
 	local parts = {}
 	for _, name in cfg.partition_by do
 		table.insert(parts, name .. "=" .. (weir.ctx_get(name) or ""))
 	end
-	table.insert(parts, weir.json.encode(body))
+	table.insert(parts, json)
 	return table.concat(parts, "\n")
 end
 
@@ -336,15 +334,18 @@ local function store(key: string, entry)
 	local slot = "slot/" .. tostring(seq % cfg.max_entries)
 	local old = weir.kv.get(slot)
 	if old then
-		local old_key, old_seq = string.match(old, "^(.*)@(%d+)$")
-		if old_key then
+		-- `<key>@<seq>`; keys are hex. Plain searches and anchored matches throughout: an
+		-- unanchored pattern runs the VM interrupt at every byte it tries (see json_int).
+		local at = string.find(old, "@", 1, true)
+		local old_key = at and string.sub(old, 1, at - 1)
+		local old_seq = at and string.match(old, "^(%d+)$", at + 1)
+		if old_key and old_seq then
 			local current = weir.kv.get("e/" .. old_key)
-			if current then
-				local ok, e = pcall(weir.json.decode, current)
-				if ok and e.seq == tonumber(old_seq) then
-					weir.kv.delete("e/" .. old_key)
-					weir.counter("evictions", 1)
-				end
+			-- The entry's own `seq` (a top-level key of its JSON; inside JSON strings quotes
+			-- are escaped, so `"seq":` cannot be text) without decoding the entry.
+			if current and json_int(current, '"seq"') == old_seq then
+				weir.kv.delete("e/" .. old_key)
+				weir.counter("evictions", 1)
 			end
 		end
 	end
@@ -371,15 +372,18 @@ function M.on_request(req)
 		weir.counter("bypass", 1)
 		return { set_response_headers = { ["x-weir-cache"] = "skip" } }
 	end
-	local body = weir.json.decode(req.body)
-	local include_usage = type(body.stream_options) == "table" and body.stream_options.include_usage == true
-	local canon = canonical(body)
-	local key = hash(canon)
+	local canon = canonical(req.body)
+	local key = weir.sha256(canon)
 	local raw = weir.kv.get("e/" .. key)
 	if raw then
 		local ok, entry = pcall(weir.json.decode, raw)
 		if ok and entry.k == canon then
 			weir.counter("hits", 1)
+			local include_usage = false
+			if req.stream then
+				local body = weir.json.decode(req.body)
+				include_usage = type(body.stream_options) == "table" and body.stream_options.include_usage == true
+			end
 			return hit_reply(req, entry, include_usage)
 		end
 	end
