@@ -145,7 +145,7 @@ fn serve(path: PathBuf, listen: Option<SocketAddr>) -> anyhow::Result<()> {
         let snapshot =
             tokio::task::spawn_blocking(move || Snapshot::build(config, &services)).await??;
         let (gw, reloader) = weir::reload::Reloader::start(snapshot, metrics, state.clone())?;
-        start_lifecycle(&reloader, &admin, state).await?;
+        start_lifecycle(&reloader, &admin, state.clone()).await?;
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
@@ -157,6 +157,10 @@ fn serve(path: PathBuf, listen: Option<SocketAddr>) -> anyhow::Result<()> {
             .unwrap_or(0);
         if left > 0 {
             tracing::warn!(left, "Stopped with on_log hooks still queued.");
+        }
+        // State changes live in memory until written behind: write the last ones to disk.
+        if let Err(e) = tokio::task::spawn_blocking(move || state.flush()).await? {
+            tracing::warn!(error = %e, "State flush at shutdown failed.");
         }
         tracing::info!("Weir stopped.");
         Ok(())

@@ -22,8 +22,9 @@
 //! every 500 ms): about 0.6 s of counter movement and cache writes at the defaults. Rate
 //! limits and budgets may under-count by that much after a crash; nothing in plugin state
 //! needs more. [`StateStore::flush`] writes everything now and makes sled durable; dropping
-//! the store writes everything too. Call `flush` at shutdown: the store is shared by
-//! long-lived threads and may never be dropped.
+//! the store writes everything too. `weir serve` calls `flush` once the server has stopped
+//! and the on_log queue is drained (the store is shared by long-lived threads and may never
+//! be dropped), so an orderly shutdown loses nothing.
 //!
 //! # Memory
 //! Entries written since the last flush, plus entries read or written during the last two
