@@ -49,12 +49,6 @@ enum Command {
     Plugin(weir::plugin::cli::PluginArgs),
 }
 
-/// mimalloc instead of the system allocator: the request path allocates many small,
-/// short-lived objects (JSON values, header maps, strings) and glibc's malloc/free were about
-/// a tenth of the gateway's CPU per request in profiles (see BENCHMARKS.md).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
