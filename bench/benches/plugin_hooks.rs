@@ -1,5 +1,8 @@
-//! WASM plugin hook costs: one `on-request` call on a pooled instance with a typical chat
+//! Plugin hook costs. WASM: one `on-request` call on a pooled instance with a typical chat
 //! request (20 headers, 2 messages), and one `on-response-chunk` call with a text delta.
+//! Lua: the fixed cost of each hook (a script that does nothing, so what is measured is the
+//! host: building the argument table, calling, reading the decision) with the suite's ~1 KB
+//! chat body, and the cost of host calls from Lua (`weir.ctx_get`, `weir.kv.incr`).
 //!
 //! scripts/build-plugins.sh examples/tenant-tagger tests/fixtures/wasm/probe
 //! cargo bench -p weir-bench --bench plugin_hooks
@@ -13,9 +16,11 @@ use std::sync::Arc;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use weir::plugin::contract::{
-    Dialect, Endpoint, HookCtx, MemoryHost, MessageView, PluginRuntime, RequestView, StreamEvent,
-    TextDelta,
+    ChoiceView, Dialect, Endpoint, HookCtx, LogEntry, MemoryHost, MessageView, PluginRuntime,
+    RequestView, ResponseView, StreamEvent, TextDelta, Usage,
 };
+use weir::plugin::lua::LuaPlugin;
+use weir::plugin::manifest::Manifest;
 use weir::plugin::wasm::{EngineOptions, WasmEngine, WasmLimits, WasmPlugin};
 
 fn load(dir: &str, config: &str) -> WasmPlugin {
@@ -113,5 +118,139 @@ fn hooks(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, hooks);
+/// A Lua plugin from inline source: every hook but chunks declared, capabilities `kv` and
+/// `body`, a generous deadline.
+fn lua(source: &str) -> (tempfile::TempDir, LuaPlugin) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let manifest = "name = \"bench\"\nversion = \"1\"\nkind = \"lua\"\n\
+        hooks = [\"on-request\", \"on-response\", \"on-log\"]\nheaders = [\"*\"]\n\
+        [capabilities]\nkv = true\nbody = true\n\
+        # A busy machine must not fail the bench with a missed deadline.\n\
+        [limits]\ndeadline_ms = 1000\n";
+    std::fs::write(dir.path().join("plugin.toml"), manifest).expect("write");
+    std::fs::write(dir.path().join("plugin.lua"), source).expect("write");
+    let manifest = Manifest::load(dir.path()).expect("manifest");
+    let plugin = LuaPlugin::load(
+        &manifest,
+        "bench",
+        serde_json::json!({}),
+        Arc::new(MemoryHost::new()),
+    )
+    .expect("load");
+    (dir, plugin)
+}
+
+fn lua_hooks(c: &mut Criterion) {
+    let (_dir, noop) = lua("function on_request(req) return nil end\n\
+         function on_response(resp) return nil end\n\
+         function on_log(entry) end\n");
+    let mut bag: BTreeMap<String, String> = [
+        ("tenant", "acme"),
+        ("key", "key_0123456789abcdef"),
+        (
+            "cache.key",
+            "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+        ),
+        ("cache.rid", "0190b2c4-5d6e-7f80-9a1b-2c3d4e5f6a7b"),
+        ("weir.response-header.x-weir-cache", "miss"),
+        ("weir.response-header.x-ratelimit-limit-requests", "1000"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+
+    let mut req = request(false);
+    let body = String::from_utf8(weir_bench::bodies::chat("gpt-4o-mini", false)).expect("utf-8");
+    req.messages[1].content = weir_bench::bodies::prompt();
+    req.body = Some(body);
+    c.bench_function("lua_on_request_noop_1kb_body", |b| {
+        b.iter(|| {
+            let mut ctx = HookCtx {
+                request_id: "r",
+                metadata: &mut bag,
+            };
+            black_box(noop.on_request(&mut ctx, black_box(&req)).expect("call"))
+        })
+    });
+
+    let resp = ResponseView {
+        request_id: "0190b2c4-5d6e-7f80-9a1b-2c3d4e5f6a7b".into(),
+        model: "gpt-4o-mini".into(),
+        status: 200,
+        choices: vec![ChoiceView {
+            index: 0,
+            text: "The paragraph asks for a short summary that keeps every number.".into(),
+            tool_calls: vec![],
+            finish_reason: Some("stop".into()),
+        }],
+        usage: Some(Usage {
+            prompt_tokens: 250,
+            completion_tokens: 40,
+            cached_tokens: 0,
+        }),
+    };
+    c.bench_function("lua_on_response_noop", |b| {
+        b.iter(|| {
+            let mut ctx = HookCtx {
+                request_id: "r",
+                metadata: &mut bag,
+            };
+            black_box(noop.on_response(&mut ctx, black_box(&resp)).expect("call"))
+        })
+    });
+
+    let entry = LogEntry {
+        request_id: "0190b2c4-5d6e-7f80-9a1b-2c3d4e5f6a7b".into(),
+        model: "gpt-4o-mini".into(),
+        provider: "openai".into(),
+        target_model: "gpt-4o-mini-2024-07-18".into(),
+        status: 200,
+        stream: false,
+        usage: resp.usage,
+        latency_ms: 412,
+        ttft_ms: None,
+        metadata: bag.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+    };
+    c.bench_function("lua_on_log_noop_6_metadata", |b| {
+        b.iter(|| {
+            let mut ctx = HookCtx {
+                request_id: "r",
+                metadata: &mut bag,
+            };
+            noop.on_log(&mut ctx, black_box(&entry)).expect("call");
+        })
+    });
+
+    // Ten host calls per hook: the cost of crossing from Lua to Rust and back.
+    let (_dir, calls) = lua("function on_request(req)\n\
+           for i = 1, 10 do local _ = weir.ctx_get(\"tenant\") end\n\
+           return nil\n\
+         end\n\
+         function on_response(resp)\n\
+           for i = 1, 10 do weir.kv.incr(\"n\", 1, 60000) end\n\
+           return nil\n\
+         end\n\
+         function on_log(entry) end\n");
+    let small = request(false);
+    c.bench_function("lua_on_request_10_ctx_get", |b| {
+        b.iter(|| {
+            let mut ctx = HookCtx {
+                request_id: "r",
+                metadata: &mut bag,
+            };
+            black_box(calls.on_request(&mut ctx, black_box(&small)).expect("call"))
+        })
+    });
+    c.bench_function("lua_on_response_10_kv_incr_memory_host", |b| {
+        b.iter(|| {
+            let mut ctx = HookCtx {
+                request_id: "r",
+                metadata: &mut bag,
+            };
+            black_box(calls.on_response(&mut ctx, black_box(&resp)).expect("call"))
+        })
+    });
+}
+
+criterion_group!(benches, hooks, lua_hooks);
 criterion_main!(benches);
