@@ -295,12 +295,19 @@ fn build_log_table(lua: &Lua, e: &LogEntry) -> mlua::Result<Table> {
 }
 
 fn text(v: &Value, what: &str) -> Result<String, Malformed> {
+    text_of(v, || what.to_owned())
+}
+
+/// [`text`] naming the value with `what()` only on error (decisions are parsed on every
+/// call: no message is formatted for a good one).
+fn text_of(v: &Value, what: impl FnOnce() -> String) -> Result<String, Malformed> {
     match v {
         Value::String(s) => Ok(s.to_string_lossy()),
         Value::Integer(i) => Ok(i.to_string()),
         Value::Number(n) => Ok(n.to_string()),
         other => Err(format!(
-            "{what} must be a string, not {}",
+            "{} must be a string, not {}",
+            what(),
             other.type_name()
         )),
     }
@@ -323,7 +330,7 @@ fn entries(t: &Table, what: &str) -> Result<Vec<(String, Value)>, Malformed> {
     let mut out = Vec::new();
     for pair in t.pairs::<Value, Value>() {
         let (k, v) = pair.map_err(lua_err(what))?;
-        out.push((text(&k, &format!("a key of {what}"))?, v));
+        out.push((text_of(&k, || format!("a key of {what}"))?, v));
     }
     out.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(out)
@@ -336,7 +343,12 @@ fn pairs(v: &Value, what: &str) -> Result<Pairs, Malformed> {
         let mut out = Vec::new();
         for item in t.sequence_values::<Value>() {
             let item = item.map_err(lua_err(what))?;
-            let pair = table(&item, &format!("an item of {what}"))?;
+            let Value::Table(pair) = &item else {
+                return Err(format!(
+                    "an item of {what} must be a table, not {}",
+                    item.type_name()
+                ));
+            };
             let k: Value = pair.raw_get(1).map_err(lua_err(what))?;
             let v: Value = pair.raw_get(2).map_err(lua_err(what))?;
             out.push((text(&k, what)?, text(&v, what)?));
@@ -346,7 +358,7 @@ fn pairs(v: &Value, what: &str) -> Result<Pairs, Malformed> {
     entries(t, what)?
         .into_iter()
         .map(|(k, v)| {
-            let v = text(&v, &format!("{what}.{k}"))?;
+            let v = text_of(&v, || format!("{what}.{k}"))?;
             Ok((k, v))
         })
         .collect()
