@@ -23,12 +23,13 @@ fn backend(e: ::sled::Error) -> StateError {
     StateError::Backend(e.to_string())
 }
 
-/// One write of [`SledStore::write_entries`]: `value` is (expiry, bytes), `None` removes.
+/// One write of [`SledStore::write_entries`]: `value` is the stored form ([`encode_at`]:
+/// expiry, then bytes), `None` removes.
 #[derive(Debug, Clone)]
 pub(crate) struct SledWrite {
     pub ns: String,
     pub key: String,
-    pub value: Option<(u64, Vec<u8>)>,
+    pub value: Option<Vec<u8>>,
 }
 
 /// A [`StateStore`] on a sled database directory.
@@ -126,17 +127,17 @@ impl SledStore {
 
     /// Applies `writes` one by one (a sled batch would take sled's global write lock and
     /// stall every reader meanwhile). A removal of a key sled does not hold writes nothing.
-    pub(crate) fn write_entries(&self, writes: &[SledWrite]) -> Result<(), StateError> {
-        let mut current: Option<(&str, Tree)> = None;
+    /// Takes the values out of `writes` (they move into sled without a copy of ours).
+    pub(crate) fn write_entries(&self, writes: &mut [SledWrite]) -> Result<(), StateError> {
+        let mut current: Option<(String, Tree)> = None;
         for w in writes {
             let tree = match &current {
                 Some((ns, tree)) if *ns == w.ns => tree,
-                _ => &current.insert((&w.ns, self.tree(&w.ns)?)).1,
+                _ => &current.insert((w.ns.clone(), self.tree(&w.ns)?)).1,
             };
-            match &w.value {
-                Some((expires, value)) => {
-                    tree.insert(w.key.as_bytes(), encode_at(value, *expires))
-                        .map_err(backend)?;
+            match w.value.take() {
+                Some(stored) => {
+                    tree.insert(w.key.as_bytes(), stored).map_err(backend)?;
                 }
                 None => {
                     if tree.contains_key(&w.key).map_err(backend)? {

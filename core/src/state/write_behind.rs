@@ -38,7 +38,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
 use super::sled::{SledStore, SledWrite};
-use super::{StateError, StateStore, add_to_counter, now_ms};
+use super::{StateError, StateStore, add_to_counter, encode_at, now_ms};
 
 /// Shards of the map; a power of two well above the number of threads that call at once.
 const SHARDS: usize = 64;
@@ -195,7 +195,7 @@ impl WriteBehindStore {
                                 ns: ns.clone(),
                                 key: key.clone(),
                                 // Expired counts as deleted.
-                                value: e.live(now).map(|v| (e.expires, v.to_vec())),
+                                value: e.live(now).map(|v| encode_at(v, e.expires)),
                             });
                             versions.push(e.version);
                             true
@@ -209,7 +209,7 @@ impl WriteBehindStore {
             if batch.is_empty() {
                 continue;
             }
-            match self.sled.write_entries(&batch) {
+            match self.sled.write_entries(&mut batch) {
                 Ok(()) => {
                     let mut shard = lock(shard);
                     for (w, version) in batch.iter().zip(versions) {
