@@ -13,7 +13,8 @@
 //!   suite's ~1 KB chat body (a unique counter per request). That is the per-request plugin
 //!   CPU the side-by-side suite's "default chain" rows pay on top of "no plugins".
 //!
-//! `WEIR_BENCH_N` sets the measured requests per row (default 5000). The default-chain rows
+//! `WEIR_BENCH_N` sets the measured requests per row (default 5000); `WEIR_BENCH_ONLY=cache`
+//! runs only the rows whose label contains `cache` (for a profiler). The default-chain rows
 //! also print the process CPU time per request (all threads, so the state store's
 //! background writes count), which includes building each request (a JSON parse of the
 //! body) but is the figure to compare with the side-by-side suite's CPU per request.
@@ -131,6 +132,9 @@ fn keyed_policies(
         }
     };
     let measure = |label: &str, chain: Chain, with_key_metadata: bool| {
+        if !selected(label) {
+            return;
+        }
         let mut samples = Vec::with_capacity(n);
         let mut failed = 0;
         for i in 0..n + WARMUP {
@@ -238,6 +242,9 @@ fn default_chain(n: usize, instance: &dyn Fn(&str, Value) -> Arc<Instance>) {
         }
     };
     let mut run = |label: &str, chain: Chain| {
+        if !selected(label) {
+            return;
+        }
         let mut req = Vec::with_capacity(n);
         let mut resp = Vec::with_capacity(n);
         let mut log = Vec::with_capacity(n);
@@ -303,6 +310,11 @@ fn default_chain(n: usize, instance: &dyn Fn(&str, Value) -> Arc<Instance>) {
         "default chain (all five)",
         Chain::new(plugins.to_vec()).expect("chain"),
     );
+}
+
+/// Whether the row `label` runs: all of them, or those containing `WEIR_BENCH_ONLY`.
+fn selected(label: &str) -> bool {
+    std::env::var("WEIR_BENCH_ONLY").map_or(true, |only| label.contains(&only))
 }
 
 /// CPU time of the whole process so far (every thread: the state store's background writes
