@@ -26,11 +26,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use serde_json::{Value, json};
-use weir::pipeline::ctx::{Body, Dialect, RequestCtx};
 use weir::plugin::chain::{Chain, Flow, Instance};
 use weir::plugin::config::PluginInstanceConfig;
 use weir::plugin::contract::{LogEntry, Usage};
 use weir::plugin::host::PluginMetrics;
+use weir::request::{Body, Dialect, RequestCtx};
 use weir::state::{StateConfig, StateStore};
 
 fn plugin_dir(name: &str) -> PathBuf {
@@ -239,6 +239,8 @@ fn default_chain(n: usize, instance: &dyn Fn(&str, Value) -> Arc<Instance>) {
             targets: None,
             client_body: None,
             metadata: Default::default(),
+            scratch: Default::default(),
+            decisions: Vec::new(),
         }
     };
     let mut run = |label: &str, chain: Chain| {

@@ -19,6 +19,7 @@ pub mod pipeline;
 pub mod plugin;
 pub mod provider;
 pub mod reload;
+pub mod request;
 pub mod requestlog;
 pub mod server;
 pub mod state;

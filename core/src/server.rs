@@ -19,8 +19,8 @@ use tracing::Instrument;
 
 use crate::api::BadRequest;
 use crate::api::openai::{ChatRequest, EmbeddingsRequest};
-use crate::pipeline::ctx::Body as CtxBody;
 use crate::pipeline::{self, Dialect, Gateway, GatewayError, RequestCtx};
+use crate::request::Body as CtxBody;
 
 /// Header carrying the request id, accepted from clients and always returned.
 pub const REQUEST_ID: &str = "x-request-id";
@@ -270,6 +270,8 @@ fn new_ctx(
         targets: None,
         client_body,
         metadata: BTreeMap::new(),
+        scratch: Default::default(),
+        decisions: Vec::new(),
     }
 }
 

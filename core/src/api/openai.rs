@@ -15,7 +15,7 @@ fn is_false(b: &bool) -> bool {
 }
 
 /// `POST /v1/chat/completions` request body.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize)]
 pub struct ChatRequest {
     /// The model name the client asked for (a name from Weir's config).
     pub model: String,

@@ -4,8 +4,8 @@ use axum::response::{IntoResponse, Response};
 use http::{HeaderValue, StatusCode};
 use serde_json::json;
 
-use super::ctx::Dialect;
 use crate::api::BadRequest;
+use crate::request::Dialect;
 
 /// A request failure. Client-facing messages never contain credentials or internals; the
 /// details go to the log.

@@ -20,7 +20,6 @@
 //! HTTP clients, plugins) until its last byte, so a reload never changes a request in flight.
 
 pub mod client;
-pub mod ctx;
 pub mod error;
 pub mod onlog;
 pub mod stream;
@@ -37,7 +36,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::{HeaderValue, StatusCode, header};
 
-pub use ctx::{Dialect, RequestCtx};
+pub use crate::request::{Dialect, RequestCtx};
 pub use error::GatewayError;
 use stream::{ChunkStream, StreamItem};
 use upstream::{Answer, Served, Upstream};
@@ -134,7 +133,7 @@ impl Snapshot {
     /// the model the request names after the request plugins ran.
     fn targets(
         &self,
-        overrides: &Option<Vec<ctx::TargetOverride>>,
+        overrides: &Option<Vec<crate::request::TargetOverride>>,
         model: &str,
     ) -> Result<Vec<Target>, GatewayError> {
         let Some(overrides) = overrides else {
@@ -217,6 +216,10 @@ struct Accounting {
     log_chain: Option<Chain>,
     /// The request metadata at the end of the request, for `on_log`.
     metadata: std::collections::BTreeMap<String, String>,
+    /// The plugins' request scratch, for `on_log`.
+    scratch: crate::request::Scratch,
+    /// What each request plugin decided (request log, `on_log`).
+    decisions: Vec<crate::plugin::contract::PluginDecision>,
     /// The upstream model that answered.
     target_model: String,
 }
@@ -239,7 +242,20 @@ impl Accounting {
             log: Default::default(),
             log_chain: None,
             metadata: Default::default(),
+            scratch: Default::default(),
+            decisions: Vec::new(),
             target_model: String::new(),
+        }
+    }
+
+    /// Takes what the plugins left in the request for `on_log` and the request log: the
+    /// metadata bag (a copy: the response headers are read from it afterwards), their
+    /// scratch and their decisions.
+    fn capture(&mut self, ctx: &mut RequestCtx) {
+        self.metadata.clone_from(&ctx.metadata);
+        self.scratch = std::mem::take(&mut ctx.scratch);
+        if self.decisions.is_empty() {
+            self.decisions = std::mem::take(&mut ctx.decisions);
         }
     }
 
@@ -347,15 +363,21 @@ impl Drop for Accounting {
                         .prompt_tokens_details
                         .map(|d| d.cached_tokens)
                         .unwrap_or(0),
+                    cache_write_tokens: 0,
                 }),
                 latency_ms: u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
                 ttft_ms: self
                     .first_token
                     .map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
                 metadata: std::mem::take(&mut self.metadata).into_iter().collect(),
+                attempts: Vec::new(),
+                decisions: self.decisions.clone(),
+                cost_usd: None,
             };
             // Off the hot path: the response is already on its way.
-            self.gw.on_log.submit(chain, entry);
+            self.gw
+                .on_log
+                .submit(chain, entry, std::mem::take(&mut self.scratch));
         }
         self.gw.request_log.push(|| crate::requestlog::Record {
             seq: 0,
@@ -406,7 +428,7 @@ fn admit(
             acct.status =
                 StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             acct.complete = true;
-            acct.metadata.clone_from(&ctx.metadata);
+            acct.capture(ctx);
             return Err(Box::new(with_plugin_headers(
                 reply_response(reply),
                 &ctx.metadata,
@@ -414,7 +436,7 @@ fn admit(
         }
         Err(failure) => {
             tracing::warn!(plugin = %failure.plugin, kind = failure.kind, "Fail-closed plugin failed; refusing the request.");
-            acct.metadata.clone_from(&ctx.metadata);
+            acct.capture(ctx);
             let resp = fail_ref(
                 acct,
                 GatewayError::PluginFailed {
@@ -428,7 +450,7 @@ fn admit(
     match snap.targets(&ctx.targets, ctx.body.model()) {
         Ok(t) => Ok((chain, t)),
         Err(e) => {
-            acct.metadata.clone_from(&ctx.metadata);
+            acct.capture(ctx);
             Err(Box::new(with_plugin_headers(
                 fail_ref(acct, e, dialect),
                 &ctx.metadata,
@@ -450,7 +472,7 @@ pub async fn chat(gw: &Arc<Gateway>, mut ctx: RequestCtx) -> Response {
         Ok(v) => v,
         Err(resp) => return *resp,
     };
-    let ctx::Body::Chat(req) = &mut ctx.body else {
+    let crate::request::Body::Chat(req) = &mut ctx.body else {
         return fail(
             acct,
             GatewayError::Internal("a plugin replaced a chat body with another kind".into()),
@@ -487,7 +509,7 @@ pub async fn chat(gw: &Arc<Gateway>, mut ctx: RequestCtx) -> Response {
     {
         Ok(s) => s,
         Err(e) => {
-            acct.metadata.clone_from(&ctx.metadata);
+            acct.capture(&mut ctx);
             return with_plugin_headers(fail(acct, e, dialect), &ctx.metadata);
         }
     };
@@ -506,7 +528,7 @@ pub async fn chat(gw: &Arc<Gateway>, mut ctx: RequestCtx) -> Response {
         Answer::Raw { body, usage } => {
             acct.usage = usage;
             acct.complete = true;
-            acct.metadata.clone_from(&ctx.metadata);
+            acct.capture(&mut ctx);
             with_plugin_headers(json_response(StatusCode::OK, body), &ctx.metadata)
         }
         Answer::Json(mut resp) => {
@@ -517,11 +539,11 @@ pub async fn chat(gw: &Arc<Gateway>, mut ctx: RequestCtx) -> Response {
                     acct.status = StatusCode::from_u16(reply.status)
                         .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
                     acct.complete = true;
-                    acct.metadata.clone_from(&ctx.metadata);
+                    acct.capture(&mut ctx);
                     return with_plugin_headers(reply_response(reply), &ctx.metadata);
                 }
                 Err(failure) => {
-                    acct.metadata.clone_from(&ctx.metadata);
+                    acct.capture(&mut ctx);
                     let resp = fail(
                         acct,
                         GatewayError::PluginFailed {
@@ -538,7 +560,7 @@ pub async fn chat(gw: &Arc<Gateway>, mut ctx: RequestCtx) -> Response {
                     &crate::api::anthropic::from_chat_response(&resp, &client_model),
                 ),
             };
-            acct.metadata.clone_from(&ctx.metadata);
+            acct.capture(&mut ctx);
             let out = match body {
                 Ok(b) => {
                     acct.complete = true;
@@ -566,8 +588,9 @@ pub async fn chat(gw: &Arc<Gateway>, mut ctx: RequestCtx) -> Response {
                     Encoder::Anthropic(Box::new(MessagesStreamEncoder::new(&client_model)))
                 }
             };
-            let filter = chain.wants_chunks().then(|| chain.chunk_filter(&ctx));
-            acct.metadata.clone_from(&ctx.metadata);
+            // The filter takes the plugins' scratch for the stream and gives it back at the end.
+            let filter = chain.wants_chunks().then(|| chain.chunk_filter(&mut ctx));
+            acct.capture(&mut ctx);
             let resp = sse_response(SseBody {
                 stream: *upstream,
                 encoder,
@@ -636,8 +659,8 @@ pub async fn embeddings(gw: &Arc<Gateway>, mut ctx: RequestCtx) -> Response {
         Ok(v) => v,
         Err(resp) => return *resp,
     };
-    acct.metadata.clone_from(&ctx.metadata);
-    let ctx::Body::Embeddings(req) = &mut ctx.body else {
+    acct.capture(&mut ctx);
+    let crate::request::Body::Embeddings(req) = &mut ctx.body else {
         return fail(
             acct,
             GatewayError::Internal("a plugin replaced an embeddings body with another kind".into()),
@@ -769,8 +792,9 @@ impl SseBody {
                     }
                     self.finished = true;
                     self.acct.complete = true;
-                    if let Some(f) = &self.filter {
+                    if let Some(f) = &mut self.filter {
                         self.acct.metadata.clone_from(f.metadata());
+                        self.acct.scratch = f.take_scratch();
                     }
                     match &mut self.encoder {
                         Encoder::OpenAi { .. } => {
@@ -792,8 +816,9 @@ impl SseBody {
         self.acct.error = Some(e.reason());
         self.finished = true;
         self.acct.complete = true;
-        if let Some(f) = &self.filter {
+        if let Some(f) = &mut self.filter {
             self.acct.metadata.clone_from(f.metadata());
+            self.acct.scratch = f.take_scratch();
         }
         let message = e.client_message();
         match &mut self.encoder {
@@ -862,6 +887,13 @@ impl SseBody {
 
 impl Drop for SseBody {
     fn drop(&mut self) {
+        // A client that went away mid-stream: the plugins' state still reaches `on_log`.
+        if !self.finished
+            && let Some(f) = &mut self.filter
+        {
+            self.acct.metadata.clone_from(f.metadata());
+            self.acct.scratch = f.take_scratch();
+        }
         self.acct
             .gw
             .metrics

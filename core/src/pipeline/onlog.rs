@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use crate::plugin::Chain;
 use crate::plugin::contract::LogEntry;
+use crate::request::Scratch;
 
 /// Requests whose `on_log` may wait in the queue.
 pub const QUEUE_CAPACITY: usize = 16_384;
@@ -25,7 +26,7 @@ pub const QUEUE_CAPACITY: usize = 16_384;
 /// Most threads running `on_log`.
 const MAX_THREADS: usize = 4;
 
-type Job = (Chain, LogEntry);
+type Job = (Chain, LogEntry, Scratch);
 
 /// The `on_log` threads (started on first use).
 #[derive(Default)]
@@ -67,26 +68,26 @@ impl LogWorkers {
 
     /// Runs `chain.on_log(entry)` on an `on_log` thread (or, if the queue is full or the
     /// threads could not start, on tokio's blocking pool).
-    pub fn submit(&self, chain: Chain, entry: LogEntry) {
+    pub fn submit(&self, chain: Chain, entry: LogEntry, scratch: Scratch) {
         self.pending.fetch_add(1, Ordering::SeqCst);
         let job = match self.queue.get_or_init(|| self.start()) {
-            Some(tx) => match tx.try_send((chain, entry)) {
+            Some(tx) => match tx.try_send((chain, entry, scratch)) {
                 Ok(()) => return,
                 Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) => job,
             },
-            None => (chain, entry),
+            None => (chain, entry, scratch),
         };
         let pending = self.pending.clone();
-        let (chain, entry) = job;
+        let (chain, entry, mut scratch) = job;
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
                 rt.spawn_blocking(move || {
-                    chain.on_log(&entry);
+                    chain.on_log(&entry, &mut scratch);
                     pending.fetch_sub(1, Ordering::SeqCst);
                 });
             }
             Err(_) => {
-                chain.on_log(&entry);
+                chain.on_log(&entry, &mut scratch);
                 pending.fetch_sub(1, Ordering::SeqCst);
             }
         }
@@ -117,11 +118,13 @@ fn run(rx: &Mutex<Receiver<Job>>, pending: &AtomicUsize) {
             Ok(rx) => rx.recv(),
             Err(_) => return,
         };
-        let Ok((chain, entry)) = job else {
+        let Ok((chain, entry, mut scratch)) = job else {
             return; // the gateway is gone
         };
         // A panicking hook must not take the thread (and the pending count) with it.
-        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| chain.on_log(&entry)));
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            chain.on_log(&entry, &mut scratch)
+        }));
         if ran.is_err() {
             tracing::error!(request_id = %entry.request_id, "on_log panicked.");
         }

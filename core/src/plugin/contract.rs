@@ -12,20 +12,23 @@
 //! [`HookCtx`] the chain passes to each call.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use wasmtime::component::{ComponentType, Lift, Lower};
+
+pub use super::manifest::HeaderSelection;
 
 /// Ordered name/value pairs (WIT `pairs`). Header names are lower-case.
 pub type Pairs = Vec<(String, String)>;
 
 /// The API dialect the client spoke (WIT `dialect`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ComponentType, Lift, Lower)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ComponentType, Lift, Lower)]
 #[component(enum)]
 #[repr(u8)]
 pub enum Dialect {
     /// OpenAI chat completions / embeddings.
+    #[default]
     #[component(name = "openai")]
     OpenAi,
     /// Anthropic messages.
@@ -58,53 +61,33 @@ pub struct ToolCallView {
     pub arguments: String,
 }
 
-/// One chat message flattened to text (WIT `message-view`).
+/// One chat message, or one embeddings input as a `user` message (WIT `message-view`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, ComponentType, Lift, Lower)]
 #[component(record)]
 pub struct MessageView {
-    /// `system`, `user`, `assistant` or `tool`.
+    /// `system`, `developer`, `user`, `assistant` or `tool`.
     pub role: String,
-    /// The text of the message (text parts joined with a newline).
+    /// The text: a string content as is, text parts joined with `"\n"`.
     pub content: String,
     /// Tool calls made by an assistant message.
     #[component(name = "tool-calls")]
     pub tool_calls: Vec<ToolCallView>,
+    /// How many non-text content parts the message has (never removed by text changes).
+    #[component(name = "other-parts")]
+    pub other_parts: u32,
 }
 
-/// What `on-request` sees (WIT `request-view`).
-///
-/// The request-scoped metadata bag is not copied in: plugins read it with `ctx-get`
-/// (backed by [`HookCtx::metadata`]).
-#[derive(Debug, Clone, PartialEq, Eq, ComponentType, Lift, Lower)]
+/// New arguments for one tool call (WIT `tool-call-edit`): of message `owner` (requests)
+/// or choice `owner` (responses), call `index`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, ComponentType, Lift, Lower)]
 #[component(record)]
-pub struct RequestView {
-    /// The request id (`x-request-id`).
-    #[component(name = "request-id")]
-    pub request_id: String,
-    /// Inbound dialect.
-    pub dialect: Dialect,
-    /// Target endpoint.
-    pub endpoint: Endpoint,
-    /// The model the client asked for, after earlier plugins' changes.
-    pub model: String,
-    /// Whether the client asked for a stream.
-    pub stream: bool,
-    /// Only the headers the manifest declares, or all of them with `headers = ["*"]`.
-    pub headers: Pairs,
-    /// The conversation, flattened to text.
-    pub messages: Vec<MessageView>,
-    /// The full canonical body as JSON, only for plugins with capability `body`.
-    pub body: Option<String>,
-}
-
-impl RequestView {
-    /// The first header named `name` (compared case-insensitively).
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
+pub struct ToolCallEdit {
+    /// Message index (requests) or choice index (responses).
+    pub owner: u32,
+    /// Tool call index within it.
+    pub index: u32,
+    /// The new arguments, a JSON document as text.
+    pub arguments: String,
 }
 
 /// A provider target chosen by a routing plugin (WIT `target`).
@@ -130,9 +113,16 @@ pub struct Mutations {
     /// Replace the model.
     #[component(name = "set-model")]
     pub set_model: Option<String>,
-    /// Replace the messages (role + text; tool calls kept from the originals by index).
+    /// Replace the messages (role + text; tool calls, non-text parts and names kept from
+    /// the original at the same index).
     #[component(name = "set-messages")]
     pub set_messages: Option<Vec<MessageView>>,
+    /// Replace the text of single messages (index, text), keeping their non-text parts.
+    #[component(name = "set-message-text")]
+    pub set_message_text: Vec<(u32, String)>,
+    /// Replace tool-call arguments in the conversation.
+    #[component(name = "set-tool-call-arguments")]
+    pub set_tool_call_arguments: Vec<ToolCallEdit>,
     /// Replace the whole canonical body (JSON text).
     #[component(name = "set-body")]
     pub set_body: Option<String>,
@@ -151,6 +141,15 @@ impl Mutations {
     /// Whether these mutations change nothing.
     pub fn is_empty(&self) -> bool {
         self == &Mutations::default()
+    }
+
+    /// Whether they change the body (model, messages, text, tool calls or all of it).
+    pub fn changes_body(&self) -> bool {
+        self.set_body.is_some()
+            || self.set_model.is_some()
+            || self.set_messages.is_some()
+            || !self.set_message_text.is_empty()
+            || !self.set_tool_call_arguments.is_empty()
     }
 }
 
@@ -191,6 +190,9 @@ pub struct Usage {
     /// Prompt tokens served from the provider's cache.
     #[component(name = "cached-tokens")]
     pub cached_tokens: u64,
+    /// Prompt tokens written to the provider's cache (Anthropic cache creation).
+    #[component(name = "cache-write-tokens")]
+    pub cache_write_tokens: u64,
 }
 
 /// One choice of a non-streaming response (WIT `choice-view`).
@@ -233,6 +235,9 @@ pub struct ResponseMutations {
     /// Replace the text of choices: (choice index, new text).
     #[component(name = "set-choice-text")]
     pub set_choice_text: Vec<(u32, String)>,
+    /// Replace the arguments of tool calls the model made (`owner` = choice index).
+    #[component(name = "set-tool-call-arguments")]
+    pub set_tool_call_arguments: Vec<ToolCallEdit>,
     /// Headers to add to the response sent to the client.
     #[component(name = "set-headers")]
     pub set_headers: Pairs,
@@ -259,8 +264,10 @@ pub enum ResponseDecision {
 pub struct TextDelta {
     /// Choice index.
     pub choice: u32,
-    /// The text.
+    /// The text (with what this plugin held before prepended).
     pub text: String,
+    /// The host will not accept `hold` for this text (choice finished, stream ended).
+    pub last: bool,
 }
 
 /// A fragment of a tool call (WIT `tool-call-delta`).
@@ -326,8 +333,36 @@ pub enum ChunkAction {
     Abort(String),
 }
 
+/// One upstream attempt (WIT `attempt`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, ComponentType, Lift, Lower, serde::Serialize)]
+#[component(record)]
+pub struct Attempt {
+    /// Provider name from the gateway config.
+    pub provider: String,
+    /// The upstream model.
+    #[component(name = "target-model")]
+    pub target_model: String,
+    /// HTTP status from the target, 0 when none came.
+    pub status: u16,
+    /// Time from sending to the first byte of the answer (or the failure), ms.
+    #[component(name = "latency-ms")]
+    pub latency_ms: u64,
+    /// `connect`, `timeout`, `status`, `stream`... when the attempt failed.
+    pub error: Option<String>,
+}
+
+/// One plugin's decision on a request (WIT `plugin-decision`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, ComponentType, Lift, Lower, serde::Serialize)]
+#[component(record)]
+pub struct PluginDecision {
+    /// Instance name.
+    pub plugin: String,
+    /// `continue`, `reply_<status>`, `failure_<kind>`, `shadow_<decision>`.
+    pub decision: String,
+}
+
 /// What `on-log` sees, after the response was sent (WIT `log-entry`).
-#[derive(Debug, Clone, Default, PartialEq, Eq, ComponentType, Lift, Lower)]
+#[derive(Debug, Clone, Default, PartialEq, ComponentType, Lift, Lower)]
 #[component(record)]
 pub struct LogEntry {
     /// The request id.
@@ -354,6 +389,37 @@ pub struct LogEntry {
     pub ttft_ms: Option<u64>,
     /// The request-scoped metadata bag at the end of the request.
     pub metadata: Pairs,
+    /// Every upstream attempt, in order.
+    pub attempts: Vec<Attempt>,
+    /// What each `on-request` plugin decided, in chain order.
+    pub decisions: Vec<PluginDecision>,
+    /// Cost in USD from `[prices]`, when known.
+    #[component(name = "cost-usd")]
+    pub cost_usd: Option<f64>,
+}
+
+/// A call to a plugin's admin endpoint (WIT `admin-request`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, ComponentType, Lift, Lower)]
+#[component(record)]
+pub struct AdminRequest {
+    /// `GET`, `POST`, `DELETE`...
+    pub method: String,
+    /// The path below the instance, starting with `/`.
+    pub path: String,
+    /// The query string without `?`.
+    pub query: String,
+    /// The request body.
+    pub body: Vec<u8>,
+}
+
+/// The answer of a plugin's admin endpoint (WIT `admin-response`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, ComponentType, Lift, Lower)]
+#[component(record)]
+pub struct AdminResponse {
+    /// HTTP status.
+    pub status: u16,
+    /// JSON body.
+    pub body: Vec<u8>,
 }
 
 /// The hooks of the contract, for deadlines, metrics and manifests.
@@ -369,6 +435,8 @@ pub enum Hook {
     OnResponseChunk,
     /// `on-log`.
     OnLog,
+    /// `admin`.
+    Admin,
 }
 
 impl Hook {
@@ -380,6 +448,7 @@ impl Hook {
             Hook::OnResponse => "on-response",
             Hook::OnResponseChunk => "on-response-chunk",
             Hook::OnLog => "on-log",
+            Hook::Admin => "admin",
         }
     }
 }
@@ -422,13 +491,200 @@ impl HookError {
 }
 
 /// Request-scoped context for one hook call: the metadata bag that `ctx-get` / `ctx-set`
-/// read and write, shared by all plugins of one request.
+/// read and write (shared by all plugins of one request), the calling plugin's private
+/// scratch (`scratch-get` / `scratch-set`), and the deadline of this call.
 #[derive(Debug)]
 pub struct HookCtx<'a> {
     /// The request id, for logs.
     pub request_id: &'a str,
     /// The request-scoped metadata bag (`RequestCtx::metadata`).
     pub metadata: &'a mut BTreeMap<String, String>,
+    /// This plugin's request scratch (a slot of `RequestCtx::scratch`).
+    pub scratch: &'a mut BTreeMap<String, Vec<u8>>,
+    /// The CPU deadline of this call when the chain sets one (scaled by input size, or
+    /// the instance's `deadline_ms`); `None`: the manifest's deadline for the hook.
+    pub deadline: Option<Duration>,
+}
+
+/// What the calling plugin may read of a request (from its manifest).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Access {
+    /// Declared headers (`headers = [..]`, lower-case), or every header.
+    pub headers: HeaderSelection,
+    /// Capability `body`: the canonical body as JSON.
+    pub body: bool,
+}
+
+/// The request `on-request` reads, through the WIT `request` resource or the Lua lazy
+/// table. The chain moves the request's headers and body in for each call and back after
+/// (no copy); the accessors copy only what a plugin asks for, and only what its
+/// [`Access`] allows.
+#[derive(Debug, Default)]
+pub struct RequestView {
+    /// The request id.
+    pub request_id: String,
+    /// Inbound dialect.
+    pub dialect: Dialect,
+    /// The request headers.
+    pub headers: http::HeaderMap,
+    /// The canonical body.
+    pub body: crate::request::Body,
+    /// The body as JSON, once a plugin with capability `body` asked (kept by the chain
+    /// for the plugins after it until the body changes).
+    pub body_json: Option<String>,
+    /// What the calling plugin may read.
+    pub access: Arc<Access>,
+}
+
+impl RequestView {
+    /// Target endpoint.
+    pub fn endpoint(&self) -> Endpoint {
+        match self.body {
+            crate::request::Body::Chat(_) => Endpoint::Chat,
+            crate::request::Body::Embeddings(_) => Endpoint::Embeddings,
+        }
+    }
+
+    /// The model asked for (after earlier plugins' changes).
+    pub fn model(&self) -> &str {
+        self.body.model()
+    }
+
+    /// Whether the client asked for a stream.
+    pub fn stream(&self) -> bool {
+        self.body.stream()
+    }
+
+    /// A declared header; several values joined with ", ". Undeclared: `None`.
+    pub fn header(&self, name: &str) -> Option<String> {
+        let name = name.to_ascii_lowercase();
+        if !self.access.headers.allows(&name) {
+            return None;
+        }
+        let mut values = self.headers.get_all(name.as_str()).iter();
+        let first = values.next()?.to_str().ok()?;
+        let mut out = first.to_owned();
+        for v in values {
+            if let Ok(v) = v.to_str() {
+                out.push_str(", ");
+                out.push_str(v);
+            }
+        }
+        Some(out)
+    }
+
+    /// Every declared header present, in order (values that are not text are skipped).
+    pub fn headers(&self) -> Pairs {
+        let pair = |k: &http::HeaderName, v: &http::HeaderValue| {
+            v.to_str()
+                .ok()
+                .map(|v| (k.as_str().to_owned(), v.to_owned()))
+        };
+        match &self.access.headers {
+            HeaderSelection::All => self
+                .headers
+                .iter()
+                .filter_map(|(k, v)| pair(k, v))
+                .collect(),
+            HeaderSelection::Only(names) => names
+                .iter()
+                .flat_map(|n| self.headers.get_all(n.as_str()).iter().map(move |v| (n, v)))
+                .filter_map(|(n, v)| v.to_str().ok().map(|v| (n.clone(), v.to_owned())))
+                .collect(),
+        }
+    }
+
+    /// Number of messages (embeddings: inputs).
+    pub fn message_count(&self) -> u32 {
+        let n = match &self.body {
+            crate::request::Body::Chat(c) => c.messages.len(),
+            crate::request::Body::Embeddings(e) => e.input_texts().len(),
+        };
+        u32::try_from(n).unwrap_or(u32::MAX)
+    }
+
+    /// One message by index.
+    pub fn message(&self, index: u32) -> Option<MessageView> {
+        let i = usize::try_from(index).ok()?;
+        match &self.body {
+            crate::request::Body::Chat(c) => c.messages.get(i).map(message_view),
+            crate::request::Body::Embeddings(e) => {
+                e.input_texts().into_iter().nth(i).map(input_view)
+            }
+        }
+    }
+
+    /// Every message, in order.
+    pub fn messages(&self) -> Vec<MessageView> {
+        match &self.body {
+            crate::request::Body::Chat(c) => c.messages.iter().map(message_view).collect(),
+            crate::request::Body::Embeddings(e) => {
+                e.input_texts().into_iter().map(input_view).collect()
+            }
+        }
+    }
+
+    /// `max_tokens` / `max_completion_tokens`, when set.
+    pub fn max_tokens(&self) -> Option<u32> {
+        match &self.body {
+            crate::request::Body::Chat(c) => c.max_output_tokens(),
+            crate::request::Body::Embeddings(_) => None,
+        }
+    }
+
+    /// The canonical body as JSON for a plugin with capability `body` (serialized on the
+    /// first call of the request, kept for the next ones).
+    pub fn body_json(&mut self) -> Option<String> {
+        if !self.access.body {
+            return None;
+        }
+        if self.body_json.is_none() {
+            self.body_json = match &self.body {
+                crate::request::Body::Chat(c) => serde_json::to_string(c).ok(),
+                crate::request::Body::Embeddings(e) => serde_json::to_string(e).ok(),
+            };
+        }
+        self.body_json.clone()
+    }
+}
+
+/// The view of a chat message: text parts joined with `"\n"`, tool calls, the count of
+/// other parts.
+pub fn message_view(m: &crate::api::openai::ChatMessage) -> MessageView {
+    use crate::api::openai::MessageContent;
+    let (content, other_parts) = match &m.content {
+        None => (String::new(), 0),
+        Some(MessageContent::Text(t)) => (t.clone(), 0),
+        Some(MessageContent::Parts(parts)) => {
+            let texts: Vec<&str> = parts.iter().filter_map(|p| p.text.as_deref()).collect();
+            let others = parts.iter().filter(|p| p.text.is_none()).count();
+            (texts.join("\n"), u32::try_from(others).unwrap_or(u32::MAX))
+        }
+    };
+    MessageView {
+        role: m.role.clone(),
+        content,
+        tool_calls: m
+            .tool_calls
+            .iter()
+            .flatten()
+            .map(|t| ToolCallView {
+                id: t.id.clone(),
+                name: t.function.name.clone(),
+                arguments: t.function.arguments.clone(),
+            })
+            .collect(),
+        other_parts,
+    }
+}
+
+fn input_view(content: String) -> MessageView {
+    MessageView {
+        role: "user".into(),
+        content,
+        tool_calls: Vec::new(),
+        other_parts: 0,
+    }
 }
 
 /// A plugin loaded into a runtime (WASM or Lua). Calls are synchronous and short
@@ -440,8 +696,13 @@ pub trait PluginRuntime: Send + Sync {
     /// The plugin instance name (for logs and metrics).
     fn name(&self) -> &str;
 
-    /// Runs `on-request`.
-    fn on_request(&self, ctx: &mut HookCtx<'_>, req: &RequestView) -> Result<Decision, HookError>;
+    /// Runs `on-request`. The runtime moves `req` into its call (the request resource or
+    /// lazy table reads it) and back before returning.
+    fn on_request(
+        &self,
+        ctx: &mut HookCtx<'_>,
+        req: &mut RequestView,
+    ) -> Result<Decision, HookError>;
 
     /// Runs `on-response` on a complete, non-streaming response.
     fn on_response(
@@ -459,6 +720,10 @@ pub trait PluginRuntime: Send + Sync {
 
     /// Runs `on-log` after the response was sent.
     fn on_log(&self, ctx: &mut HookCtx<'_>, entry: &LogEntry) -> Result<(), HookError>;
+
+    /// Runs `admin` (a call to `/admin/plugins/<instance>/...`). The context has an empty
+    /// bag and scratch.
+    fn admin(&self, ctx: &mut HookCtx<'_>, req: &AdminRequest) -> Result<AdminResponse, HookError>;
 }
 
 /// Log level of `weir.log` / WIT `host.level`.
@@ -500,6 +765,81 @@ pub struct FetchResponse {
     pub headers: Pairs,
     /// Response body.
     pub body: Vec<u8>,
+}
+
+/// The answer of the limiter (WIT `host.limit-result`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LimitResult {
+    /// Admitted (and reserved).
+    pub allowed: bool,
+    /// The limit per window.
+    pub limit: u64,
+    /// Units still available after this call.
+    pub remaining: u64,
+    /// When refused: ms until the amount would be admitted.
+    pub retry_after_ms: u64,
+    /// Ms until the limiter is back at its full limit.
+    pub reset_ms: u64,
+}
+
+/// A spend-ledger account in USD (WIT `host.ledger-balance`).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct LedgerBalance {
+    /// Settled spend.
+    pub spent: f64,
+    /// Reserved by requests in flight.
+    pub reserved: f64,
+}
+
+/// The answer of `ledger-reserve` (WIT `host.ledger-result`).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct LedgerResult {
+    /// The reservation was made.
+    pub allowed: bool,
+    /// The balance after the call.
+    pub balance: LedgerBalance,
+}
+
+/// What the upstream layer measured for a target (WIT `host.target-stats`).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct TargetStatsView {
+    /// EWMA of the time to first byte of successful attempts, ms.
+    pub latency_ewma_ms: f64,
+    /// EWMA of the failure rate, 0..1.
+    pub error_rate: f64,
+    /// Attempts in flight now.
+    pub in_flight: u32,
+    /// Attempts since start.
+    pub attempts: u64,
+}
+
+/// A model's price, USD per 1M tokens (WIT `host.price`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct Price {
+    /// Prompt tokens.
+    pub input: f64,
+    /// Completion tokens.
+    pub output: f64,
+    /// Cached prompt tokens.
+    pub cached_input: f64,
+    /// Prompt tokens written to the provider's cache.
+    pub cache_write: f64,
+}
+
+impl Price {
+    /// The cost of `usage` in USD. Cached and cache-write tokens are part of the prompt
+    /// tokens and priced at their own rates.
+    pub fn cost(&self, usage: &Usage) -> f64 {
+        let cached = usage.cached_tokens.min(usage.prompt_tokens);
+        let written = usage.cache_write_tokens.min(usage.prompt_tokens - cached);
+        let plain = usage.prompt_tokens - cached - written;
+        #[allow(clippy::cast_precision_loss)]
+        let tokens = |n: u64| n as f64 / 1_000_000.0;
+        tokens(plain) * self.input
+            + tokens(cached) * self.cached_input
+            + tokens(written) * self.cache_write
+            + tokens(usage.completion_tokens) * self.output
+    }
 }
 
 /// The host functions a plugin may call, one object per plugin (keys are namespaced by
@@ -548,6 +888,53 @@ pub trait HostApi: Send + Sync {
             req.url
         ))
     }
+    /// Limiter: admits and reserves `amount` of `limit` per `window_ms`, or refuses.
+    fn limit_reserve(
+        &self,
+        key: &str,
+        limit: u64,
+        window_ms: u64,
+        amount: u64,
+    ) -> Result<LimitResult, String>;
+    /// Limiter: `reserved` units of an admitted reservation become `used`.
+    fn limit_settle(
+        &self,
+        key: &str,
+        limit: u64,
+        window_ms: u64,
+        reserved: u64,
+        used: u64,
+    ) -> Result<(), String>;
+    /// Ledger: reserves `amount` USD within `limit` on `account`.
+    fn ledger_reserve(
+        &self,
+        account: &str,
+        limit: f64,
+        amount: f64,
+        ttl_ms: Option<u64>,
+    ) -> Result<LedgerResult, String>;
+    /// Ledger: releases `reserved` and spends `cost`.
+    fn ledger_settle(
+        &self,
+        account: &str,
+        reserved: f64,
+        cost: f64,
+        ttl_ms: Option<u64>,
+    ) -> Result<LedgerBalance, String>;
+    /// Ledger: releases `reserved`.
+    fn ledger_release(&self, account: &str, reserved: f64) -> Result<LedgerBalance, String>;
+    /// Ledger: the balance of `account`.
+    fn ledger_balance(&self, account: &str) -> Result<LedgerBalance, String>;
+    /// What the upstream layer measured for a target (default: nothing).
+    fn target_stats(&self, provider: &str, model: &str) -> Option<TargetStatsView> {
+        let _ = (provider, model);
+        None
+    }
+    /// A model's price from `[prices]` (default: none).
+    fn price(&self, model: &str) -> Option<Price> {
+        let _ = model;
+        None
+    }
 }
 
 /// Wall-clock milliseconds since the Unix epoch (0 if the clock is before it).
@@ -569,9 +956,14 @@ pub fn estimate_tokens(text: &str) -> u32 {
 
 /// An in-memory [`HostApi`] for tests, the offline harness and benchmarks: key-value with
 /// TTL in a map, logs and metrics recorded for assertions.
+///
+/// Limiter and ledger calls go to an in-memory [`StateStore`](crate::state::StateStore)
+/// with the same semantics as the gateway's; the clock can be fixed
+/// ([`MemoryHost::set_now`]) so fixtures are repeatable.
 #[derive(Debug, Default)]
 pub struct MemoryHost {
     inner: Mutex<MemoryHostState>,
+    store: crate::state::MemoryStore,
 }
 
 /// What a [`MemoryHost`] has recorded.
@@ -585,12 +977,35 @@ pub struct MemoryHostState {
     pub counters: BTreeMap<String, u64>,
     /// Histogram observations by name.
     pub histograms: BTreeMap<String, Vec<f64>>,
+    /// A fixed clock (ms since the epoch), when set.
+    pub now: Option<u64>,
+    /// Target statistics to answer `target-stats` with, by (provider, model).
+    pub targets: BTreeMap<(String, String), TargetStatsView>,
+    /// Prices to answer `price` with.
+    pub prices: BTreeMap<String, Price>,
 }
 
 impl MemoryHost {
     /// An empty host.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Fixes the clock at `ms` (or lets it run again with `None`).
+    pub fn set_now(&self, ms: Option<u64>) {
+        self.lock().now = ms;
+    }
+
+    /// Sets the statistics `target-stats` answers for (provider, model).
+    pub fn set_target_stats(&self, provider: &str, model: &str, stats: TargetStatsView) {
+        self.lock()
+            .targets
+            .insert((provider.to_owned(), model.to_owned()), stats);
+    }
+
+    /// Sets the price `price` answers for a model.
+    pub fn set_price(&self, model: &str, price: Price) {
+        self.lock().prices.insert(model.to_owned(), price);
     }
 
     /// A copy of everything recorded so far (expired keys removed).
@@ -705,6 +1120,122 @@ impl HostApi for MemoryHost {
             .entry(name.to_owned())
             .or_default()
             .push(value);
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.lock().now.unwrap_or_else(now_ms)
+    }
+
+    fn limit_reserve(
+        &self,
+        key: &str,
+        limit: u64,
+        window_ms: u64,
+        amount: u64,
+    ) -> Result<LimitResult, String> {
+        use crate::state::StateStore;
+        let rate = crate::state::Rate {
+            limit,
+            window: Duration::from_millis(window_ms.max(1)),
+        };
+        let out = self
+            .store
+            .limit_reserve("host", key, rate, amount, self.now_ms())
+            .map_err(|e| e.to_string())?;
+        Ok(super::host::limit_result(limit, out))
+    }
+
+    fn limit_settle(
+        &self,
+        key: &str,
+        limit: u64,
+        window_ms: u64,
+        reserved: u64,
+        used: u64,
+    ) -> Result<(), String> {
+        use crate::state::StateStore;
+        let rate = crate::state::Rate {
+            limit,
+            window: Duration::from_millis(window_ms.max(1)),
+        };
+        self.store
+            .limit_settle("host", key, rate, reserved, used, self.now_ms())
+            .map_err(|e| e.to_string())
+    }
+
+    fn ledger_reserve(
+        &self,
+        account: &str,
+        limit: f64,
+        amount: f64,
+        ttl_ms: Option<u64>,
+    ) -> Result<LedgerResult, String> {
+        use crate::state::StateStore;
+        let (allowed, b) = self
+            .store
+            .ledger_reserve(
+                "host",
+                account,
+                super::host::to_micros(limit, "limit")?,
+                super::host::to_micros(amount, "amount")?,
+                ttl_ms.map(Duration::from_millis),
+            )
+            .map_err(|e| e.to_string())?;
+        Ok(LedgerResult {
+            allowed,
+            balance: super::host::balance_usd(b),
+        })
+    }
+
+    fn ledger_settle(
+        &self,
+        account: &str,
+        reserved: f64,
+        cost: f64,
+        ttl_ms: Option<u64>,
+    ) -> Result<LedgerBalance, String> {
+        use crate::state::StateStore;
+        self.store
+            .ledger_settle(
+                "host",
+                account,
+                super::host::to_micros(reserved, "reserved")?,
+                super::host::to_micros(cost, "cost")?,
+                ttl_ms.map(Duration::from_millis),
+            )
+            .map(super::host::balance_usd)
+            .map_err(|e| e.to_string())
+    }
+
+    fn ledger_release(&self, account: &str, reserved: f64) -> Result<LedgerBalance, String> {
+        use crate::state::StateStore;
+        self.store
+            .ledger_release(
+                "host",
+                account,
+                super::host::to_micros(reserved, "reserved")?,
+            )
+            .map(super::host::balance_usd)
+            .map_err(|e| e.to_string())
+    }
+
+    fn ledger_balance(&self, account: &str) -> Result<LedgerBalance, String> {
+        use crate::state::StateStore;
+        self.store
+            .ledger_balance("host", account)
+            .map(super::host::balance_usd)
+            .map_err(|e| e.to_string())
+    }
+
+    fn target_stats(&self, provider: &str, model: &str) -> Option<TargetStatsView> {
+        self.lock()
+            .targets
+            .get(&(provider.to_owned(), model.to_owned()))
+            .copied()
+    }
+
+    fn price(&self, model: &str) -> Option<Price> {
+        self.lock().prices.get(model).copied()
     }
 }
 

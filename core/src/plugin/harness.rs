@@ -43,7 +43,7 @@ use super::host::PluginMetrics;
 use crate::api::openai::{
     ChatChunk, ChatMessage, ChatResponse, Choice, ChunkChoice, Delta, MessageContent,
 };
-use crate::pipeline::ctx::{Body, Dialect, RequestCtx};
+use crate::request::{Body, Dialect, RequestCtx};
 use crate::state::MemoryStore;
 
 /// The folder of fixtures inside a plugin folder.
@@ -332,6 +332,7 @@ impl Runner {
             "plugin",
             Arc::new(MemoryStore::new()),
             &self.metrics,
+            Arc::new(crate::plugin::host::HostLookups::default()),
         )?;
         let chain = Chain::new(vec![instance]).map_err(|reason| PluginError::Config {
             key: "plugin".into(),
@@ -368,7 +369,7 @@ impl Runner {
             outcome["response"] = run_response(&chain, &mut ctx, &resp.text);
         }
         if let (true, Some(deltas)) = (continued, &fixture.stream) {
-            outcome["stream"] = run_stream(&chain, &ctx, deltas);
+            outcome["stream"] = run_stream(&chain, &mut ctx, deltas);
         }
         Ok(outcome)
     }
@@ -424,6 +425,8 @@ fn request_ctx(file: &Path, req: &FixtureRequest) -> Result<RequestCtx, HarnessE
         targets: None,
         client_body: None,
         metadata: req.metadata.clone(),
+        scratch: Default::default(),
+        decisions: Vec::new(),
     })
 }
 
@@ -502,7 +505,7 @@ fn run_response(chain: &Chain, ctx: &mut RequestCtx, text: &str) -> Value {
     }
 }
 
-fn run_stream(chain: &Chain, ctx: &RequestCtx, deltas: &[String]) -> Value {
+fn run_stream(chain: &Chain, ctx: &mut RequestCtx, deltas: &[String]) -> Value {
     let mut filter = chain.chunk_filter(ctx);
     let chunk = |delta: Delta, finish: Option<&str>| ChatChunk {
         id: "fixture".into(),

@@ -11,9 +11,72 @@ use std::time::Duration;
 
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 
-use super::contract::{FetchRequest, FetchResponse, HostApi, LogLevel};
+use super::contract::{
+    FetchRequest, FetchResponse, HostApi, LedgerBalance, LedgerResult, LimitResult, LogLevel,
+    Price, TargetStatsView,
+};
 use super::manifest::Capabilities;
-use crate::state::{StateStore, plugin_namespace};
+use crate::state::{Balance, Rate, StateStore, plugin_namespace};
+
+/// What the gateway shares with plugins beyond their state: the upstream layer's target
+/// statistics and the `[prices]` table. Lookups by closure, so the plugin host depends on
+/// neither the pipeline nor the config.
+pub struct HostLookups {
+    /// Statistics of a target (provider name, upstream model).
+    pub target_stats: Box<dyn Fn(&str, &str) -> Option<TargetStatsView> + Send + Sync>,
+    /// The price of a model.
+    pub price: Box<dyn Fn(&str) -> Option<Price> + Send + Sync>,
+}
+
+impl Default for HostLookups {
+    /// Nothing known (tests, the offline harness).
+    fn default() -> Self {
+        HostLookups {
+            target_stats: Box::new(|_, _| None),
+            price: Box::new(|_| None),
+        }
+    }
+}
+
+impl std::fmt::Debug for HostLookups {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostLookups").finish_non_exhaustive()
+    }
+}
+
+/// USD to the ledger's integer micro-USD (rounded; negative and non-finite amounts are
+/// refused).
+pub fn to_micros(usd: f64, what: &str) -> Result<i64, String> {
+    if !usd.is_finite() || usd < 0.0 {
+        return Err(format!("{what} must be a finite amount >= 0, not {usd}"));
+    }
+    let micros = (usd * 1_000_000.0).round();
+    if micros > 9.0e18 {
+        return Err(format!("{what} is too large"));
+    }
+    #[allow(clippy::cast_possible_truncation)]
+    Ok(micros as i64)
+}
+
+/// A ledger balance in USD.
+pub fn balance_usd(b: Balance) -> LedgerBalance {
+    #[allow(clippy::cast_precision_loss)]
+    LedgerBalance {
+        spent: b.spent_micros as f64 / 1_000_000.0,
+        reserved: b.reserved_micros as f64 / 1_000_000.0,
+    }
+}
+
+/// Checks a limiter's arguments.
+fn rate(limit: u64, window_ms: u64) -> Result<Rate, String> {
+    if window_ms == 0 {
+        return Err("limit window must be at least 1 ms".into());
+    }
+    Ok(Rate {
+        limit,
+        window: Duration::from_millis(window_ms),
+    })
+}
 
 /// Longest `http-fetch` timeout a plugin may ask for.
 pub const MAX_FETCH_TIMEOUT: Duration = Duration::from_secs(5);
@@ -89,6 +152,7 @@ pub struct GatewayHost {
     state: Arc<dyn StateStore>,
     capabilities: Capabilities,
     metrics: PluginMetrics,
+    lookups: Arc<HostLookups>,
     http: OnceLock<Result<reqwest::Client, String>>,
 }
 
@@ -107,6 +171,7 @@ impl GatewayHost {
         state: Arc<dyn StateStore>,
         capabilities: Capabilities,
         metrics: PluginMetrics,
+        lookups: Arc<HostLookups>,
     ) -> Self {
         GatewayHost {
             plugin: plugin.to_owned(),
@@ -114,6 +179,7 @@ impl GatewayHost {
             state,
             capabilities,
             metrics,
+            lookups,
             http: OnceLock::new(),
         }
     }
@@ -205,6 +271,99 @@ impl HostApi for GatewayHost {
             .observe(value);
     }
 
+    fn limit_reserve(
+        &self,
+        key: &str,
+        limit: u64,
+        window_ms: u64,
+        amount: u64,
+    ) -> Result<LimitResult, String> {
+        let rate = rate(limit, window_ms)?;
+        let out = self
+            .kv()?
+            .limit_reserve(&self.namespace, key, rate, amount, self.now_ms())
+            .map_err(|e| e.to_string())?;
+        Ok(limit_result(limit, out))
+    }
+
+    fn limit_settle(
+        &self,
+        key: &str,
+        limit: u64,
+        window_ms: u64,
+        reserved: u64,
+        used: u64,
+    ) -> Result<(), String> {
+        let rate = rate(limit, window_ms)?;
+        self.kv()?
+            .limit_settle(&self.namespace, key, rate, reserved, used, self.now_ms())
+            .map_err(|e| e.to_string())
+    }
+
+    fn ledger_reserve(
+        &self,
+        account: &str,
+        limit: f64,
+        amount: f64,
+        ttl_ms: Option<u64>,
+    ) -> Result<LedgerResult, String> {
+        let (allowed, balance) = self
+            .kv()?
+            .ledger_reserve(
+                &self.namespace,
+                account,
+                to_micros(limit, "limit")?,
+                to_micros(amount, "amount")?,
+                ttl(ttl_ms),
+            )
+            .map_err(|e| e.to_string())?;
+        Ok(LedgerResult {
+            allowed,
+            balance: balance_usd(balance),
+        })
+    }
+
+    fn ledger_settle(
+        &self,
+        account: &str,
+        reserved: f64,
+        cost: f64,
+        ttl_ms: Option<u64>,
+    ) -> Result<LedgerBalance, String> {
+        self.kv()?
+            .ledger_settle(
+                &self.namespace,
+                account,
+                to_micros(reserved, "reserved")?,
+                to_micros(cost, "cost")?,
+                ttl(ttl_ms),
+            )
+            .map(balance_usd)
+            .map_err(|e| e.to_string())
+    }
+
+    fn ledger_release(&self, account: &str, reserved: f64) -> Result<LedgerBalance, String> {
+        self.kv()?
+            .ledger_release(&self.namespace, account, to_micros(reserved, "reserved")?)
+            .map(balance_usd)
+            .map_err(|e| e.to_string())
+    }
+
+    fn ledger_balance(&self, account: &str) -> Result<LedgerBalance, String> {
+        self.kv()?
+            .ledger_balance(&self.namespace, account)
+            .map(balance_usd)
+            .map_err(|e| e.to_string())
+    }
+
+    fn target_stats(&self, provider: &str, model: &str) -> Option<TargetStatsView> {
+        (self.lookups.target_stats)(provider, model)
+    }
+
+    fn price(&self, model: &str) -> Option<Price> {
+        (self.lookups.price)(model)
+    }
+
     /// Blocks the calling thread until the response arrives or the timeout (at most
     /// [`MAX_FETCH_TIMEOUT`]) passes. On a tokio multi-thread worker it uses
     /// `block_in_place` so other tasks move to other workers; elsewhere (the offline
@@ -270,6 +429,18 @@ impl HostApi for GatewayHost {
     }
 }
 
+/// The contract's limiter answer from the state's.
+pub fn limit_result(limit: u64, out: crate::state::LimitOutcome) -> LimitResult {
+    let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    LimitResult {
+        allowed: out.allowed,
+        limit,
+        remaining: out.remaining,
+        retry_after_ms: ms(out.retry_after),
+        reset_ms: ms(out.reset_after),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -285,6 +456,7 @@ mod tests {
                 fetch: vec!["allowed.example".into()],
             },
             PluginMetrics::unregistered().unwrap(),
+            Arc::new(HostLookups::default()),
         )
     }
 

@@ -169,6 +169,13 @@ pub enum HeaderSelection {
     Only(Vec<String>),
 }
 
+impl Default for HeaderSelection {
+    /// No headers.
+    fn default() -> Self {
+        HeaderSelection::Only(Vec::new())
+    }
+}
+
 impl HeaderSelection {
     /// Whether the header `name` (lower-case) is visible.
     pub fn allows(&self, name: &str) -> bool {
@@ -230,7 +237,7 @@ impl Limits {
             Hook::Init => self.init_deadline,
             Hook::OnResponseChunk => self.chunk_deadline,
             Hook::OnRequest | Hook::OnResponse => self.deadline,
-            Hook::OnLog => self.log_deadline,
+            Hook::OnLog | Hook::Admin => self.log_deadline,
         }
     }
 }
@@ -246,6 +253,8 @@ pub struct Hooks {
     pub on_response_chunk: bool,
     /// `on-log`.
     pub on_log: bool,
+    /// `admin` (the plugin serves `/admin/plugins/<instance>/...`).
+    pub admin: bool,
 }
 
 impl Hooks {
@@ -257,6 +266,7 @@ impl Hooks {
             Hook::OnResponse => self.on_response,
             Hook::OnResponseChunk => self.on_response_chunk,
             Hook::OnLog => self.on_log,
+            Hook::Admin => self.admin,
         }
     }
 
@@ -267,6 +277,7 @@ impl Hooks {
             Hook::OnResponse,
             Hook::OnResponseChunk,
             Hook::OnLog,
+            Hook::Admin,
         ]
         .into_iter()
         .filter(|h| self.has(*h))
@@ -281,6 +292,7 @@ pub fn parse_hook(name: &str) -> Option<Hook> {
         "on-response" => Some(Hook::OnResponse),
         "on-response-chunk" => Some(Hook::OnResponseChunk),
         "on-log" => Some(Hook::OnLog),
+        "admin" => Some(Hook::Admin),
         _ => None,
     }
 }
@@ -362,6 +374,7 @@ impl Manifest {
                 Some(Hook::OnResponse) => hooks.on_response = true,
                 Some(Hook::OnResponseChunk) => hooks.on_response_chunk = true,
                 Some(Hook::OnLog) => hooks.on_log = true,
+                Some(Hook::Admin) => hooks.admin = true,
                 Some(Hook::Init) => {
                     return Err((key, "`init` is implied; list only the on-* hooks".into()));
                 }

@@ -116,6 +116,92 @@ pub trait StateStore: Send + Sync {
     fn flush(&self) -> Result<(), StateError> {
         Ok(())
     }
+
+    /// PLACEHOLDER (merge h-state).
+    fn limit_reserve(
+        &self,
+        ns: &str,
+        key: &str,
+        rate: Rate,
+        amount: u64,
+        now_ms: u64,
+    ) -> Result<LimitOutcome, StateError> {
+        let _ = (ns, key, rate, amount, now_ms);
+        Err(StateError::Backend("limiter: merge pending".into()))
+    }
+    /// PLACEHOLDER (merge h-state).
+    fn limit_settle(
+        &self,
+        ns: &str,
+        key: &str,
+        rate: Rate,
+        reserved: u64,
+        used: u64,
+        now_ms: u64,
+    ) -> Result<(), StateError> {
+        let _ = (ns, key, rate, reserved, used, now_ms);
+        Err(StateError::Backend("limiter: merge pending".into()))
+    }
+    /// PLACEHOLDER (merge h-state).
+    fn ledger_reserve(
+        &self,
+        ns: &str,
+        account: &str,
+        limit_micros: i64,
+        amount_micros: i64,
+        ttl: Option<Duration>,
+    ) -> Result<(bool, Balance), StateError> {
+        let _ = (ns, account, limit_micros, amount_micros, ttl);
+        Err(StateError::Backend("ledger: merge pending".into()))
+    }
+    /// PLACEHOLDER (merge h-state).
+    fn ledger_settle(
+        &self,
+        ns: &str,
+        account: &str,
+        reserved_micros: i64,
+        cost_micros: i64,
+        ttl: Option<Duration>,
+    ) -> Result<Balance, StateError> {
+        let _ = (ns, account, reserved_micros, cost_micros, ttl);
+        Err(StateError::Backend("ledger: merge pending".into()))
+    }
+    /// PLACEHOLDER (merge h-state).
+    fn ledger_release(
+        &self,
+        ns: &str,
+        account: &str,
+        reserved_micros: i64,
+    ) -> Result<Balance, StateError> {
+        let _ = (ns, account, reserved_micros);
+        Err(StateError::Backend("ledger: merge pending".into()))
+    }
+    /// PLACEHOLDER (merge h-state).
+    fn ledger_balance(&self, ns: &str, account: &str) -> Result<Balance, StateError> {
+        let _ = (ns, account);
+        Err(StateError::Backend("ledger: merge pending".into()))
+    }
+}
+
+/// PLACEHOLDER (merge h-state).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub limit: u64,
+    pub window: Duration,
+}
+/// PLACEHOLDER (merge h-state).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LimitOutcome {
+    pub allowed: bool,
+    pub remaining: u64,
+    pub retry_after: Duration,
+    pub reset_after: Duration,
+}
+/// PLACEHOLDER (merge h-state).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Balance {
+    pub spent_micros: i64,
+    pub reserved_micros: i64,
 }
 
 /// `[state]` in `weir.toml`: where durable state lives.

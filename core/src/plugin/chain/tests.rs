@@ -154,6 +154,8 @@ fn ctx() -> RequestCtx {
         targets: None,
         client_body: None,
         metadata: BTreeMap::new(),
+        scratch: Default::default(),
+        decisions: Vec::new(),
     }
 }
 

@@ -71,9 +71,9 @@ use mlua::{Function, Lua, LuaOptions, LuaSerdeExt, LuaString, StdLib, Table, Val
 
 use super::PluginError;
 use super::contract::{
-    ChunkAction, Decision, FetchRequest, Hook, HookCtx, HookError, HostApi, LogEntry, LogLevel,
-    Mutations, PluginRuntime, RequestView, ResponseDecision, ResponseMutations, ResponseView,
-    StreamEvent,
+    AdminRequest, AdminResponse, ChunkAction, Decision, FetchRequest, Hook, HookCtx, HookError,
+    HostApi, LogEntry, LogLevel, Mutations, PluginRuntime, RequestView, ResponseDecision,
+    ResponseMutations, ResponseView, StreamEvent,
 };
 use super::loads::{self, Warm};
 use super::manifest::{Hooks, Limits, Manifest};
@@ -272,6 +272,10 @@ impl Deadline {
 #[derive(Default)]
 struct Bag(BTreeMap<String, String>);
 
+/// The calling plugin's request scratch, swapped into the VM's app data for one call.
+#[derive(Default)]
+struct ScratchSlot(BTreeMap<String, Vec<u8>>);
+
 /// One Lua state with its hook functions resolved.
 struct Vm {
     lua: Lua,
@@ -280,6 +284,7 @@ struct Vm {
     on_response: Option<Function>,
     on_response_chunk: Option<Function>,
     on_log: Option<Function>,
+    admin: Option<Function>,
 }
 
 impl Drop for Vm {
@@ -490,6 +495,146 @@ fn install_weir(lua: &Lua, shared: &Shared, deadline: &Arc<Deadline>) -> mlua::R
             Ok(())
         })?,
     )?;
+    weir.raw_set(
+        "scratch_get",
+        lua.create_function(|lua, key: String| {
+            let scratch = lua
+                .app_data_ref::<ScratchSlot>()
+                .ok_or_else(|| mlua::Error::runtime("no request context"))?;
+            match scratch.0.get(&key) {
+                Some(v) => convert::unmetered(lua, || lua.create_string(v)).map(Some),
+                None => Ok(None),
+            }
+        })?,
+    )?;
+    weir.raw_set(
+        "scratch_set",
+        lua.create_function(|lua, (key, value): (String, Value)| {
+            let value = opt_bytes(&value, "value")?;
+            let mut scratch = lua
+                .app_data_mut::<ScratchSlot>()
+                .ok_or_else(|| mlua::Error::runtime("no request context"))?;
+            match value {
+                Some(v) => scratch.0.insert(key, v),
+                None => scratch.0.remove(&key),
+            };
+            Ok(())
+        })?,
+    )?;
+
+    let limit = lua.create_table()?;
+    let host = shared.host.clone();
+    limit.raw_set(
+        "reserve",
+        lua.create_function(
+            move |lua, (key, max, window_ms, amount): (String, u64, u64, Option<u64>)| {
+                let r = host
+                    .limit_reserve(&key, max, window_ms, amount.unwrap_or(1))
+                    .map_err(host_err)?;
+                let t = lua.create_table_with_capacity(0, 5)?;
+                t.raw_set("allowed", r.allowed)?;
+                t.raw_set("limit", r.limit)?;
+                t.raw_set("remaining", r.remaining)?;
+                t.raw_set("retry_after_ms", r.retry_after_ms)?;
+                t.raw_set("reset_ms", r.reset_ms)?;
+                Ok(t)
+            },
+        )?,
+    )?;
+    let host = shared.host.clone();
+    limit.raw_set(
+        "settle",
+        lua.create_function(
+            move |_, (key, max, window_ms, reserved, used): (String, u64, u64, u64, u64)| {
+                host.limit_settle(&key, max, window_ms, reserved, used)
+                    .map_err(host_err)
+            },
+        )?,
+    )?;
+    weir.raw_set("limit", limit)?;
+
+    let ledger = lua.create_table()?;
+    fn balance_table(lua: &Lua, b: super::contract::LedgerBalance) -> mlua::Result<Table> {
+        let t = lua.create_table_with_capacity(0, 2)?;
+        t.raw_set("spent", b.spent)?;
+        t.raw_set("reserved", b.reserved)?;
+        Ok(t)
+    }
+    let host = shared.host.clone();
+    ledger.raw_set(
+        "reserve",
+        lua.create_function(
+            move |lua, (account, max, amount, ttl): (String, f64, f64, Option<u64>)| {
+                let r = host
+                    .ledger_reserve(&account, max, amount, ttl)
+                    .map_err(host_err)?;
+                let t = balance_table(lua, r.balance)?;
+                t.raw_set("allowed", r.allowed)?;
+                Ok(t)
+            },
+        )?,
+    )?;
+    let host = shared.host.clone();
+    ledger.raw_set(
+        "settle",
+        lua.create_function(
+            move |lua, (account, reserved, cost, ttl): (String, f64, f64, Option<u64>)| {
+                let b = host
+                    .ledger_settle(&account, reserved, cost, ttl)
+                    .map_err(host_err)?;
+                balance_table(lua, b)
+            },
+        )?,
+    )?;
+    let host = shared.host.clone();
+    ledger.raw_set(
+        "release",
+        lua.create_function(move |lua, (account, reserved): (String, f64)| {
+            let b = host.ledger_release(&account, reserved).map_err(host_err)?;
+            balance_table(lua, b)
+        })?,
+    )?;
+    let host = shared.host.clone();
+    ledger.raw_set(
+        "balance",
+        lua.create_function(move |lua, account: String| {
+            let b = host.ledger_balance(&account).map_err(host_err)?;
+            balance_table(lua, b)
+        })?,
+    )?;
+    weir.raw_set("ledger", ledger)?;
+
+    let host = shared.host.clone();
+    weir.raw_set(
+        "target_stats",
+        lua.create_function(move |lua, (provider, model): (String, String)| {
+            let Some(s) = host.target_stats(&provider, &model) else {
+                return Ok(None);
+            };
+            let t = lua.create_table_with_capacity(0, 4)?;
+            t.raw_set("latency_ewma_ms", s.latency_ewma_ms)?;
+            t.raw_set("error_rate", s.error_rate)?;
+            t.raw_set("in_flight", s.in_flight)?;
+            t.raw_set("attempts", s.attempts)?;
+            Ok(Some(t))
+        })?,
+    )?;
+    let host = shared.host.clone();
+    weir.raw_set(
+        "price",
+        lua.create_function(move |lua, model: String| {
+            let Some(p) = host.price(&model) else {
+                return Ok(None);
+            };
+            let t = lua.create_table_with_capacity(0, 4)?;
+            t.raw_set("input", p.input)?;
+            t.raw_set("output", p.output)?;
+            t.raw_set("cached_input", p.cached_input)?;
+            t.raw_set("cache_write", p.cache_write)?;
+            Ok(Some(t))
+        })?,
+    )?;
+
     let host = shared.host.clone();
     let dl = deadline.clone();
     weir.raw_set(
@@ -591,6 +736,8 @@ impl Vm {
                 .call::<()>(&weir)?;
             globals.raw_set("weir", weir)?;
             lua.set_app_data(Bag::default());
+            lua.set_app_data(ScratchSlot::default());
+            lua.set_app_data(convert::RequestSlot::default());
             lua.sandbox(true)?;
             lua.set_memory_limit(shared.limits.memory_bytes)?;
             Ok(())
@@ -630,11 +777,12 @@ impl Vm {
                 let config = lua.to_value(&shared.config)?;
                 init.call::<()>(config)?;
             }
-            let (on_request, on_response, on_response_chunk, on_log) = (
+            let (on_request, on_response, on_response_chunk, on_log, admin) = (
                 get("on_request")?,
                 get("on_response")?,
                 get("on_response_chunk")?,
                 get("on_log")?,
+                get("admin")?,
             );
             // Counted here, where every VM is made; `Drop for Vm` uncounts it.
             LIVE_VMS.fetch_add(1, Ordering::Relaxed);
@@ -643,6 +791,7 @@ impl Vm {
                 on_response,
                 on_response_chunk,
                 on_log,
+                admin,
                 lua: lua.clone(),
                 deadline: deadline.clone(),
             })
@@ -666,6 +815,7 @@ impl Vm {
             Hook::OnResponse => self.on_response.as_ref(),
             Hook::OnResponseChunk => self.on_response_chunk.as_ref(),
             Hook::OnLog => self.on_log.as_ref(),
+            Hook::Admin => self.admin.as_ref(),
         }
     }
 }
@@ -724,6 +874,7 @@ impl LuaPlugin {
             Hook::OnResponse,
             Hook::OnResponseChunk,
             Hook::OnLog,
+            Hook::Admin,
         ] {
             let snake = hook.as_str().replace('-', "_");
             match (shared.hooks.has(hook), vm.function(hook).is_some()) {
@@ -829,13 +980,17 @@ impl LuaPlugin {
         &self,
         hook: Hook,
         ctx: &mut HookCtx<'_>,
+        request: Option<&mut RequestView>,
         arg: impl FnOnce(&Lua) -> mlua::Result<Table>,
         parse: impl FnOnce(&Lua, Value) -> Result<R, String>,
     ) -> Result<R, HookError> {
-        // `on_log` runs off the async workers: its VMs stay with the plugin, not the thread.
-        let local = hook != Hook::OnLog && !self.shared.is_parked();
+        // `on_log` and `admin` run off the async workers: their VMs stay with the plugin,
+        // not the thread.
+        let local = !matches!(hook, Hook::OnLog | Hook::Admin) && !self.shared.is_parked();
         let vm = self.acquire(local)?;
-        let budget = self.shared.limits.deadline_of(hook);
+        let budget = ctx
+            .deadline
+            .unwrap_or_else(|| self.shared.limits.deadline_of(hook));
         let Some(func) = vm.function(hook) else {
             return Err(HookError::Plugin(format!(
                 "no function for {}",
@@ -846,11 +1001,27 @@ impl LuaPlugin {
             if let Some(mut bag) = vm.lua.app_data_mut::<Bag>() {
                 std::mem::swap(&mut bag.0, ctx.metadata);
             }
+            if let Some(mut scratch) = vm.lua.app_data_mut::<ScratchSlot>() {
+                std::mem::swap(&mut scratch.0, ctx.scratch);
+            }
         };
         swap(&vm, ctx);
+        // The request moves into the VM for `on_request` (the lazy table reads it) and back.
+        let mut request = request;
+        if let Some(req) = request.as_deref_mut()
+            && let Some(mut slot) = vm.lua.app_data_mut::<convert::RequestSlot>()
+        {
+            slot.0 = Some(std::mem::take(req));
+        }
         vm.deadline.arm(budget);
         let out = arg(&vm.lua).and_then(|t| func.call::<Value>(t));
         let expired = vm.deadline.disarm();
+        if let Some(req) = request
+            && let Some(mut slot) = vm.lua.app_data_mut::<convert::RequestSlot>()
+            && let Some(back) = slot.0.take()
+        {
+            *req = back;
+        }
         swap(&vm, ctx);
         let result = match out {
             Err(e) => Err(classify(&e, expired, budget)),
@@ -869,14 +1040,19 @@ impl PluginRuntime for LuaPlugin {
         &self.shared.name
     }
 
-    fn on_request(&self, ctx: &mut HookCtx<'_>, req: &RequestView) -> Result<Decision, HookError> {
+    fn on_request(
+        &self,
+        ctx: &mut HookCtx<'_>,
+        req: &mut RequestView,
+    ) -> Result<Decision, HookError> {
         if !self.shared.hooks.on_request {
             return Ok(Decision::Continue(Mutations::default()));
         }
         self.call(
             Hook::OnRequest,
             ctx,
-            |lua| convert::request_table(lua, req),
+            Some(req),
+            convert::request_table,
             convert::decision,
         )
     }
@@ -892,6 +1068,7 @@ impl PluginRuntime for LuaPlugin {
         self.call(
             Hook::OnResponse,
             ctx,
+            None,
             |lua| convert::response_table(lua, resp),
             convert::response_decision,
         )
@@ -908,6 +1085,7 @@ impl PluginRuntime for LuaPlugin {
         self.call(
             Hook::OnResponseChunk,
             ctx,
+            None,
             |lua| convert::event_table(lua, event),
             |_, v| convert::chunk_action(v),
         )
@@ -920,8 +1098,22 @@ impl PluginRuntime for LuaPlugin {
         self.call(
             Hook::OnLog,
             ctx,
+            None,
             |lua| convert::log_table(lua, entry),
             |_, _| Ok(()),
+        )
+    }
+
+    fn admin(&self, ctx: &mut HookCtx<'_>, req: &AdminRequest) -> Result<AdminResponse, HookError> {
+        if !self.shared.hooks.admin {
+            return Err(HookError::Plugin("no admin hook".into()));
+        }
+        self.call(
+            Hook::Admin,
+            ctx,
+            None,
+            |lua| convert::admin_table(lua, req),
+            convert::admin_response,
         )
     }
 }

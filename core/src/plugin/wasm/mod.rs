@@ -29,8 +29,8 @@ use wasmtime::{Store, Trap};
 pub use engine::{EPOCH_TICK, EngineOptions, MAX_MEMORY_BYTES, MAX_WASM_STACK, WasmEngine};
 
 use crate::plugin::contract::{
-    ChunkAction, Decision, Hook, HookCtx, HookError, HostApi, LogEntry, PluginRuntime, RequestView,
-    ResponseDecision, ResponseView, StreamEvent,
+    AdminRequest, AdminResponse, ChunkAction, Decision, Hook, HookCtx, HookError, HostApi,
+    LogEntry, PluginRuntime, RequestView, ResponseDecision, ResponseView, StreamEvent,
 };
 use crate::plugin::loads::{self, Warm};
 use store::StoreState;
@@ -45,9 +45,21 @@ mod bindings {
         world: "plugin",
         with: {
             "weir:plugin/types": super::types,
+            "weir:plugin/views.request": super::RequestHandle,
         },
     });
 }
+
+/// The host side of the WIT `request` resource. Only one request is under a hook at a
+/// time, so a handle carries no data: its methods read the [`RequestView`] moved into the
+/// store for the call, and the guest only ever holds it as a borrow for that call.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct RequestHandle;
+
+/// The contract this host speaks; components built against another version are refused
+/// at load with a message saying how to rebuild.
+pub const CONTRACT: &str = "weir:plugin@0.2.0";
 
 /// The `weir:plugin/types` interface as `bindgen!` expects a remapped interface to look:
 /// the contract types, plus the (empty) host trait and linker function of an interface
@@ -144,7 +156,7 @@ impl WasmLimits {
             Hook::Init => self.init_deadline,
             Hook::OnRequest | Hook::OnResponse => self.request_deadline,
             Hook::OnResponseChunk => self.chunk_deadline,
-            Hook::OnLog => self.log_deadline,
+            Hook::OnLog | Hook::Admin => self.log_deadline,
         }
     }
 }
@@ -265,6 +277,7 @@ impl WasmPlugin {
         host: Arc<dyn HostApi>,
     ) -> Result<WasmPlugin, WasmError> {
         let component = engine.compile(wasm)?;
+        check_contract(&component, engine.engine())?;
         let mut linker = Linker::new(engine.engine());
         store::add_to_linker(&mut linker).map_err(|e| WasmError::Link(format!("{e:#}")))?;
         // Every import not granted above (filesystem, sockets, stdio, clocks...) traps
@@ -384,12 +397,17 @@ impl Inner {
                 tracing::warn!(plugin = %self.name, error = %err, "WASM plugin instantiation failed.");
             })?,
         };
-        let deadline = self.limits.deadline(hook);
+        let deadline = ctx.deadline.unwrap_or_else(|| self.limits.deadline(hook));
         ready.store.set_epoch_deadline(ticks(deadline));
-        // The request's bag moves into the store for the call (ctx-get / ctx-set) and back.
-        std::mem::swap(&mut ready.store.data_mut().metadata, ctx.metadata);
+        // The request's bag and the plugin's scratch move into the store for the call
+        // (ctx-get / ctx-set, scratch-get / scratch-set) and back.
+        let data = ready.store.data_mut();
+        std::mem::swap(&mut data.metadata, ctx.metadata);
+        std::mem::swap(&mut data.scratch, ctx.scratch);
         let result = run(&ready.plugin, &mut ready.store);
-        std::mem::swap(&mut ready.store.data_mut().metadata, ctx.metadata);
+        let data = ready.store.data_mut();
+        std::mem::swap(&mut data.metadata, ctx.metadata);
+        std::mem::swap(&mut data.scratch, ctx.scratch);
         match result {
             Ok(value) => {
                 self.release(ready);
@@ -430,9 +448,19 @@ impl PluginRuntime for WasmPlugin {
         &self.inner.name
     }
 
-    fn on_request(&self, ctx: &mut HookCtx<'_>, req: &RequestView) -> Result<Decision, HookError> {
+    fn on_request(
+        &self,
+        ctx: &mut HookCtx<'_>,
+        req: &mut RequestView,
+    ) -> Result<Decision, HookError> {
         self.inner.call(Hook::OnRequest, ctx, |plugin, store| {
-            plugin.call_on_request(store, req)
+            // The view moves into the store for the call; the guest reads it through a
+            // borrowed `request` handle.
+            std::mem::swap(&mut store.data_mut().request, req);
+            let handle = wasmtime::component::Resource::<RequestHandle>::new_borrow(0);
+            let result = plugin.call_on_request(&mut *store, handle);
+            std::mem::swap(&mut store.data_mut().request, req);
+            result
         })
     }
 
@@ -462,6 +490,31 @@ impl PluginRuntime for WasmPlugin {
             plugin.call_on_log(store, entry)
         })
     }
+
+    fn admin(&self, ctx: &mut HookCtx<'_>, req: &AdminRequest) -> Result<AdminResponse, HookError> {
+        self.inner.call(Hook::Admin, ctx, |plugin, store| {
+            plugin.call_admin(store, req)
+        })
+    }
+}
+
+/// Refuses a component built against another version of the contract, with a message
+/// that says what to do (its imports name the package version it was built with).
+fn check_contract(component: &Component, engine: &wasmtime::Engine) -> Result<(), WasmError> {
+    for (name, _) in component.component_type().imports(engine) {
+        let Some(rest) = name.strip_prefix("weir:plugin/") else {
+            continue;
+        };
+        let version = rest.split_once('@').map_or("", |(_, v)| v);
+        if !version.starts_with("0.2.") {
+            return Err(WasmError::Link(format!(
+                "the component was built against weir:plugin@{version}, but this gateway \
+                 speaks {CONTRACT}: rebuild it with weir-sdk 0.2 (see docs/plugins.md, \
+                 \"Migrating from 0.1\")"
+            )));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

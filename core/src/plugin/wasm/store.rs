@@ -5,12 +5,15 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use wasmtime::component::types::ComponentItem;
-use wasmtime::component::{Component, Linker, ResourceTable, ResourceType};
+use wasmtime::component::{Component, Linker, Resource, ResourceTable, ResourceType};
 use wasmtime::{Engine, ResourceLimiter, StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
-use super::bindings::weir::plugin::host;
-use crate::plugin::contract::{FetchRequest, HostApi, LogLevel};
+use super::RequestHandle;
+use super::bindings::weir::plugin::{host, views};
+use crate::plugin::contract::{
+    Dialect, Endpoint, FetchRequest, HostApi, LogLevel, MessageView, Pairs, RequestView,
+};
 
 /// Data of one instance's `Store`.
 pub(crate) struct StoreState {
@@ -22,6 +25,11 @@ pub(crate) struct StoreState {
     host: Arc<dyn HostApi>,
     /// The request's metadata bag, moved in for the duration of one call.
     pub(crate) metadata: BTreeMap<String, String>,
+    /// The calling plugin's request scratch, moved in for one call.
+    pub(crate) scratch: BTreeMap<String, Vec<u8>>,
+    /// The request under `on-request`, moved in for the call (read by the `request`
+    /// resource's methods).
+    pub(crate) request: RequestView,
 }
 
 impl StoreState {
@@ -45,6 +53,8 @@ impl StoreState {
             table: ResourceTable::new(),
             host,
             metadata: BTreeMap::new(),
+            scratch: BTreeMap::new(),
+            request: RequestView::default(),
         }
     }
 }
@@ -106,6 +116,7 @@ pub(crate) fn add_to_linker(linker: &mut Linker<StoreState>) -> wasmtime::Result
     use wasmtime_wasi::random::WasiRandom;
 
     host::add_to_linker::<StoreState, HasSelf<StoreState>>(linker, |s| s)?;
+    views::add_to_linker::<StoreState, HasSelf<StoreState>>(linker, |s| s)?;
     random::random::add_to_linker::<StoreState, WasiRandom>(linker, |s| s.wasi.random())?;
     random::insecure::add_to_linker::<StoreState, WasiRandom>(linker, |s| s.wasi.random())?;
     random::insecure_seed::add_to_linker::<StoreState, WasiRandom>(linker, |s| s.wasi.random())?;
@@ -177,6 +188,113 @@ impl host::Host for StoreState {
         self.host.count_tokens(&text)
     }
 
+    fn scratch_get(&mut self, key: String) -> Option<Vec<u8>> {
+        self.scratch.get(&key).cloned()
+    }
+
+    fn scratch_set(&mut self, key: String, value: Option<Vec<u8>>) {
+        match value {
+            Some(v) => {
+                self.scratch.insert(key, v);
+            }
+            None => {
+                self.scratch.remove(&key);
+            }
+        }
+    }
+
+    fn limit_reserve(
+        &mut self,
+        key: String,
+        limit: u64,
+        window_ms: u64,
+        amount: u64,
+    ) -> Result<host::LimitResult, String> {
+        let r = self.host.limit_reserve(&key, limit, window_ms, amount)?;
+        Ok(host::LimitResult {
+            allowed: r.allowed,
+            limit: r.limit,
+            remaining: r.remaining,
+            retry_after_ms: r.retry_after_ms,
+            reset_ms: r.reset_ms,
+        })
+    }
+
+    fn limit_settle(
+        &mut self,
+        key: String,
+        limit: u64,
+        window_ms: u64,
+        reserved: u64,
+        used: u64,
+    ) -> Result<(), String> {
+        self.host
+            .limit_settle(&key, limit, window_ms, reserved, used)
+    }
+
+    fn ledger_reserve(
+        &mut self,
+        account: String,
+        limit: f64,
+        amount: f64,
+        ttl_ms: Option<u64>,
+    ) -> Result<host::LedgerResult, String> {
+        let r = self.host.ledger_reserve(&account, limit, amount, ttl_ms)?;
+        Ok(host::LedgerResult {
+            allowed: r.allowed,
+            balance: balance(r.balance),
+        })
+    }
+
+    fn ledger_settle(
+        &mut self,
+        account: String,
+        reserved: f64,
+        cost: f64,
+        ttl_ms: Option<u64>,
+    ) -> Result<host::LedgerBalance, String> {
+        self.host
+            .ledger_settle(&account, reserved, cost, ttl_ms)
+            .map(balance)
+    }
+
+    fn ledger_release(
+        &mut self,
+        account: String,
+        reserved: f64,
+    ) -> Result<host::LedgerBalance, String> {
+        self.host.ledger_release(&account, reserved).map(balance)
+    }
+
+    fn ledger_read(&mut self, account: String) -> Result<host::LedgerBalance, String> {
+        self.host.ledger_balance(&account).map(balance)
+    }
+
+    fn target_stats(&mut self, provider: String, model: String) -> Option<host::TargetSnapshot> {
+        self.host
+            .target_stats(&provider, &model)
+            .map(|t| host::TargetSnapshot {
+                latency_ewma_ms: t.latency_ewma_ms,
+                error_rate: t.error_rate,
+                in_flight: t.in_flight,
+                attempts: t.attempts,
+            })
+    }
+
+    fn price(&mut self, model: String) -> Option<host::ModelPrice> {
+        self.host.price(&model).map(|p| host::ModelPrice {
+            input: p.input,
+            output: p.output,
+            cached_input: p.cached_input,
+            cache_write: p.cache_write,
+        })
+    }
+
+    fn sha256(&mut self, data: Vec<u8>) -> Vec<u8> {
+        use sha2::Digest;
+        sha2::Sha256::digest(&data).to_vec()
+    }
+
     fn http_fetch(&mut self, request: host::FetchRequest) -> Result<host::FetchResponse, String> {
         let request = FetchRequest {
             method: request.method,
@@ -195,11 +313,78 @@ impl host::Host for StoreState {
     }
 }
 
+fn balance(b: crate::plugin::contract::LedgerBalance) -> host::LedgerBalance {
+    host::LedgerBalance {
+        spent: b.spent,
+        reserved: b.reserved,
+    }
+}
+
+/// `weir:plugin/views`: nothing but the `request` resource.
+impl views::Host for StoreState {}
+
+/// The `request` resource: each method reads the view moved into the store for the call.
+impl views::HostRequest for StoreState {
+    fn id(&mut self, _: Resource<RequestHandle>) -> String {
+        self.request.request_id.clone()
+    }
+
+    fn dialect(&mut self, _: Resource<RequestHandle>) -> Dialect {
+        self.request.dialect
+    }
+
+    fn endpoint(&mut self, _: Resource<RequestHandle>) -> Endpoint {
+        self.request.endpoint()
+    }
+
+    fn model(&mut self, _: Resource<RequestHandle>) -> String {
+        self.request.model().to_owned()
+    }
+
+    fn stream(&mut self, _: Resource<RequestHandle>) -> bool {
+        self.request.stream()
+    }
+
+    fn header(&mut self, _: Resource<RequestHandle>, name: String) -> Option<String> {
+        self.request.header(&name)
+    }
+
+    fn headers(&mut self, _: Resource<RequestHandle>) -> Pairs {
+        self.request.headers()
+    }
+
+    fn message_count(&mut self, _: Resource<RequestHandle>) -> u32 {
+        self.request.message_count()
+    }
+
+    fn message(&mut self, _: Resource<RequestHandle>, index: u32) -> Option<MessageView> {
+        self.request.message(index)
+    }
+
+    fn messages(&mut self, _: Resource<RequestHandle>) -> Vec<MessageView> {
+        self.request.messages()
+    }
+
+    fn max_tokens(&mut self, _: Resource<RequestHandle>) -> Option<u32> {
+        self.request.max_tokens()
+    }
+
+    fn body(&mut self, _: Resource<RequestHandle>) -> Option<String> {
+        self.request.body_json()
+    }
+
+    fn drop(&mut self, _: Resource<RequestHandle>) -> wasmtime::Result<()> {
+        // Handles are only ever lent for one call; nothing is stored per handle.
+        Ok(())
+    }
+}
+
 /// Interfaces a plugin may import, by name without version: the host API and the
 /// side-effect-free WASI pieces linked by [`add_to_linker`].
 const GRANTED: &[&str] = &[
     "weir:plugin/host",
     "weir:plugin/types",
+    "weir:plugin/views",
     "wasi:random/random",
     "wasi:random/insecure",
     "wasi:random/insecure-seed",

@@ -1,4 +1,7 @@
 //! [`RequestCtx`]: everything the pipeline and the plugins know about one request.
+//!
+//! A leaf module (it depends on the wire types of [`crate::api`] only), so that the
+//! pipeline and the plugin chain both use it without importing each other.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -6,6 +9,7 @@ use std::time::Instant;
 use http::HeaderMap;
 
 use crate::api::openai::{ChatRequest, EmbeddingsRequest};
+use crate::plugin::contract::PluginDecision;
 
 /// The API dialect the client spoke; errors and responses are encoded back in it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,6 +37,13 @@ pub enum Body {
     Chat(ChatRequest),
     /// An embeddings request.
     Embeddings(EmbeddingsRequest),
+}
+
+impl Default for Body {
+    /// An empty chat request (what is left in a context while a hook reads the body).
+    fn default() -> Self {
+        Body::Chat(ChatRequest::default())
+    }
 }
 
 impl Body {
@@ -80,4 +91,34 @@ pub struct RequestCtx {
     pub targets: Option<Vec<TargetOverride>>,
     /// Request-scoped key-value bag shared by the plugins of one request (`tenant`, `key`...).
     pub metadata: BTreeMap<String, String>,
+    /// Each plugin's private request scratch (WIT `scratch-get` / `scratch-set`).
+    pub scratch: Scratch,
+    /// What each `on-request` plugin decided, in chain order (for the request log).
+    pub decisions: Vec<PluginDecision>,
+}
+
+/// The request-scoped scratch of every plugin instance of a chain, by the instance's
+/// position in it: private to the plugin, never logged, dropped with the request.
+#[derive(Debug, Default, Clone)]
+pub struct Scratch {
+    slots: Vec<BTreeMap<String, Vec<u8>>>,
+}
+
+impl Scratch {
+    /// The scratch of the instance at `position` in its chain.
+    pub fn slot(&mut self, position: usize) -> &mut BTreeMap<String, Vec<u8>> {
+        if self.slots.len() <= position {
+            self.slots.resize_with(position + 1, BTreeMap::new);
+        }
+        &mut self.slots[position]
+    }
+
+    /// Bytes held, over every slot (for limits and tests).
+    pub fn bytes(&self) -> usize {
+        self.slots
+            .iter()
+            .flat_map(|s| s.iter())
+            .map(|(k, v)| k.len() + v.len())
+            .sum()
+    }
 }
