@@ -15,6 +15,7 @@
 //! | `GET /admin/generations?limit=N` | recorded generations, newest first |
 //! | `GET /admin/plugins` | plugin failure and shadow-decision counters |
 //! | `GET /admin/logs?limit=N&after=SEQ` | request-log records; `&follow=true` streams them (SSE) |
+//! | `* /admin/plugins/{instance}/{path}` | the plugin instance's own admin endpoint (hook `admin`) |
 
 pub mod auth;
 pub mod cli;
@@ -65,6 +66,10 @@ pub fn router(state: AdminState) -> Router {
         .route("/admin/generations", get(generations))
         .route("/admin/plugins", get(plugins))
         .route("/admin/logs", get(logs))
+        .route(
+            "/admin/plugins/{instance}/{*path}",
+            axum::routing::any(plugin_admin),
+        )
         // Virtual keys and usage (the auth and budget plugins' state).
         .merge(keys::routes(
             state.reloader.gateway().snapshot().services.state.clone(),
@@ -372,6 +377,75 @@ impl Follow {
                 Err(broadcast::error::RecvError::Closed) => return None,
             }
         }
+    }
+}
+
+/// Largest body handed to a plugin's admin endpoint.
+const MAX_PLUGIN_ADMIN_BODY: usize = 1 << 20;
+
+/// `/admin/plugins/{instance}/{path}`: the call goes to the serving generation's instance
+/// of that name (its `admin` export or Lua function), on a blocking thread; the plugin's
+/// answer is sent as JSON.
+async fn plugin_admin(
+    State(state): State<AdminState>,
+    Path((instance, path)): Path<(String, String)>,
+    req: Request,
+) -> Response {
+    let snapshot = state.reloader.gateway().snapshot();
+    let Some(inst) = snapshot.plugins.instance(&instance).cloned() else {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("no plugin instance named '{instance}' in the serving config"),
+        );
+    };
+    if !inst.manifest().hooks.admin {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("plugin '{instance}' has no admin endpoint"),
+        );
+    }
+    let method = req.method().as_str().to_owned();
+    let query = req.uri().query().unwrap_or_default().to_owned();
+    let body = match axum::body::to_bytes(req.into_body(), MAX_PLUGIN_ADMIN_BODY).await {
+        Ok(b) => b.to_vec(),
+        Err(_) => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("admin request bodies are limited to {MAX_PLUGIN_ADMIN_BODY} bytes"),
+            );
+        }
+    };
+    let call = crate::plugin::contract::AdminRequest {
+        method,
+        path: format!("/{path}"),
+        query,
+        body,
+    };
+    let answer = tokio::task::spawn_blocking(move || inst.admin(&call)).await;
+    match answer {
+        Ok(Ok(r)) => {
+            let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::BAD_GATEWAY);
+            (
+                status,
+                [(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                )],
+                r.body,
+            )
+                .into_response()
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(plugin = %instance, error = %e, "Plugin admin call failed.");
+            error(
+                StatusCode::BAD_GATEWAY,
+                format!("plugin '{instance}' admin call failed: {e}"),
+            )
+        }
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("plugin admin task failed: {e}"),
+        ),
     }
 }
 
