@@ -867,6 +867,8 @@ pub trait HostApi: Send + Sync {
     ) -> Result<bool, String>;
     /// Deletes a key; returns whether it existed.
     fn kv_delete(&self, key: &str) -> Result<bool, String>;
+    /// Up to `limit` live keys starting with `prefix`, in key order.
+    fn kv_scan(&self, prefix: &str, limit: usize) -> Result<Vec<(String, Vec<u8>)>, String>;
     /// Logs a message from the plugin.
     fn log(&self, level: LogLevel, message: &str);
     /// Adds to a counter labelled with the plugin name.
@@ -1104,6 +1106,20 @@ impl HostApi for MemoryHost {
         let existed = Self::live(&state, key).is_some();
         state.kv.remove(key);
         Ok(existed)
+    }
+
+    fn kv_scan(&self, prefix: &str, limit: usize) -> Result<Vec<(String, Vec<u8>)>, String> {
+        let state = self.lock();
+        let now = now_ms();
+        let mut out: Vec<(String, Vec<u8>)> = state
+            .kv
+            .iter()
+            .filter(|(k, (_, exp))| k.starts_with(prefix) && exp.is_none_or(|e| e > now))
+            .map(|(k, (v, _))| (k.clone(), v.clone()))
+            .collect();
+        out.sort();
+        out.truncate(limit);
+        Ok(out)
     }
 
     fn log(&self, level: LogLevel, message: &str) {

@@ -246,6 +246,12 @@ impl HostApi for GatewayHost {
             .map_err(|e| e.to_string())
     }
 
+    fn kv_scan(&self, prefix: &str, limit: usize) -> Result<Vec<(String, Vec<u8>)>, String> {
+        self.kv()?
+            .scan_prefix(&self.namespace, prefix, limit)
+            .map_err(|e| e.to_string())
+    }
+
     fn log(&self, level: LogLevel, message: &str) {
         let plugin = self.plugin.as_str();
         match level {

@@ -434,6 +434,23 @@ fn install_weir(lua: &Lua, shared: &Shared, deadline: &Arc<Deadline>) -> mlua::R
         "delete",
         lua.create_function(move |_, key: String| host.kv_delete(&key).map_err(host_err))?,
     )?;
+    let host = shared.host.clone();
+    kv.raw_set(
+        "scan",
+        lua.create_function(move |lua, (prefix, limit): (String, Option<usize>)| {
+            let entries = host
+                .kv_scan(&prefix, limit.unwrap_or(1000))
+                .map_err(host_err)?;
+            let out = lua.create_table_with_capacity(entries.len(), 0)?;
+            for (k, v) in entries {
+                let pair = lua.create_table_with_capacity(0, 2)?;
+                pair.raw_set("key", k)?;
+                pair.raw_set("value", lua.create_string(v)?)?;
+                out.raw_push(pair)?;
+            }
+            Ok(out)
+        })?,
+    )?;
     weir.raw_set("kv", kv)?;
 
     let host = shared.host.clone();

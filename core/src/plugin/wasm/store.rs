@@ -153,6 +153,11 @@ impl host::Host for StoreState {
         self.host.kv_delete(&key)
     }
 
+    fn kv_scan(&mut self, prefix: String, limit: u32) -> Result<Vec<(String, Vec<u8>)>, String> {
+        self.host
+            .kv_scan(&prefix, usize::try_from(limit).unwrap_or(usize::MAX))
+    }
+
     fn log(&mut self, level: host::Level, message: String) {
         let level = match level {
             host::Level::Trace => LogLevel::Trace,
