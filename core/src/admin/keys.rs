@@ -529,6 +529,10 @@ async fn revoke(State(keys): State<Keys>, Path(id): Path<String>) -> Result<Resp
 /// `weir keys ...`.
 #[derive(Debug, clap::Args)]
 pub struct KeysArgs {
+    /// The auth plugin instance that owns the keys (default: the one instance of the
+    /// `auth` plugin in the serving config).
+    #[arg(long, global = true, env = "WEIR_KEYS_PLUGIN")]
+    pub plugin: Option<String>,
     /// What to do.
     #[command(subcommand)]
     pub command: KeysCommand,
@@ -657,6 +661,42 @@ impl AdminHttp {
         })
     }
 
+    /// The admin path of the plugin instance that serves `plugin` (a manifest name such as
+    /// `auth`): `explicit` when given, else the one instance of that plugin with an admin
+    /// endpoint in the serving config (`GET /admin/plugins`), so renaming an instance
+    /// breaks nothing.
+    pub(crate) async fn plugin_base(
+        &self,
+        plugin: &str,
+        explicit: Option<&str>,
+    ) -> Result<String, String> {
+        if let Some(name) = explicit {
+            return Ok(format!("/admin/plugins/{}", urlencode(name)));
+        }
+        let v = self
+            .call(reqwest::Method::GET, "/admin/plugins", None)
+            .await?;
+        let found: Vec<&str> = v["instances"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|i| i["plugin"] == plugin && i["admin"] == true)
+            .filter_map(|i| i["name"].as_str())
+            .collect();
+        match found.as_slice() {
+            [one] => Ok(format!("/admin/plugins/{}", urlencode(one))),
+            [] => Err(format!(
+                "the serving config has no instance of the '{plugin}' plugin with an admin \
+                 endpoint (pass --plugin NAME to pick another instance)"
+            )),
+            many => Err(format!(
+                "the serving config has several instances of the '{plugin}' plugin ({}); \
+                 pick one with --plugin NAME",
+                many.join(", ")
+            )),
+        }
+    }
+
     /// Sends a call and returns the JSON answer; an error status becomes `Err(message)`.
     pub(crate) async fn call(
         &self,
@@ -715,7 +755,7 @@ pub(crate) fn run_cli(f: impl std::future::Future<Output = Result<(), String>>) 
 
 /// Runs `weir keys ...`.
 pub fn run(args: KeysArgs) -> ExitCode {
-    run_cli(execute(args.command))
+    run_cli(execute(args.command, args.plugin))
 }
 
 fn fmt_time(ms: Option<u64>) -> String {
@@ -725,7 +765,8 @@ fn fmt_time(ms: Option<u64>) -> String {
     }
 }
 
-async fn execute(cmd: KeysCommand) -> Result<(), String> {
+async fn execute(cmd: KeysCommand, plugin: Option<String>) -> Result<(), String> {
+    let plugin = plugin.as_deref();
     match cmd {
         KeysCommand::Create {
             admin,
@@ -752,8 +793,10 @@ async fn execute(cmd: KeysCommand) -> Result<(), String> {
                 "budget_period": budget_period,
                 "metadata": metadata.into_iter().collect::<BTreeMap<_, _>>(),
             });
-            let v = AdminHttp::new(&admin)?
-                .call(reqwest::Method::POST, "/admin/keys", Some(&body))
+            let http = AdminHttp::new(&admin)?;
+            let base = http.plugin_base("auth", plugin).await?;
+            let v = http
+                .call(reqwest::Method::POST, &format!("{base}/keys"), Some(&body))
                 .await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
@@ -775,13 +818,13 @@ async fn execute(cmd: KeysCommand) -> Result<(), String> {
             limit,
             json,
         } => {
-            let mut path = format!("/admin/keys?limit={limit}&include_revoked={all}");
+            let http = AdminHttp::new(&admin)?;
+            let base = http.plugin_base("auth", plugin).await?;
+            let mut path = format!("{base}/keys?limit={limit}&include_revoked={all}");
             if let Some(t) = tenant {
                 path.push_str(&format!("&tenant={}", urlencode(&t)));
             }
-            let v = AdminHttp::new(&admin)?
-                .call(reqwest::Method::GET, &path, None)
-                .await?;
+            let v = http.call(reqwest::Method::GET, &path, None).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
                 return Ok(());
@@ -814,10 +857,10 @@ async fn execute(cmd: KeysCommand) -> Result<(), String> {
             Ok(())
         }
         KeysCommand::Revoke { id, admin } => {
-            let path = format!("/admin/keys/{}/revoke", urlencode(&id));
-            AdminHttp::new(&admin)?
-                .call(reqwest::Method::POST, &path, None)
-                .await?;
+            let http = AdminHttp::new(&admin)?;
+            let base = http.plugin_base("auth", plugin).await?;
+            let path = format!("{base}/keys/{}/revoke", urlencode(&id));
+            http.call(reqwest::Method::POST, &path, None).await?;
             println!("revoked {id}");
             Ok(())
         }

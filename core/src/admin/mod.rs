@@ -241,8 +241,27 @@ async fn generations(State(state): State<AdminState>, Query(q): Query<Limit>) ->
 }
 
 async fn plugins(State(state): State<AdminState>) -> Response {
-    axum::Json(json!({"plugins": plugin_counters(&state.reloader.gateway().metrics.registry)}))
-        .into_response()
+    let snapshot = state.reloader.gateway().snapshot();
+    let instances: Vec<Value> = snapshot
+        .plugins
+        .instances()
+        .into_iter()
+        .map(|i| {
+            let m = i.manifest();
+            json!({
+                "name": i.name(),
+                "plugin": m.name,
+                "version": m.version,
+                "hooks": m.hooks.iter().map(|h| h.as_str()).collect::<Vec<_>>(),
+                "admin": m.hooks.admin,
+            })
+        })
+        .collect();
+    axum::Json(json!({
+        "plugins": plugin_counters(&state.reloader.gateway().metrics.registry),
+        "instances": instances,
+    }))
+    .into_response()
 }
 
 /// Per-plugin counters read from the Prometheus registry: failures by kind

@@ -261,6 +261,14 @@ pub struct UsageArgs {
     /// Connection.
     #[command(flatten)]
     pub admin: AdminArgs,
+    /// The budget plugin instance that keeps the spend (default: the one instance of the
+    /// `budget` plugin in the serving config).
+    #[arg(long, env = "WEIR_USAGE_PLUGIN")]
+    pub plugin: Option<String>,
+    /// The auth plugin instance whose key names and budgets are shown beside keys
+    /// (default: the one instance of `auth`, if any).
+    #[arg(long, env = "WEIR_KEYS_PLUGIN")]
+    pub keys_plugin: Option<String>,
     /// Only one key (by id).
     #[arg(long, conflicts_with = "tenant")]
     pub key: Option<String>,
@@ -305,14 +313,44 @@ async fn execute(args: UsageArgs) -> Result<(), String> {
     if let Some(p) = &args.period_id {
         params.push(format!("period_id={}", urlencode(p)));
     }
+    let http = AdminHttp::new(&args.admin)?;
+    let base = http.plugin_base("budget", args.plugin.as_deref()).await?;
     let path = if params.is_empty() {
-        "/admin/usage".to_owned()
+        format!("{base}/usage")
     } else {
-        format!("/admin/usage?{}", params.join("&"))
+        format!("{base}/usage?{}", params.join("&"))
     };
-    let v = AdminHttp::new(&args.admin)?
-        .call(reqwest::Method::GET, &path, None)
-        .await?;
+    let mut v = http.call(reqwest::Method::GET, &path, None).await?;
+    // Names and budgets of keys are the auth plugin's: joined here, best effort.
+    if let Ok(keys_base) = http.plugin_base("auth", args.keys_plugin.as_deref()).await
+        && let Ok(keys) = http
+            .call(
+                reqwest::Method::GET,
+                &format!("{keys_base}/keys?limit=100000&include_revoked=true"),
+                None,
+            )
+            .await
+        && let Some(lines) = v["usage"].as_array_mut()
+    {
+        for line in lines.iter_mut().filter(|l| l["scope"] == "key") {
+            let key = keys["keys"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|k| k["id"] == line["id"]);
+            if let Some(k) = key {
+                line["name"] = k["name"].clone();
+                if !k["budget_usd"].is_null() {
+                    line["budget_usd"] = k["budget_usd"].clone();
+                    line["budget_period"] = k
+                        .get("budget_period")
+                        .cloned()
+                        .filter(|p| !p.is_null())
+                        .unwrap_or_else(|| serde_json::Value::String("month".into()));
+                }
+            }
+        }
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
         return Ok(());
