@@ -937,6 +937,24 @@ pub trait HostApi: Send + Sync {
         let _ = model;
         None
     }
+    /// `len` (at most [`MAX_RANDOM_BYTES`]) bytes from the OS's secure random source.
+    fn random_bytes(&self, len: usize) -> Result<Vec<u8>, String> {
+        secure_random(len)
+    }
+}
+
+/// Most bytes one `random-bytes` call returns.
+pub const MAX_RANDOM_BYTES: usize = 4096;
+
+/// `len` bytes from the operating system's secure random source (at most
+/// [`MAX_RANDOM_BYTES`]).
+pub fn secure_random(len: usize) -> Result<Vec<u8>, String> {
+    if len > MAX_RANDOM_BYTES {
+        return Err(format!("at most {MAX_RANDOM_BYTES} random bytes per call"));
+    }
+    let mut out = vec![0u8; len];
+    getrandom::fill(&mut out).map_err(|e| format!("random source: {e}"))?;
+    Ok(out)
 }
 
 /// Wall-clock milliseconds since the Unix epoch (0 if the clock is before it).

@@ -237,10 +237,16 @@ impl Limits {
             Hook::Init => self.init_deadline,
             Hook::OnResponseChunk => self.chunk_deadline,
             Hook::OnRequest | Hook::OnResponse => self.deadline,
-            Hook::OnLog | Hook::Admin => self.log_deadline,
+            Hook::OnLog => self.log_deadline,
+            // Operators' calls (listing thousands of keys) get room; they are not on any
+            // request's path.
+            Hook::Admin => self.log_deadline.max(ADMIN_DEADLINE),
         }
     }
 }
+
+/// The least deadline of an `admin` call.
+pub const ADMIN_DEADLINE: Duration = Duration::from_secs(2);
 
 /// The set of hooks a plugin declares.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

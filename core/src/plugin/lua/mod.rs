@@ -689,6 +689,14 @@ fn install_weir(lua: &Lua, shared: &Shared, deadline: &Arc<Deadline>) -> mlua::R
         })?,
     )?;
 
+    let host = shared.host.clone();
+    weir.raw_set(
+        "random_bytes",
+        lua.create_function(move |lua, len: usize| {
+            let bytes = host.random_bytes(len).map_err(host_err)?;
+            lua.create_string(bytes)
+        })?,
+    )?;
     weir.raw_set(
         "sha256",
         lua.create_function(|lua, data: LuaString| {

@@ -156,7 +156,8 @@ impl WasmLimits {
             Hook::Init => self.init_deadline,
             Hook::OnRequest | Hook::OnResponse => self.request_deadline,
             Hook::OnResponseChunk => self.chunk_deadline,
-            Hook::OnLog | Hook::Admin => self.log_deadline,
+            Hook::OnLog => self.log_deadline,
+            Hook::Admin => self.log_deadline.max(crate::plugin::manifest::ADMIN_DEADLINE),
         }
     }
 }

@@ -295,6 +295,13 @@ impl host::Host for StoreState {
         })
     }
 
+    fn random_bytes(&mut self, len: u32) -> Vec<u8> {
+        // A refused length (over 4096) yields nothing rather than a trap.
+        self.host
+            .random_bytes(usize::try_from(len).unwrap_or(usize::MAX))
+            .unwrap_or_default()
+    }
+
     fn sha256(&mut self, data: Vec<u8>) -> Vec<u8> {
         use sha2::Digest;
         sha2::Sha256::digest(&data).to_vec()
