@@ -45,8 +45,8 @@ const FLOOR_KEY: &str = "meta/floor";
 pub struct PluginDecision {
     /// Plugin instance name.
     pub plugin: String,
-    /// `continue`, `reply:<status>`, `failed:<kind>`, `skipped`; shadow instances prefix
-    /// theirs with `shadow:`.
+    /// `continue`, `reply_<status>`, `failure_<kind>`; shadow instances prefix theirs with
+    /// `shadow_` (the plugin contract's `plugin-decision`).
     pub decision: String,
 }
 
@@ -59,10 +59,11 @@ pub struct Record {
     pub time_ms: u64,
     /// The request id (`x-request-id`).
     pub request_id: String,
-    /// Name of the API key that made the request, when an auth plugin set one.
+    /// Id of the API key that made the request (request metadata `key`), when an auth
+    /// plugin set one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
-    /// Tenant, when a plugin set one.
+    /// Tenant (request metadata `tenant`), when a plugin set one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tenant: Option<String>,
     /// The model the client asked for.
@@ -79,7 +80,7 @@ pub struct Record {
     pub tokens_in: u64,
     /// Completion tokens reported by the upstream.
     pub tokens_out: u64,
-    /// Cost in US dollars, when pricing is known.
+    /// Cost in US dollars from the `[prices]` table and the usage, when both are known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cost_usd: Option<f64>,
     /// Receipt to last byte, ms.
@@ -96,9 +97,12 @@ pub struct Record {
     pub error: Option<String>,
     /// The config generation that served the request.
     pub generation: u64,
-    /// Plugins' decisions, in chain order.
+    /// Every upstream attempt in order (retries and fallbacks), the serving one last.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub plugins: Vec<PluginDecision>,
+    pub attempts: Vec<crate::pipeline::upstream::AttemptRecord>,
+    /// Plugins' decisions, in chain order.
+    #[serde(default, alias = "plugins", skip_serializing_if = "Vec::is_empty")]
+    pub decisions: Vec<PluginDecision>,
 }
 
 /// Per-request fields the pipeline fills in as it learns them (everything a [`Record`]
@@ -109,14 +113,8 @@ pub struct Details {
     pub request_id: String,
     /// The upstream model that answered.
     pub target_model: Option<String>,
-    /// API key name (from a plugin's metadata).
-    pub key: Option<String>,
-    /// Tenant (from a plugin's metadata).
-    pub tenant: Option<String>,
     /// The generation of the snapshot serving the request.
     pub generation: u64,
-    /// Plugins' decisions.
-    pub plugins: Vec<PluginDecision>,
 }
 
 /// The request path's end of the log: a non-blocking, possibly absent, sender.
@@ -371,7 +369,8 @@ mod tests {
             outcome: "served".into(),
             error: None,
             generation: 1,
-            plugins: Vec::new(),
+            attempts: Vec::new(),
+            decisions: Vec::new(),
         }
     }
 
@@ -423,6 +422,54 @@ mod tests {
         tx2.send(record("after")).unwrap();
         wait_for(&log2, 26);
         assert_eq!(log2.query(None, 1).unwrap()[0].model, "after");
+    }
+
+    #[test]
+    fn record_fields_round_trip_and_old_records_still_read() {
+        let mut r = record("m");
+        r.key = Some("key_1".into());
+        r.tenant = Some("acme".into());
+        r.cost_usd = Some(0.0000123);
+        r.attempts = vec![
+            crate::pipeline::upstream::AttemptRecord {
+                provider: "primary".into(),
+                target_model: "p-model".into(),
+                status: 500,
+                latency_ms: 3,
+                error: Some("status".into()),
+            },
+            crate::pipeline::upstream::AttemptRecord {
+                provider: "secondary".into(),
+                target_model: "s-model".into(),
+                status: 200,
+                latency_ms: 5,
+                error: None,
+            },
+        ];
+        r.decisions = vec![PluginDecision {
+            plugin: "auth".into(),
+            decision: "continue".into(),
+        }];
+        let json: serde_json::Value = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["key"], "key_1");
+        assert_eq!(json["tenant"], "acme");
+        assert_eq!(json["cost_usd"], 0.0000123);
+        assert_eq!(json["attempts"][0]["status"], 500);
+        assert_eq!(json["attempts"][0]["error"], "status");
+        assert!(json["attempts"][1].get("error").is_none());
+        assert_eq!(json["decisions"][0]["plugin"], "auth");
+        assert_eq!(serde_json::from_value::<Record>(json).unwrap(), r);
+        // Records written before `attempts` and `decisions` existed (decisions were `plugins`).
+        let mut old = serde_json::to_value(record("m")).unwrap();
+        old["plugins"] = serde_json::json!([{"plugin": "cache", "decision": "skipped"}]);
+        let read: Record = serde_json::from_value(old).unwrap();
+        assert!(read.attempts.is_empty());
+        assert_eq!(read.decisions[0].plugin, "cache");
+        // Absent fields stay absent.
+        let plain = serde_json::to_value(record("m")).unwrap();
+        for field in ["key", "tenant", "cost_usd", "attempts", "decisions"] {
+            assert!(plain.get(field).is_none(), "{field} in {plain}");
+        }
     }
 
     #[test]

@@ -28,4 +28,5 @@ mod policy_rate_limit;
 mod policy_redaction;
 mod policy_routing;
 mod reload;
+mod request_log;
 mod streaming;

@@ -38,6 +38,10 @@ pub struct FileConfig {
     /// `[state]`: where plugin key-value state is kept (sled).
     #[serde(default)]
     pub state: crate::state::StateConfig,
+    /// `[prices.MODEL]`: USD per 1M tokens per model (client-facing or upstream name, `"*"`
+    /// for any other), for the request log's `cost_usd` and for plugins.
+    #[serde(default)]
+    pub prices: BTreeMap<String, crate::prices::PriceConfig>,
 }
 
 /// `[server]`.

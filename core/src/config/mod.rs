@@ -214,6 +214,8 @@ pub struct Config {
     pub admin: Admin,
     /// Hot reload.
     pub reload: Reload,
+    /// The `[prices]` table (shared by the requests of this snapshot and its plugins).
+    pub prices: Arc<crate::prices::Prices>,
     /// The file shape, kept for subsystems that read their own sections (plugins).
     pub file: FileConfig,
     /// Non-fatal findings (disabled providers, unserved models), logged once logging is up.
@@ -283,6 +285,9 @@ impl Config {
             debounce: Duration::from_millis(file.reload.debounce_ms),
             keep_generations: file.reload.keep_generations,
         };
+        let prices = crate::prices::Prices::from_config(&file.prices).map_err(
+            |crate::prices::PricesError::Invalid { key, reason }| ConfigError::invalid(key, reason),
+        )?;
         let mut warnings = Vec::new();
         let mut providers = HashMap::new();
         for (name, spec) in &file.providers {
@@ -377,8 +382,61 @@ impl Config {
             model_order,
             admin,
             reload,
+            prices: Arc::new(prices),
             file,
             warnings,
         })
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = "[providers.local]\nkind = \"mock\"\n\n[[models]]\nname = \"m\"\ntargets = [{ provider = \"local\", model = \"mock-1\" }]\n";
+
+    fn load(extra: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(Path::new("weir.toml"), &format!("{BASE}\n{extra}"))
+    }
+
+    #[test]
+    fn prices_table_is_loaded_with_defaults() {
+        let cfg = load(
+            "[prices.\"gpt-4o-mini\"]\ninput = 0.15\noutput = 0.60\ncached_input = 0.075\ncache_write = 0.1875\n\n[prices.m]\ninput = 1\noutput = 4\n",
+        )
+        .unwrap();
+        let mini = cfg.prices.get("gpt-4o-mini").unwrap();
+        assert_eq!((mini.cached_input, mini.cache_write), (0.075, 0.1875));
+        let m = cfg.prices.get("m").unwrap();
+        assert_eq!(
+            (m.input, m.output, m.cached_input, m.cache_write),
+            (1.0, 4.0, 1.0, 1.0)
+        );
+        assert!(load("").unwrap().prices.is_empty());
+    }
+
+    #[test]
+    fn invalid_prices_name_the_file_and_key() {
+        let err = load("[prices.m]\ninput = -0.1\noutput = 1\n").unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("weir.toml: prices.m.input: -0.1 is not a price"),
+            "{err}"
+        );
+        let err = load("[prices.\"gpt-4.1\"]\ninput = 1\noutput = nan\n").unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("weir.toml: prices.\"gpt-4.1\".output: NaN is not a price"),
+            "{err}"
+        );
+        let err = load("[prices.m]\ninput = 1\noutput = 1\ncached = 0.5\n").unwrap_err();
+        let ConfigError::Invalid { key, reason, .. } = &err else {
+            panic!("{err}")
+        };
+        assert_eq!(key, "prices.m.cached");
+        assert!(reason.contains("unknown field `cached`"), "{err}");
+        let err = load("[prices.m]\noutput = 1\n").unwrap_err();
+        assert!(err.to_string().contains("missing field `input`"), "{err}");
     }
 }

@@ -39,7 +39,7 @@ use http::{HeaderValue, StatusCode, header};
 pub use crate::request::{Dialect, RequestCtx};
 pub use error::GatewayError;
 use stream::{ChunkStream, StreamItem};
-use upstream::{Answer, Served, Upstream};
+use upstream::{Answer, AttemptRecord, OpenAttempt, Served, Upstream};
 
 use crate::api::anthropic::MessagesStreamEncoder;
 use crate::api::openai::{ChatChunk, StreamOptions, Usage};
@@ -59,6 +59,8 @@ pub struct Services {
     pub state: Arc<dyn StateStore>,
     /// `weir_plugin_*` metrics.
     pub plugin_metrics: PluginMetrics,
+    /// Latency, error rate and in-flight attempts per upstream target, fed by every attempt.
+    pub target_stats: Arc<crate::targets::TargetStats>,
 }
 
 impl Services {
@@ -69,6 +71,7 @@ impl Services {
         Ok(Services {
             state,
             plugin_metrics,
+            target_stats: Default::default(),
         })
     }
 
@@ -79,6 +82,7 @@ impl Services {
         Ok(Services {
             state,
             plugin_metrics,
+            target_stats: Default::default(),
         })
     }
 }
@@ -222,6 +226,12 @@ struct Accounting {
     decisions: Vec<crate::plugin::contract::PluginDecision>,
     /// The upstream model that answered.
     target_model: String,
+    /// Every upstream attempt, in order (retries and fallbacks included).
+    attempts: Vec<AttemptRecord>,
+    /// A served stream's attempt, finished in the target statistics when the request ends.
+    open_attempt: Option<OpenAttempt>,
+    /// The price table of the snapshot serving the request, for `cost_usd`.
+    prices: Option<Arc<crate::prices::Prices>>,
 }
 
 impl Accounting {
@@ -245,6 +255,9 @@ impl Accounting {
             scratch: Default::default(),
             decisions: Vec::new(),
             target_model: String::new(),
+            attempts: Vec::new(),
+            open_attempt: None,
+            prices: None,
         }
     }
 
@@ -259,6 +272,30 @@ impl Accounting {
         }
     }
 
+    /// The served stream broke after its first event: its attempt failed after all.
+    fn stream_broke(&mut self) {
+        if self.open_attempt.is_some()
+            && let Some(last) = self.attempts.last_mut()
+        {
+            last.error = Some(upstream::STREAM_BROKEN.to_owned());
+        }
+    }
+
+    /// The request's cost from its usage and the snapshot's prices, when both are known.
+    fn cost_usd(&self) -> Option<f64> {
+        let u = self.usage?;
+        let cached = u.prompt_tokens_details.map_or(0, |d| d.cached_tokens);
+        // Usage does not carry cache writes apart (they are counted as prompt tokens).
+        self.prices.as_ref()?.cost_usd(
+            &self.model,
+            self.log.target_model.as_deref().unwrap_or_default(),
+            u.prompt_tokens,
+            u.completion_tokens,
+            cached,
+            0,
+        )
+    }
+
     fn failed(&mut self, e: &GatewayError) {
         self.status = e.status();
         self.error = Some(e.reason());
@@ -268,6 +305,10 @@ impl Accounting {
 
 impl Drop for Accounting {
     fn drop(&mut self) {
+        if let Some(open) = self.open_attempt.take() {
+            let broke = self.attempts.last().is_some_and(|a| a.error.is_some());
+            open.finish(!broke);
+        }
         let m = &self.gw.metrics;
         let elapsed = self.started.elapsed();
         let provider = if self.provider.is_empty() {
@@ -348,6 +389,10 @@ impl Drop for Accounting {
                 "Request served."
             );
         }
+        let cost_usd = self.cost_usd();
+        // Set by the auth plugin (`key` is the key id); read before `on_log` takes the bag.
+        let key = self.metadata.get("key").cloned();
+        let tenant = self.metadata.get("tenant").cloned();
         if let Some(chain) = self.log_chain.take() {
             let entry = LogEntry {
                 request_id: self.log.request_id.clone(),
@@ -370,9 +415,19 @@ impl Drop for Accounting {
                     .first_token
                     .map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
                 metadata: std::mem::take(&mut self.metadata).into_iter().collect(),
-                attempts: Vec::new(),
+                attempts: self
+                    .attempts
+                    .iter()
+                    .map(|a| crate::plugin::contract::Attempt {
+                        provider: a.provider.clone(),
+                        target_model: a.target_model.clone(),
+                        status: a.status,
+                        latency_ms: a.latency_ms,
+                        error: a.error.clone(),
+                    })
+                    .collect(),
                 decisions: self.decisions.clone(),
-                cost_usd: None,
+                cost_usd,
             };
             // Off the hot path: the response is already on its way.
             self.gw
@@ -383,15 +438,15 @@ impl Drop for Accounting {
             seq: 0,
             time_ms: crate::requestlog::now_ms(),
             request_id: std::mem::take(&mut self.log.request_id),
-            key: self.log.key.take(),
-            tenant: self.log.tenant.take(),
+            key,
+            tenant,
             model: std::mem::take(&mut self.model),
             provider: (!self.provider.is_empty()).then(|| std::mem::take(&mut self.provider)),
             target_model: self.log.target_model.take(),
             status: self.status.as_u16(),
             tokens_in,
             tokens_out,
-            cost_usd: None,
+            cost_usd,
             latency_ms,
             ttft_ms: self.first_token.map(|t| t.as_secs_f64() * 1000.0),
             stream: self.stream,
@@ -403,7 +458,14 @@ impl Drop for Accounting {
             .to_owned(),
             error: self.error.map(str::to_owned),
             generation: self.log.generation,
-            plugins: std::mem::take(&mut self.log.plugins),
+            attempts: std::mem::take(&mut self.attempts),
+            decisions: std::mem::take(&mut self.decisions)
+                .into_iter()
+                .map(|d| crate::requestlog::PluginDecision {
+                    plugin: d.plugin,
+                    decision: d.decision,
+                })
+                .collect(),
         });
     }
 }
@@ -468,6 +530,7 @@ pub async fn chat(gw: &Arc<Gateway>, mut ctx: RequestCtx) -> Response {
     let mut acct = Accounting::new(gw, ctx.started, &client_model);
     acct.log.request_id.clone_from(&ctx.request_id);
     acct.log.generation = snap.generation;
+    acct.prices = Some(snap.config.prices.clone());
     let (chain, targets) = match admit(&snap, &mut ctx, &mut acct) {
         Ok(v) => v,
         Err(resp) => return *resp,
@@ -494,6 +557,7 @@ pub async fn chat(gw: &Arc<Gateway>, mut ctx: RequestCtx) -> Response {
         clients: &snap.clients,
         retry: snap.config.retry,
         metrics: &gw.metrics,
+        stats: &snap.services.target_stats,
     };
     // Forward the upstream answer (body or chunks) untouched only when the client speaks the
     // same dialect and no plugin needs to see or change it.
@@ -504,7 +568,13 @@ pub async fn chat(gw: &Arc<Gateway>, mut ctx: RequestCtx) -> Response {
             !chain.wants_response()
         };
     let served = match up
-        .chat(req, ctx.client_body.as_deref(), &targets, passthrough_ok)
+        .chat(
+            req,
+            ctx.client_body.as_deref(),
+            &targets,
+            passthrough_ok,
+            &mut acct.attempts,
+        )
         .await
     {
         Ok(s) => s,
@@ -518,7 +588,9 @@ pub async fn chat(gw: &Arc<Gateway>, mut ctx: RequestCtx) -> Response {
         answer,
         upstream_time,
         attempts,
+        open,
     } = served;
+    acct.open_attempt = open;
     acct.provider.clone_from(&target.provider.name);
     acct.log.target_model = Some(target.model.clone());
     acct.target_model.clone_from(&target.model);
@@ -655,6 +727,7 @@ pub async fn embeddings(gw: &Arc<Gateway>, mut ctx: RequestCtx) -> Response {
     let mut acct = Accounting::new(gw, ctx.started, &client_model);
     acct.log.request_id.clone_from(&ctx.request_id);
     acct.log.generation = snap.generation;
+    acct.prices = Some(snap.config.prices.clone());
     let (_chain, targets) = match admit(&snap, &mut ctx, &mut acct) {
         Ok(v) => v,
         Err(resp) => return *resp,
@@ -671,8 +744,9 @@ pub async fn embeddings(gw: &Arc<Gateway>, mut ctx: RequestCtx) -> Response {
         clients: &snap.clients,
         retry: snap.config.retry,
         metrics: &gw.metrics,
+        stats: &snap.services.target_stats,
     };
-    match up.embeddings(req, &targets).await {
+    match up.embeddings(req, &targets, &mut acct.attempts).await {
         Ok(Served {
             target,
             answer: Answer::Json(resp),
@@ -773,6 +847,7 @@ impl SseBody {
                 Some(Ok(item)) => self.encode(item),
                 Some(Err(e)) => {
                     tracing::warn!(error = %e, "Upstream stream failed after it started; ending it with an error event.");
+                    self.acct.stream_broke();
                     self.end_with_error(e);
                 }
                 None => {

@@ -5,11 +5,17 @@
 //! only **before the first byte reaches the client**. For streams that means the first event
 //! is read here, before the response is committed; after that, a failure ends the stream with
 //! an error event instead.
+//!
+//! Every attempt (each retry and each fallback) is recorded twice: as an [`AttemptRecord`]
+//! in the request's list (the request log's `attempts`), and as a sample in the process-wide
+//! [`TargetStats`]. A served stream's attempt stays in flight until the stream ends
+//! ([`OpenAttempt`]).
 
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::StatusCode;
+use serde::{Deserialize, Serialize};
 use tokio::time::timeout_at;
 
 use super::client::{self, HttpClient, HttpError};
@@ -18,14 +24,54 @@ use super::stream::ChunkStream;
 use crate::api::openai::{ChatRequest, ChatResponse, EmbeddingsRequest, EmbeddingsResponse};
 use crate::config::{ProviderEntry, Retry, Target};
 use crate::provider::{Provider, ProviderError, ProviderImpl, UpstreamRequest};
+use crate::targets::{InFlight, TargetStats};
 use crate::telemetry::Metrics;
 
 /// Largest upstream error body read for its message.
 const MAX_ERROR_BODY: usize = 64 * 1024;
 
+/// One upstream attempt of a request, as the request log keeps it. Never holds an upstream
+/// message (it may quote the prompt): only names, numbers and a short error kind.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttemptRecord {
+    /// Provider name (`[providers.NAME]`).
+    pub provider: String,
+    /// The upstream model name sent.
+    pub target_model: String,
+    /// The upstream's HTTP status; 0 when no response arrived (200 for the mock).
+    pub status: u16,
+    /// Start of the attempt to its first byte (success) or to its failure, ms.
+    pub latency_ms: u64,
+    /// Why the attempt failed: `connect`, `timeout`, `status`, `body`, `invalid_response`,
+    /// `stream` (broken before the first event, or after it on the served attempt),
+    /// `unsupported`, `internal`. `None` for the attempt that served.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The error kind of a stream that broke after the response was committed.
+pub const STREAM_BROKEN: &str = "stream";
+
+/// The served attempt of a stream, still in flight: the target's statistics get its outcome
+/// when the stream ends. Dropping it without [`OpenAttempt::finish`] records nothing.
+#[derive(Debug)]
+pub struct OpenAttempt {
+    in_flight: InFlight,
+    first_byte: Duration,
+}
+
+impl OpenAttempt {
+    /// Ends the attempt: `ok` is false when the stream broke after its first event.
+    pub fn finish(self, ok: bool) {
+        self.in_flight.finish(self.first_byte, ok);
+    }
+}
+
 /// One failed attempt and whether another attempt may help.
 struct AttemptError {
     error: GatewayError,
+    /// Short kind for the attempt record (see [`AttemptRecord::error`]).
+    kind: &'static str,
     /// Retry the same target (after backoff).
     retry_same: bool,
     /// Try the next target.
@@ -33,27 +79,66 @@ struct AttemptError {
 }
 
 impl AttemptError {
-    fn retryable(error: GatewayError) -> Self {
+    fn retryable(kind: &'static str, error: GatewayError) -> Self {
         AttemptError {
             error,
+            kind,
             retry_same: true,
             fall_back: true,
         }
     }
-    fn next_target(error: GatewayError) -> Self {
+    fn next_target(kind: &'static str, error: GatewayError) -> Self {
         AttemptError {
             error,
+            kind,
             retry_same: false,
             fall_back: true,
         }
     }
-    fn fatal(error: GatewayError) -> Self {
+    fn fatal(kind: &'static str, error: GatewayError) -> Self {
         AttemptError {
             error,
+            kind,
             retry_same: false,
             fall_back: false,
         }
     }
+
+    /// Whether the failure says something about the target's health. Not when no request
+    /// left the gateway, nor when the upstream refused the request itself (400, 413, 422):
+    /// one caller's bad requests must not make a target look unhealthy for everyone.
+    fn blames_target(&self, status: u16) -> bool {
+        !matches!(self.kind, "unsupported" | "internal") && !matches!(status, 400 | 413 | 422)
+    }
+}
+
+/// What one attempt observed, filled in as it goes.
+struct Trace {
+    started: Instant,
+    /// The upstream's status, 0 until a response arrived.
+    status: u16,
+    /// Start to response headers (JSON) or to the first stream event.
+    first_byte: Option<Duration>,
+}
+
+impl Trace {
+    fn start() -> Self {
+        Trace {
+            started: Instant::now(),
+            status: 0,
+            first_byte: None,
+        }
+    }
+
+    fn first_byte(&mut self, status: u16) {
+        self.status = status;
+        self.first_byte = Some(self.started.elapsed());
+    }
+}
+
+/// Converts a duration to whole ms, saturating.
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// What an upstream answered, ready for encoding.
@@ -83,6 +168,8 @@ pub struct Served<T> {
     pub upstream_time: Duration,
     /// Attempts made, the successful one included.
     pub attempts: u32,
+    /// A stream's attempt, in flight until the stream ends (`None` for JSON answers).
+    pub open: Option<OpenAttempt>,
 }
 
 /// The upstream side of the pipeline: shared HTTP clients and the retry policy.
@@ -93,18 +180,21 @@ pub struct Upstream<'a> {
     pub retry: Retry,
     /// Metrics.
     pub metrics: &'a Metrics,
+    /// Per-target statistics every attempt feeds.
+    pub stats: &'a TargetStats,
 }
 
 impl Upstream<'_> {
     /// Runs a chat request over `targets` in order. `req.model` is rewritten per target.
     /// `client_body` is the client's own bytes of `req` when no plugin changed it (see
-    /// [`crate::pipeline::RequestCtx::client_body`]).
+    /// [`crate::pipeline::RequestCtx::client_body`]). Each attempt is appended to `log`.
     pub async fn chat(
         &self,
         req: &mut ChatRequest,
         client_body: Option<&[u8]>,
         targets: &[Target],
         passthrough_ok: bool,
+        log: &mut Vec<AttemptRecord>,
     ) -> Result<Served<ChatResponse>, GatewayError> {
         let started = Instant::now();
         let mut attempts = 0;
@@ -116,8 +206,10 @@ impl Upstream<'_> {
                     tokio::time::sleep(self.backoff(attempt)).await;
                 }
                 attempts += 1;
+                let in_flight = self.stats.start(&target.provider.name, &target.model);
+                let mut trace = Trace::start();
                 let result = self
-                    .chat_once(req, client_body, target, passthrough_ok)
+                    .chat_once(req, client_body, target, passthrough_ok, &mut trace)
                     .await;
                 let outcome = match &result {
                     Ok(_) => "ok",
@@ -130,11 +222,14 @@ impl Upstream<'_> {
                 match result {
                     Ok(answer) => {
                         let upstream_time = started.elapsed();
+                        let stream = matches!(answer, Answer::Stream(_));
+                        let open = settle(target, &trace, None, in_flight, stream, log);
                         return Ok(Served {
                             target: target.clone(),
                             answer,
                             upstream_time,
                             attempts,
+                            open,
                         });
                     }
                     Err(e) => {
@@ -143,8 +238,10 @@ impl Upstream<'_> {
                             model = %target.model,
                             attempt = attempt + 1,
                             error = %e.error,
+                            kind = e.kind,
                             "Upstream attempt failed."
                         );
+                        settle(target, &trace, Some(&e), in_flight, false, log);
                         let (retry_same, fall_back) = (e.retry_same, e.fall_back);
                         last = Some(e.error);
                         if !fall_back {
@@ -162,11 +259,12 @@ impl Upstream<'_> {
         Err(last.unwrap_or_else(|| GatewayError::Internal("model has no targets".into())))
     }
 
-    /// Runs an embeddings request over `targets` in order.
+    /// Runs an embeddings request over `targets` in order. Each attempt is appended to `log`.
     pub async fn embeddings(
         &self,
         req: &mut EmbeddingsRequest,
         targets: &[Target],
+        log: &mut Vec<AttemptRecord>,
     ) -> Result<Served<EmbeddingsResponse>, GatewayError> {
         let started = Instant::now();
         let mut attempts = 0;
@@ -178,7 +276,9 @@ impl Upstream<'_> {
                     tokio::time::sleep(self.backoff(attempt)).await;
                 }
                 attempts += 1;
-                let result = self.embeddings_once(req, target).await;
+                let in_flight = self.stats.start(&target.provider.name, &target.model);
+                let mut trace = Trace::start();
+                let result = self.embeddings_once(req, target, &mut trace).await;
                 let outcome = match &result {
                     Ok(_) => "ok",
                     Err(e) => e.error.reason(),
@@ -189,15 +289,18 @@ impl Upstream<'_> {
                     .inc();
                 match result {
                     Ok(resp) => {
+                        settle(target, &trace, None, in_flight, false, log);
                         return Ok(Served {
                             target: target.clone(),
                             answer: Answer::Json(resp),
                             upstream_time: started.elapsed(),
                             attempts,
+                            open: None,
                         });
                     }
                     Err(e) => {
-                        tracing::warn!(provider = %target.provider.name, error = %e.error, "Upstream attempt failed.");
+                        tracing::warn!(provider = %target.provider.name, error = %e.error, kind = e.kind, "Upstream attempt failed.");
+                        settle(target, &trace, Some(&e), in_flight, false, log);
                         let (retry_same, fall_back) = (e.retry_same, e.fall_back);
                         last = Some(e.error);
                         if !fall_back {
@@ -229,12 +332,15 @@ impl Upstream<'_> {
         client_body: Option<&[u8]>,
         target: &Target,
         passthrough_ok: bool,
+        trace: &mut Trace,
     ) -> Result<Answer<ChatResponse>, AttemptError> {
         let entry = &target.provider;
         let provider = match &entry.imp {
             ProviderImpl::Mock(mock) => {
                 let latency = mock.latency();
                 if req.stream {
+                    // The mock's latency is slept before its first chunk, after this point.
+                    trace.first_byte(200);
                     return Ok(Answer::Stream(Box::new(ChunkStream::mock(
                         mock.stream(req, &target.model),
                         latency,
@@ -243,6 +349,7 @@ impl Upstream<'_> {
                 if !latency.is_zero() {
                     tokio::time::sleep(latency).await;
                 }
+                trace.first_byte(200);
                 return Ok(Answer::Json(mock.chat(req, &target.model)));
             }
             ProviderImpl::Http(p) => p.as_ref(),
@@ -252,7 +359,7 @@ impl Upstream<'_> {
             .unwrap_or_else(|| provider.chat_request(req, &target.model))
             .map_err(|e| translate_error(entry, e))?;
         let deadline = Instant::now() + entry.timeouts.total;
-        let resp = self.send(entry, provider, up, deadline).await?;
+        let resp = self.send(entry, provider, up, deadline, trace).await?;
         if req.stream {
             let passthrough = passthrough_ok && provider.passthrough_stream();
             let mut stream = ChunkStream::http(
@@ -266,12 +373,25 @@ impl Upstream<'_> {
             // Read the first item before committing to this target.
             let first_deadline = (Instant::now() + entry.timeouts.first_byte).min(deadline);
             match timeout_at(first_deadline.into(), stream.prefetch()).await {
-                Err(_) => Err(AttemptError::retryable(GatewayError::UpstreamTimeout {
-                    provider: entry.name.clone(),
-                    phase: "first byte",
-                })),
-                Ok(Err(e)) => Err(AttemptError::retryable(e)),
-                Ok(Ok(())) => Ok(Answer::Stream(Box::new(stream))),
+                Err(_) => Err(AttemptError::retryable(
+                    "timeout",
+                    GatewayError::UpstreamTimeout {
+                        provider: entry.name.clone(),
+                        phase: "first byte",
+                    },
+                )),
+                Ok(Err(e)) => {
+                    let kind = match e {
+                        GatewayError::UpstreamTimeout { .. } => "timeout",
+                        _ => STREAM_BROKEN,
+                    };
+                    Err(AttemptError::retryable(kind, e))
+                }
+                Ok(Ok(())) => {
+                    // The first event is the stream's first byte.
+                    trace.first_byte(trace.status);
+                    Ok(Answer::Stream(Box::new(stream)))
+                }
             }
         } else {
             let body = read_body(entry, resp, deadline).await?;
@@ -292,17 +412,21 @@ impl Upstream<'_> {
         &self,
         req: &EmbeddingsRequest,
         target: &Target,
+        trace: &mut Trace,
     ) -> Result<EmbeddingsResponse, AttemptError> {
         let entry = &target.provider;
         let provider = match &entry.imp {
-            ProviderImpl::Mock(mock) => return Ok(mock.embeddings(req, &target.model)),
+            ProviderImpl::Mock(mock) => {
+                trace.first_byte(200);
+                return Ok(mock.embeddings(req, &target.model));
+            }
             ProviderImpl::Http(p) => p.as_ref(),
         };
         let up = provider
             .embeddings_request(req, &target.model)
             .map_err(|e| translate_error(entry, e))?;
         let deadline = Instant::now() + entry.timeouts.total;
-        let resp = self.send(entry, provider, up, deadline).await?;
+        let resp = self.send(entry, provider, up, deadline, trace).await?;
         let body = read_body(entry, resp, deadline).await?;
         provider
             .embeddings_response(&body, &target.model)
@@ -316,26 +440,34 @@ impl Upstream<'_> {
         provider: &dyn Provider,
         up: UpstreamRequest,
         deadline: Instant,
+        trace: &mut Trace,
     ) -> Result<http::Response<hyper::body::Incoming>, AttemptError> {
         let client = self.clients.get(&entry.name).ok_or_else(|| {
-            AttemptError::fatal(GatewayError::Internal(format!(
-                "no HTTP client for provider {}",
-                entry.name
-            )))
+            AttemptError::fatal(
+                "internal",
+                GatewayError::Internal(format!("no HTTP client for provider {}", entry.name)),
+            )
         })?;
         let first_deadline = (Instant::now() + entry.timeouts.first_byte).min(deadline);
         let send = client.post(&up.url, up.headers, up.body);
         let resp = match timeout_at(first_deadline.into(), send).await {
             Err(_) => {
-                return Err(AttemptError::retryable(GatewayError::UpstreamTimeout {
-                    provider: entry.name.clone(),
-                    phase: "first byte",
-                }));
+                return Err(AttemptError::retryable(
+                    "timeout",
+                    GatewayError::UpstreamTimeout {
+                        provider: entry.name.clone(),
+                        phase: "first byte",
+                    },
+                ));
             }
-            Ok(Err(e)) => return Err(AttemptError::retryable(request_error(entry, &e))),
+            Ok(Err(e)) => {
+                let kind = if e.is_timeout() { "timeout" } else { "connect" };
+                return Err(AttemptError::retryable(kind, request_error(entry, &e)));
+            }
             Ok(Ok(r)) => r,
         };
         let status = resp.status();
+        trace.first_byte(status.as_u16());
         if status.is_success() {
             return Ok(resp);
         }
@@ -347,10 +479,13 @@ impl Upstream<'_> {
             || status == StatusCode::REQUEST_TIMEOUT
             || status.is_server_error();
         if status.is_server_error() {
-            return Err(AttemptError::retryable(GatewayError::UpstreamFailed {
-                provider: entry.name.clone(),
-                reason: format!("status {}: {message}", status.as_u16()),
-            }));
+            return Err(AttemptError::retryable(
+                "status",
+                GatewayError::UpstreamFailed {
+                    provider: entry.name.clone(),
+                    reason: format!("status {}: {message}", status.as_u16()),
+                },
+            ));
         }
         let err = GatewayError::UpstreamStatus {
             provider: entry.name.clone(),
@@ -358,9 +493,9 @@ impl Upstream<'_> {
             message,
         };
         Err(if retryable {
-            AttemptError::retryable(err)
+            AttemptError::retryable("status", err)
         } else {
-            AttemptError::fatal(err)
+            AttemptError::fatal("status", err)
         })
     }
 }
@@ -372,11 +507,14 @@ async fn read_body(
     deadline: Instant,
 ) -> Result<Bytes, AttemptError> {
     match timeout_at(deadline.into(), client::read_all(resp.into_body())).await {
-        Err(_) => Err(AttemptError::retryable(GatewayError::UpstreamTimeout {
-            provider: entry.name.clone(),
-            phase: "total",
-        })),
-        Ok(Err(e)) => Err(AttemptError::retryable(request_error(entry, &e))),
+        Err(_) => Err(AttemptError::retryable(
+            "timeout",
+            GatewayError::UpstreamTimeout {
+                provider: entry.name.clone(),
+                phase: "total",
+            },
+        )),
+        Ok(Err(e)) => Err(AttemptError::retryable("body", request_error(entry, &e))),
         Ok(Ok(b)) => Ok(b),
     }
 }
@@ -417,14 +555,56 @@ pub(crate) fn request_error(entry: &ProviderEntry, e: &HttpError) -> GatewayErro
 
 fn translate_error(entry: &ProviderEntry, e: ProviderError) -> AttemptError {
     match e {
-        ProviderError::Unsupported(m) => AttemptError::next_target(GatewayError::Unsupported(m)),
+        ProviderError::Unsupported(m) => {
+            AttemptError::next_target("unsupported", GatewayError::Unsupported(m))
+        }
         ProviderError::InvalidResponse(m) | ProviderError::StreamError(m) => {
-            AttemptError::next_target(GatewayError::UpstreamFailed {
-                provider: entry.name.clone(),
-                reason: m,
-            })
+            AttemptError::next_target(
+                "invalid_response",
+                GatewayError::UpstreamFailed {
+                    provider: entry.name.clone(),
+                    reason: m,
+                },
+            )
         }
     }
+}
+
+/// Records one attempt: appends it to the request's `log` and gives its outcome to the
+/// target's statistics. A served stream's attempt (`open_stream`) is returned still in
+/// flight instead, for the stream's end to finish.
+fn settle(
+    target: &Target,
+    trace: &Trace,
+    error: Option<&AttemptError>,
+    in_flight: InFlight,
+    open_stream: bool,
+    log: &mut Vec<AttemptRecord>,
+) -> Option<OpenAttempt> {
+    let latency = match error {
+        None => trace.first_byte.unwrap_or_else(|| trace.started.elapsed()),
+        Some(_) => trace.started.elapsed(),
+    };
+    log.push(AttemptRecord {
+        provider: target.provider.name.clone(),
+        target_model: target.model.clone(),
+        status: trace.status,
+        latency_ms: millis(latency),
+        error: error.map(|e| e.kind.to_owned()),
+    });
+    match error {
+        None if open_stream => {
+            return Some(OpenAttempt {
+                in_flight,
+                first_byte: latency,
+            });
+        }
+        None => in_flight.finish(latency, true),
+        Some(e) if e.blames_target(trace.status) => in_flight.finish(latency, false),
+        // Says nothing about the target: only leaves the in-flight count.
+        Some(_) => drop(in_flight),
+    }
+    None
 }
 
 /// A stream item error (after the stream was committed) as a gateway error.
@@ -432,5 +612,121 @@ pub(crate) fn stream_item_error(provider: &str, e: ProviderError) -> GatewayErro
     GatewayError::UpstreamFailed {
         provider: provider.to_owned(),
         reason: e.to_string(),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn target() -> Target {
+        let cfg = crate::config::Config::from_toml(
+            std::path::Path::new("weir.toml"),
+            "[providers.p]\nkind = \"mock\"\n\n[[models]]\nname = \"m\"\ntargets = [{ provider = \"p\", model = \"up-m\" }]\n",
+        )
+        .unwrap();
+        cfg.models["m"].targets[0].clone()
+    }
+
+    fn trace(status: u16) -> Trace {
+        let mut t = Trace::start();
+        if status != 0 {
+            t.first_byte(status);
+        }
+        t
+    }
+
+    fn failure(kind: &'static str) -> AttemptError {
+        AttemptError::retryable(kind, GatewayError::Internal("test".into()))
+    }
+
+    #[test]
+    fn every_attempt_is_recorded_and_fed_to_the_target_stats() {
+        let stats = TargetStats::default();
+        let t = target();
+        let mut log = Vec::new();
+        let in_flight = stats.start("p", "up-m");
+        assert!(
+            settle(
+                &t,
+                &trace(0),
+                Some(&failure("connect")),
+                in_flight,
+                false,
+                &mut log
+            )
+            .is_none()
+        );
+        let in_flight = stats.start("p", "up-m");
+        assert!(settle(&t, &trace(200), None, in_flight, false, &mut log).is_none());
+        assert_eq!(
+            log.iter()
+                .map(|a| (
+                    a.provider.as_str(),
+                    a.target_model.as_str(),
+                    a.status,
+                    a.error.as_deref()
+                ))
+                .collect::<Vec<_>>(),
+            vec![("p", "up-m", 0, Some("connect")), ("p", "up-m", 200, None)]
+        );
+        let s = stats.get("p", "up-m").unwrap();
+        assert_eq!((s.attempts, s.in_flight), (2, 0));
+        assert!((s.error_rate - 0.1 * 0.9).abs() < 1e-9, "{}", s.error_rate);
+    }
+
+    #[test]
+    fn the_requests_own_faults_do_not_count_against_the_target() {
+        let stats = TargetStats::default();
+        let t = target();
+        let mut log = Vec::new();
+        for (status, kind) in [(400, "status"), (422, "status"), (0, "unsupported")] {
+            let in_flight = stats.start("p", "up-m");
+            settle(
+                &t,
+                &trace(status),
+                Some(&failure(kind)),
+                in_flight,
+                false,
+                &mut log,
+            );
+        }
+        let s = stats.get("p", "up-m").unwrap();
+        assert_eq!((s.attempts, s.in_flight, s.error_rate), (0, 0, 0.0));
+        assert_eq!(log.len(), 3, "they are still in the request's attempts");
+        for (status, kind) in [
+            (503, "status"),
+            (429, "status"),
+            (401, "status"),
+            (200, "invalid_response"),
+        ] {
+            let in_flight = stats.start("p", "up-m");
+            settle(
+                &t,
+                &trace(status),
+                Some(&failure(kind)),
+                in_flight,
+                false,
+                &mut log,
+            );
+        }
+        assert_eq!(stats.get("p", "up-m").unwrap().attempts, 4);
+    }
+
+    #[test]
+    fn a_served_stream_stays_in_flight_until_finished() {
+        let stats = TargetStats::default();
+        let t = target();
+        let mut log = Vec::new();
+        let in_flight = stats.start("p", "up-m");
+        let open = settle(&t, &trace(200), None, in_flight, true, &mut log).unwrap();
+        let s = stats.get("p", "up-m").unwrap();
+        assert_eq!((s.attempts, s.in_flight), (0, 1));
+        assert_eq!(log[0].error, None);
+        open.finish(false);
+        let s = stats.get("p", "up-m").unwrap();
+        assert_eq!((s.attempts, s.in_flight), (1, 0));
+        assert!(s.error_rate > 0.0);
     }
 }
