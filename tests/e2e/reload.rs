@@ -885,3 +885,85 @@ async fn wasm_plugin_rewritten_under_load_never_fails_a_request() {
     })
     .await;
 }
+
+/// A Lua plugin folder `name` with an `on-request` of `source` and a `[metadata]` table.
+fn lua_plugin(dir: &Path, name: &str, metadata: &str, source: &str) {
+    let p = dir.join(name);
+    std::fs::create_dir_all(&p).unwrap();
+    std::fs::write(
+        p.join("plugin.toml"),
+        format!(
+            "name = \"{name}\"\nversion = \"0.1.0\"\nkind = \"lua\"\nhooks = [\"on-request\"]\n\
+             failure = \"closed\"\n\n[limits]\ndeadline_ms = 250\n\n[metadata]\n{metadata}\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(p.join("plugin.lua"), source).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reordered_chain_is_refused_and_the_old_one_keeps_serving() {
+    bounded(async {
+        let admin = free_addr();
+        let config = |first: &str, second: &str| {
+            format!(
+                "{}\n[[plugins]]\npath = \"{first}\"\n\n[[plugins]]\npath = \"{second}\"\n",
+                mock_config(admin, "ok", "")
+            )
+        };
+        let gw = Managed::start_with(admin, &config("keys", "limits"), |dir| {
+            lua_plugin(
+                dir,
+                "keys",
+                "provides = [\"key\"]",
+                "function on_request(req) return { set_metadata = { key = \"key_1\" } } end",
+            );
+            lua_plugin(
+                dir,
+                "limits",
+                "requires = [\"key\"]",
+                "function on_request(req)\n\treturn { set_response_headers = { [\"x-seen-key\"] = weir.ctx_get(\"key\") or \"none\" } }\nend",
+            );
+        })
+        .await;
+        let ask = || async {
+            gw.client
+                .post_json("/v1/chat/completions", &chat_body("m", "x"))
+                .await
+        };
+        let r = ask().await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        assert_eq!(r.header("x-seen-key"), "key_1");
+        let generation = gw.status().await["generation"].as_u64().unwrap();
+
+        let before = failures_counted(&gw).await;
+        gw.write_config(&config("limits", "keys"));
+        let err = wait_failure(&gw, before).await;
+        let message = err["message"].as_str().unwrap();
+        assert!(
+            message.contains(
+                "plugin 'limits' requires metadata 'key', which 'keys' provides, but 'keys' runs after it: put 'keys' first"
+            ),
+            "{err}"
+        );
+        assert_eq!(err["plugin"], "limits", "{err}");
+
+        // The old chain still serves, in its order.
+        for _ in 0..5 {
+            let r = ask().await;
+            assert_eq!(r.status, 200, "{}", r.text);
+            assert_eq!(r.header("x-seen-key"), "key_1");
+        }
+        assert_eq!(gw.status().await["generation"].as_u64().unwrap(), generation);
+
+        // Put back in order, the next reload succeeds.
+        gw.write_config(&format!("{}\n# fixed\n", config("keys", "limits")));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while gw.status().await["generation"].as_u64().unwrap() == generation {
+            assert!(Instant::now() < deadline, "the fixed config never loaded");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(ask().await.header("x-seen-key"), "key_1");
+    })
+    .await;
+}

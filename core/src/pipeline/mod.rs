@@ -101,6 +101,33 @@ pub struct Snapshot {
     clients: HashMap<String, client::HttpClient>,
 }
 
+/// What plugins read beyond their state (`target-stats`, `price`): the process's target
+/// statistics (shared by every generation) and this config's `[prices]`.
+fn host_lookups(services: &Services, config: &Config) -> crate::plugin::host::HostLookups {
+    use crate::plugin::contract::{Price, TargetStatsView};
+    let stats = services.target_stats.clone();
+    let prices = config.prices.clone();
+    crate::plugin::host::HostLookups {
+        target_stats: Box::new(move |provider, model| {
+            stats.get(provider, model).map(|s| TargetStatsView {
+                latency_ewma_ms: s.latency_ewma_ms,
+                error_rate: s.error_rate,
+                in_flight: s.in_flight,
+                attempts: s.attempts,
+            })
+        }),
+        price: Box::new(move |model| {
+            prices.get(model).map(|p| Price {
+                input: p.input,
+                output: p.output,
+                cached_input: p.cached_input,
+                cache_write: p.cache_write,
+            })
+        }),
+        now: None,
+    }
+}
+
 impl Snapshot {
     /// Builds the HTTP clients and loads every plugin of a config. Loading plugins compiles
     /// WASM and runs `init`: call it off the async workers (`spawn_blocking`).
@@ -114,8 +141,13 @@ impl Snapshot {
             })?;
             clients.insert(name.clone(), client);
         }
-        let plugins = Plugins::load(&config, services.state.clone(), &services.plugin_metrics)
-            .map_err(|e| GatewayError::PluginLoad(e.to_string()))?;
+        let plugins = Plugins::load_with(
+            &config,
+            services.state.clone(),
+            &services.plugin_metrics,
+            Arc::new(host_lookups(services, &config)),
+        )
+        .map_err(|e| GatewayError::PluginLoad(e.to_string()))?;
         Ok(Snapshot {
             config,
             plugins,

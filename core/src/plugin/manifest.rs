@@ -24,6 +24,12 @@
 //! deadline_ms = 10                   # on-request, on-response
 //! log_deadline_ms = 50               # on-log, off the hot path
 //! chunk_deadline_ms = 2              # on-response-chunk
+//! deadline_per_mib_ms = 20           # more time per MiB of input ...
+//! max_deadline_ms = 250              # ... up to this
+//!
+//! [metadata]                         # declared data dependencies (see `deps`)
+//! provides = ["tenant"]
+//! requires = ["key"]
 //!
 //! [config_schema]                    # JSON Schema (a subset) for the instance's config
 //! type = "object"
@@ -37,7 +43,8 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::PluginError;
-use super::contract::Hook;
+use super::contract::{Hook, ResponseView, StreamEvent};
+use super::deps::{MetadataDeps, MetadataFile};
 use super::schema::Schema;
 
 /// The file name of a manifest inside a plugin folder.
@@ -74,6 +81,9 @@ pub struct ManifestFile {
     /// Resource limits per hook call.
     #[serde(default)]
     pub limits: LimitsFile,
+    /// Metadata keys the plugin provides to later plugins and needs from earlier ones.
+    #[serde(default)]
+    pub metadata: MetadataFile,
     /// What happens to the request when the plugin fails: `closed` (default: the request
     /// fails with a 503 naming the plugin) or `open` (the plugin is skipped).
     #[serde(default)]
@@ -151,6 +161,14 @@ pub struct LimitsFile {
     /// CPU deadline of `init`, ms. Default 1000.
     #[serde(default)]
     pub init_deadline_ms: Option<u64>,
+    /// Extra time per MiB of input for every hook but `init`, ms; 0 turns the scaling off.
+    /// Default 20.
+    #[serde(default)]
+    pub deadline_per_mib_ms: Option<u64>,
+    /// Ceiling of a deadline scaled by input size, ms (never below the hook's own
+    /// deadline). Default 250.
+    #[serde(default)]
+    pub max_deadline_ms: Option<u64>,
     /// Stack cap (WASM), KiB. Default 512.
     #[serde(default)]
     pub stack_kb: Option<u64>,
@@ -210,6 +228,10 @@ pub struct Limits {
     pub chunk_deadline: Duration,
     /// Deadline of `init`.
     pub init_deadline: Duration,
+    /// Extra time per MiB of a hook's input (zero: no scaling).
+    pub deadline_per_mib: Duration,
+    /// Ceiling of a scaled deadline (a hook's own deadline above it still applies).
+    pub max_deadline: Duration,
     /// Stack cap, bytes (WASM).
     pub stack_bytes: usize,
     /// Hold buffer cap, bytes.
@@ -224,6 +246,8 @@ impl Default for Limits {
             log_deadline: Duration::from_millis(50),
             chunk_deadline: Duration::from_millis(2),
             init_deadline: Duration::from_millis(1000),
+            deadline_per_mib: Duration::from_millis(20),
+            max_deadline: Duration::from_millis(250),
             stack_bytes: 512 << 10,
             hold_bytes: 16 << 10,
         }
@@ -242,6 +266,71 @@ impl Limits {
             // request's path.
             Hook::Admin => self.log_deadline.max(ADMIN_DEADLINE),
         }
+    }
+
+    /// The deadline of one call of `hook` given `input_bytes` of input: see [`deadline_for`].
+    pub fn deadline_for(&self, hook: Hook, input_bytes: usize) -> Duration {
+        match hook {
+            Hook::Init => self.init_deadline,
+            _ => scale_deadline(
+                self.deadline_of(hook),
+                self.deadline_per_mib,
+                self.max_deadline,
+                input_bytes,
+            ),
+        }
+    }
+}
+
+/// The deadline of one call of `hook` whose input (messages, body, choices, event text) is
+/// `input_bytes` long: the hook's deadline plus `deadline_per_mib` per MiB of input, capped
+/// at `max_deadline` (a hook deadline above the cap is kept as it is). `init` is not scaled.
+///
+/// A fixed deadline makes a hook's failures depend on what a caller sends: a 2 MB prompt
+/// takes a scanning plugin longer than a 1 KB one, and every timeout feeds the plugin's
+/// circuit breaker. Scaling gives big inputs their time; the cap bounds what one request
+/// can cost.
+pub fn deadline_for(limits: &Limits, hook: Hook, input_bytes: usize) -> Duration {
+    limits.deadline_for(hook, input_bytes)
+}
+
+/// `base + per_mib * input_bytes / MiB`, at most `max(base, max)`.
+pub fn scale_deadline(
+    base: Duration,
+    per_mib: Duration,
+    max: Duration,
+    input_bytes: usize,
+) -> Duration {
+    if per_mib.is_zero() || input_bytes == 0 {
+        return base;
+    }
+    let per_mib_us = u64::try_from(per_mib.as_micros()).unwrap_or(u64::MAX);
+    let bytes = u64::try_from(input_bytes).unwrap_or(u64::MAX);
+    let extra_us = u128::from(per_mib_us) * u128::from(bytes) / (1 << 20);
+    let extra = Duration::from_micros(u64::try_from(extra_us).unwrap_or(u64::MAX));
+    base.saturating_add(extra).min(base.max(max))
+}
+
+/// Input size of `on-response` for [`deadline_for`]: choice text and tool-call arguments.
+pub fn response_bytes(resp: &ResponseView) -> usize {
+    resp.choices
+        .iter()
+        .map(|c| {
+            c.text.len()
+                + c.tool_calls
+                    .iter()
+                    .map(|t| t.arguments.len())
+                    .sum::<usize>()
+        })
+        .sum()
+}
+
+/// Input size of `on-response-chunk` for [`deadline_for`]: the delta's text or arguments.
+pub fn event_bytes(event: &StreamEvent) -> usize {
+    match event {
+        StreamEvent::TextDelta(d) => d.text.len(),
+        StreamEvent::ToolCallDelta(d) => d.arguments.len(),
+        StreamEvent::Usage(_) | StreamEvent::Finish(_) => 0,
     }
 }
 
@@ -328,6 +417,8 @@ pub struct Manifest {
     pub limits: Limits,
     /// Failure policy.
     pub failure: FailurePolicy,
+    /// Declared metadata dependencies.
+    pub metadata: MetadataDeps,
     /// The compiled config schema, if any.
     pub config_schema: Option<Schema>,
 }
@@ -441,6 +532,12 @@ impl Manifest {
                 .map_or(defaults.chunk_deadline, Duration::from_millis),
             init_deadline: positive("init_deadline_ms", l.init_deadline_ms)?
                 .map_or(defaults.init_deadline, Duration::from_millis),
+            // 0 is allowed: no scaling.
+            deadline_per_mib: l
+                .deadline_per_mib_ms
+                .map_or(defaults.deadline_per_mib, Duration::from_millis),
+            max_deadline: positive("max_deadline_ms", l.max_deadline_ms)?
+                .map_or(defaults.max_deadline, Duration::from_millis),
             stack_bytes: positive("stack_kb", l.stack_kb)?.map_or(defaults.stack_bytes, |k| {
                 usize::try_from(k.saturating_mul(1 << 10)).unwrap_or(usize::MAX)
             }),
@@ -452,6 +549,7 @@ impl Manifest {
                 None => defaults.hold_bytes,
             },
         };
+        let metadata = MetadataDeps::from_file(&raw.metadata)?;
         let config_schema = raw
             .config_schema
             .as_ref()
@@ -474,6 +572,7 @@ impl Manifest {
             },
             limits,
             failure: raw.failure,
+            metadata,
             config_schema,
         })
     }
@@ -600,6 +699,59 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("kind"), "{err}");
+    }
+
+    #[test]
+    fn deadlines_scale_with_input_up_to_the_cap() {
+        let m = parse(
+            "name = \"g\"\nversion = \"1\"\nkind = \"lua\"\n[limits]\ndeadline_ms = 25\n\
+             deadline_per_mib_ms = 20\nmax_deadline_ms = 100\nlog_deadline_ms = 200\n",
+        )
+        .unwrap();
+        let l = &m.limits;
+        let ms = Duration::from_millis;
+        assert_eq!(deadline_for(l, Hook::OnRequest, 0), ms(25));
+        assert_eq!(
+            deadline_for(l, Hook::OnRequest, 1024),
+            ms(25) + Duration::from_micros(19)
+        );
+        assert_eq!(deadline_for(l, Hook::OnRequest, 2 << 20), ms(65));
+        assert_eq!(deadline_for(l, Hook::OnResponse, 1 << 20), ms(45));
+        assert_eq!(
+            deadline_for(l, Hook::OnRequest, 100 << 20),
+            ms(100),
+            "capped"
+        );
+        assert_eq!(deadline_for(l, Hook::OnResponseChunk, 1 << 20), ms(22));
+        // A hook deadline above the cap is kept, and not scaled past itself.
+        assert_eq!(deadline_for(l, Hook::OnLog, 10 << 20), ms(200));
+        assert_eq!(deadline_for(l, Hook::Init, 10 << 20), ms(1000));
+        assert_eq!(deadline_for(l, Hook::OnRequest, usize::MAX), ms(100));
+
+        let defaults = Limits::default();
+        assert_eq!(defaults.deadline_per_mib, ms(20));
+        assert_eq!(defaults.max_deadline, ms(250));
+        let off = parse(
+            "name = \"g\"\nversion = \"1\"\nkind = \"lua\"\n[limits]\ndeadline_per_mib_ms = 0\n",
+        )
+        .unwrap();
+        assert_eq!(deadline_for(&off.limits, Hook::OnRequest, 50 << 20), ms(10));
+        let err =
+            parse("name = \"g\"\nversion = \"1\"\nkind = \"lua\"\n[limits]\nmax_deadline_ms = 0\n")
+                .unwrap_err()
+                .to_string();
+        assert!(err.contains("limits.max_deadline_ms"), "{err}");
+    }
+
+    #[test]
+    fn input_sizes_count_text_and_arguments() {
+        let ev = StreamEvent::TextDelta(crate::plugin::contract::TextDelta {
+            choice: 0,
+            text: "abc".into(),
+            last: false,
+        });
+        assert_eq!(event_bytes(&ev), 3);
+        assert_eq!(response_bytes(&ResponseView::default()), 0);
     }
 
     #[test]

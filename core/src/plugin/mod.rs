@@ -7,6 +7,7 @@
 //!   [`Plugins::chain`] picks the ordered chain of a model, and [`Chain`] runs its hooks,
 //!   applying decisions, failure policies and circuit breakers;
 //! - [`manifest`]: `plugin.toml`; [`config`]: the `[[plugins]]` entries of `weir.toml`;
+//!   [`deps`]: the metadata keys plugins declare they provide and need, checked per chain;
 //! - [`lua`] and [`wasm`]: the runtimes; [`host`]: the host API they share (state, metrics,
 //!   logs, fetch);
 //! - [`loads`]: what a generation keeps warm, given back when it stops serving;
@@ -24,6 +25,7 @@ pub mod chain;
 pub mod cli;
 pub mod config;
 pub mod contract;
+pub mod deps;
 pub mod harness;
 pub mod host;
 pub mod loads;

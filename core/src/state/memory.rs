@@ -173,4 +173,44 @@ mod tests {
     fn concurrent_incr_is_exact() {
         shared::concurrent_incr(Arc::new(MemoryStore::new()));
     }
+
+    #[test]
+    fn limiter() {
+        shared::limiter(&MemoryStore::new());
+    }
+
+    #[test]
+    fn limiter_settle() {
+        shared::limiter_settle(&MemoryStore::new());
+    }
+
+    #[test]
+    fn limiter_edges() {
+        shared::limiter_edges(&MemoryStore::new());
+    }
+
+    #[test]
+    fn limiter_expires() {
+        shared::limiter_expires(&MemoryStore::new());
+    }
+
+    #[test]
+    fn ledger() {
+        shared::ledger(&MemoryStore::new());
+    }
+
+    #[test]
+    fn ledger_ttl() {
+        shared::ledger_ttl(&MemoryStore::new());
+    }
+
+    #[test]
+    fn concurrent_limiter_never_admits_more_than_the_limit() {
+        shared::concurrent_limiter(Arc::new(MemoryStore::new()));
+    }
+
+    #[test]
+    fn concurrent_ledger_never_reserves_more_than_the_limit() {
+        shared::concurrent_ledger(Arc::new(MemoryStore::new()));
+    }
 }

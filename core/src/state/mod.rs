@@ -18,8 +18,43 @@
 //! (milliseconds since the Unix epoch, wall clock so it survives restarts). A read treats an
 //! expired value as absent (lazy expiry) and a periodic sweep deletes them
 //! ([`SledStore::spawn_sweeper`]).
+//!
+//! # Limiter and spend ledger
+//! Two policy primitives sit in the trait itself, so plugins and the gateway stop rebuilding
+//! them on raw `incr` / `cas`, and a shared backend can make each call one atomic operation.
+//! Both have default implementations on top of [`StateStore::get`] and [`StateStore::cas`]: a
+//! read, a pure computation, then a compare-and-swap against what was read, retried up to 64
+//! times (then [`StateError::Backend`] `"contention ..."`). That makes every call atomic per
+//! key on one instance for every backend here (sled, the write-behind front, memory), whose
+//! `cas` is atomic per key. A shared backend (Redis) must override each method with **one
+//! server-side script per call** (read, decide and write in the script, e.g. `EVALSHA`), so
+//! instances sharing a key never interleave; the defaults would be correct there too, but
+//! cost two round trips per attempt and retry under contention.
+//!
+//! **Limiter** ([`StateStore::limit_reserve`], [`StateStore::limit_settle`]): GCRA, keyed,
+//! `limit` units per `window` with bursts up to `limit`. The emission interval is
+//! `T = window / limit`; the key `lim/<key>` holds the *theoretical arrival time* (TAT, in
+//! nanoseconds since the Unix epoch, decimal). Reserving `amount` computes
+//! `new_tat = max(tat, now) + amount * T` and admits iff `new_tat - now <= window` (the whole
+//! amount fits), storing `new_tat` only then; a refusal stores nothing. Tokens are
+//! reserve-then-settle: reserve the estimate, then settle with what was really used, which
+//! moves the TAT back (unused units return, never below now) or forward (the overrun is
+//! charged, even past the window, so later calls wait it out). The clock is the caller's
+//! `now_ms` (wall-clock ms), so tests and fixtures can fix it; the stored value expires about
+//! a window after the limiter is full again. Math is integer nanoseconds (u128).
+//!
+//! **Spend ledger** ([`StateStore::ledger_reserve`], [`StateStore::ledger_settle`],
+//! [`StateStore::ledger_release`], [`StateStore::ledger_balance`]): an account `led/<account>`
+//! holds what was spent and what is reserved, in integer micro-USD (decimal,
+//! `"<spent> <reserved>"`, plus ` <expires_ms>` when it has a TTL). A request reserves its
+//! worst case against a limit (admitted iff `spent + reserved + amount <= limit`), then
+//! settles its real cost (the reservation is returned and the cost added in full, even when
+//! it exceeds the reservation: spend is never lost) or releases the reservation on failure.
+//! A budget period is part of the account name; the TTL given when the account is created
+//! makes it expire, and later updates keep that expiry.
 
 pub mod memory;
+mod primitives;
 pub mod sled;
 pub mod write_behind;
 
@@ -59,6 +94,41 @@ pub enum StateError {
         /// Why.
         reason: String,
     },
+}
+
+/// A limiter rate: `limit` units per `window` (GCRA; bursts up to `limit`).
+///
+/// A limit of 0 or a zero window admits nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    /// Units admitted per window, and the largest burst.
+    pub limit: u64,
+    /// The window.
+    pub window: Duration,
+}
+
+/// What the limiter answered.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LimitOutcome {
+    /// Whether the whole amount was admitted (and reserved).
+    pub allowed: bool,
+    /// Units that would still be admitted after this call.
+    pub remaining: u64,
+    /// When refused: the wait until the amount fits (rounded up to whole ms, so a call at
+    /// `now_ms + retry_after` fits unless others reserve first). `window` when it never fits
+    /// (amount above the limit, limit 0). Zero when allowed.
+    pub retry_after: Duration,
+    /// The wait until the limiter is full again (rounded up to whole ms).
+    pub reset_after: Duration,
+}
+
+/// A spend-ledger account, in micro-USD (integers, so backends add them atomically).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Balance {
+    /// Settled spend.
+    pub spent_micros: i64,
+    /// Reserved by requests in flight.
+    pub reserved_micros: i64,
 }
 
 /// A namespaced key-value store with TTL, shared by all plugins and the gateway.
@@ -117,7 +187,12 @@ pub trait StateStore: Send + Sync {
         Ok(())
     }
 
-    /// PLACEHOLDER (merge h-state).
+    /// Reserves `amount` units of the GCRA limiter `key` (stored as `lim/<key>` in `ns`) at
+    /// `now_ms` (ms since the Unix epoch): admitted iff the whole amount fits in the burst,
+    /// and then reserved; a refusal changes nothing. `amount` 0 only reads. An amount above
+    /// `rate.limit`, or a rate with limit 0, is always refused (`retry_after` = window).
+    ///
+    /// Default: a compare-and-swap loop over `get` / `cas` (see the module docs).
     fn limit_reserve(
         &self,
         ns: &str,
@@ -126,10 +201,19 @@ pub trait StateStore: Send + Sync {
         amount: u64,
         now_ms: u64,
     ) -> Result<LimitOutcome, StateError> {
-        let _ = (ns, key, rate, amount, now_ms);
-        Err(StateError::Backend("limiter: merge pending".into()))
+        if primitives::admits_nothing(rate) {
+            return Ok(primitives::refuse_all(rate));
+        }
+        primitives::read_modify_write(self, ns, &primitives::limiter_key(key), |stored| {
+            primitives::limit_reserve_step(key, stored, rate, amount, now_ms)
+        })
     }
-    /// PLACEHOLDER (merge h-state).
+
+    /// Settles a reservation of `reserved` units on limiter `key` with the `used` units it
+    /// really took: unused units go back (never past a full limiter), an overrun is charged
+    /// (even past the window). `rate` must be the one the reservation used.
+    ///
+    /// Default: a compare-and-swap loop over `get` / `cas` (see the module docs).
     fn limit_settle(
         &self,
         ns: &str,
@@ -139,10 +223,20 @@ pub trait StateStore: Send + Sync {
         used: u64,
         now_ms: u64,
     ) -> Result<(), StateError> {
-        let _ = (ns, key, rate, reserved, used, now_ms);
-        Err(StateError::Backend("limiter: merge pending".into()))
+        if used == reserved || primitives::admits_nothing(rate) {
+            return Ok(());
+        }
+        primitives::read_modify_write(self, ns, &primitives::limiter_key(key), |stored| {
+            primitives::limit_settle_step(key, stored, rate, reserved, used, now_ms)
+        })
     }
-    /// PLACEHOLDER (merge h-state).
+
+    /// Reserves `amount_micros` on ledger `account` (stored as `led/<account>` in `ns`) iff
+    /// `spent + reserved + amount <= limit_micros`; returns whether it did and the balance
+    /// after. A refusal changes nothing. `ttl` applies only when this creates the account.
+    /// A negative amount counts as 0.
+    ///
+    /// Default: a compare-and-swap loop over `get` / `cas` (see the module docs).
     fn ledger_reserve(
         &self,
         ns: &str,
@@ -151,10 +245,16 @@ pub trait StateStore: Send + Sync {
         amount_micros: i64,
         ttl: Option<Duration>,
     ) -> Result<(bool, Balance), StateError> {
-        let _ = (ns, account, limit_micros, amount_micros, ttl);
-        Err(StateError::Backend("ledger: merge pending".into()))
+        primitives::read_modify_write(self, ns, &primitives::ledger_key(account), |stored| {
+            primitives::ledger_reserve_step(account, stored, limit_micros, amount_micros, ttl)
+        })
     }
-    /// PLACEHOLDER (merge h-state).
+
+    /// Settles a reservation: returns `reserved_micros` (the reserved total never goes below
+    /// 0) and adds `cost_micros` to the spend in full, even beyond the reservation. `ttl`
+    /// applies only when this creates the account. Negative amounts count as 0.
+    ///
+    /// Default: a compare-and-swap loop over `get` / `cas` (see the module docs).
     fn ledger_settle(
         &self,
         ns: &str,
@@ -163,45 +263,31 @@ pub trait StateStore: Send + Sync {
         cost_micros: i64,
         ttl: Option<Duration>,
     ) -> Result<Balance, StateError> {
-        let _ = (ns, account, reserved_micros, cost_micros, ttl);
-        Err(StateError::Backend("ledger: merge pending".into()))
+        primitives::read_modify_write(self, ns, &primitives::ledger_key(account), |stored| {
+            primitives::ledger_settle_step(account, stored, reserved_micros, cost_micros, ttl)
+        })
     }
-    /// PLACEHOLDER (merge h-state).
+
+    /// Returns a reservation unspent (a request that failed): the reserved total drops by
+    /// `reserved_micros`, never below 0. An absent account stays absent.
+    ///
+    /// Default: a compare-and-swap loop over `get` / `cas` (see the module docs).
     fn ledger_release(
         &self,
         ns: &str,
         account: &str,
         reserved_micros: i64,
     ) -> Result<Balance, StateError> {
-        let _ = (ns, account, reserved_micros);
-        Err(StateError::Backend("ledger: merge pending".into()))
+        primitives::read_modify_write(self, ns, &primitives::ledger_key(account), |stored| {
+            primitives::ledger_release_step(account, stored, reserved_micros)
+        })
     }
-    /// PLACEHOLDER (merge h-state).
-    fn ledger_balance(&self, ns: &str, account: &str) -> Result<Balance, StateError> {
-        let _ = (ns, account);
-        Err(StateError::Backend("ledger: merge pending".into()))
-    }
-}
 
-/// PLACEHOLDER (merge h-state).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Rate {
-    pub limit: u64,
-    pub window: Duration,
-}
-/// PLACEHOLDER (merge h-state).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct LimitOutcome {
-    pub allowed: bool,
-    pub remaining: u64,
-    pub retry_after: Duration,
-    pub reset_after: Duration,
-}
-/// PLACEHOLDER (merge h-state).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Balance {
-    pub spent_micros: i64,
-    pub reserved_micros: i64,
+    /// The balance of ledger `account`: zeros when it is absent or expired.
+    fn ledger_balance(&self, ns: &str, account: &str) -> Result<Balance, StateError> {
+        let stored = self.get(ns, &primitives::ledger_key(account))?;
+        primitives::ledger_balance_of(account, stored.as_deref())
+    }
 }
 
 /// `[state]` in `weir.toml`: where durable state lives.
@@ -459,6 +545,375 @@ pub(crate) mod tests {
             store.get("ctr", "hits").unwrap().as_deref(),
             Some((threads * per_thread).to_string().as_bytes())
         );
+    }
+
+    /// A fixed clock for the limiter tests (ms since the epoch).
+    const T0: u64 = 1_700_000_000_000;
+
+    fn per_sec(limit: u64) -> Rate {
+        Rate {
+            limit,
+            window: Duration::from_secs(1),
+        }
+    }
+
+    pub fn limiter(store: &dyn StateStore) {
+        let rate = per_sec(5); // one unit per 200 ms
+        // A full burst is admitted at once, one unit at a time.
+        for left in (0..5).rev() {
+            let out = store.limit_reserve("l", "k", rate, 1, T0).unwrap();
+            assert!(out.allowed);
+            assert_eq!(out.remaining, left);
+            assert_eq!(out.retry_after, Duration::ZERO);
+        }
+        assert!(store.get("l", "lim/k").unwrap().is_some());
+        // The next unit is refused and told to wait one emission interval.
+        let out = store.limit_reserve("l", "k", rate, 1, T0).unwrap();
+        assert_eq!(
+            out,
+            LimitOutcome {
+                allowed: false,
+                remaining: 0,
+                retry_after: Duration::from_millis(200),
+                reset_after: Duration::from_secs(1),
+            }
+        );
+        // A refusal stored nothing: 199 ms later it still does not fit, at 200 ms it does.
+        assert!(
+            !store
+                .limit_reserve("l", "k", rate, 1, T0 + 199)
+                .unwrap()
+                .allowed
+        );
+        let out = store.limit_reserve("l", "k", rate, 1, T0 + 200).unwrap();
+        assert!(out.allowed);
+        assert_eq!(out.remaining, 0);
+        // Three units need 600 ms of room: refused with the wait for all three.
+        let out = store.limit_reserve("l", "k", rate, 3, T0 + 300).unwrap();
+        assert!(!out.allowed);
+        assert_eq!(out.retry_after, Duration::from_millis(500));
+        assert_eq!(out.reset_after, Duration::from_millis(900));
+        assert!(
+            store
+                .limit_reserve("l", "k", rate, 3, T0 + 800)
+                .unwrap()
+                .allowed
+        );
+        // A full window after the last reservation, the limiter is full again.
+        let out = store.limit_reserve("l", "k", rate, 0, T0 + 2_000).unwrap();
+        assert_eq!(
+            out,
+            LimitOutcome {
+                allowed: true,
+                remaining: 5,
+                retry_after: Duration::ZERO,
+                reset_after: Duration::ZERO,
+            }
+        );
+        // Amount 0 is a pure read: it moves nothing.
+        let out = store.limit_reserve("l", "k", rate, 0, T0 + 2_000).unwrap();
+        assert_eq!(out.remaining, 5);
+        assert!(
+            store
+                .limit_reserve("l", "k", rate, 5, T0 + 2_000)
+                .unwrap()
+                .allowed
+        );
+        // Keys are separate.
+        assert_eq!(
+            store
+                .limit_reserve("l", "other", rate, 0, T0)
+                .unwrap()
+                .remaining,
+            5
+        );
+    }
+
+    pub fn limiter_settle(store: &dyn StateStore) {
+        let rate = per_sec(100); // 10 ms per unit
+        // Reserve the estimate (80), use 30: 50 go back.
+        let out = store.limit_reserve("s", "tok", rate, 80, T0).unwrap();
+        assert_eq!(out.remaining, 20);
+        store.limit_settle("s", "tok", rate, 80, 30, T0).unwrap();
+        let out = store.limit_reserve("s", "tok", rate, 0, T0).unwrap();
+        assert_eq!(out.remaining, 70);
+        // Giving back more than was taken stops at a full limiter.
+        store.limit_settle("s", "tok", rate, 1_000, 0, T0).unwrap();
+        assert_eq!(
+            store
+                .limit_reserve("s", "tok", rate, 0, T0)
+                .unwrap()
+                .remaining,
+            100
+        );
+        // Settling on an absent key with nothing used writes nothing.
+        store.limit_settle("s", "absent", rate, 10, 0, T0).unwrap();
+        assert_eq!(store.get("s", "lim/absent").unwrap(), None);
+        // Reserve 10, use 250: the overrun is charged past the window.
+        assert!(
+            store
+                .limit_reserve("s", "tok", rate, 10, T0)
+                .unwrap()
+                .allowed
+        );
+        store.limit_settle("s", "tok", rate, 10, 250, T0).unwrap();
+        let out = store.limit_reserve("s", "tok", rate, 1, T0).unwrap();
+        assert!(!out.allowed);
+        assert_eq!(out.remaining, 0);
+        // TAT is 2.5 s ahead: one unit fits once it is within 1 s - 10 ms of the clock.
+        assert_eq!(out.retry_after, Duration::from_millis(1_510));
+        assert_eq!(out.reset_after, Duration::from_millis(2_500));
+        assert!(
+            !store
+                .limit_reserve("s", "tok", rate, 1, T0 + 1_509)
+                .unwrap()
+                .allowed
+        );
+        assert!(
+            store
+                .limit_reserve("s", "tok", rate, 1, T0 + 1_510)
+                .unwrap()
+                .allowed
+        );
+        // used == reserved changes nothing.
+        let before = store.get("s", "lim/tok").unwrap();
+        store.limit_settle("s", "tok", rate, 7, 7, T0).unwrap();
+        assert_eq!(store.get("s", "lim/tok").unwrap(), before);
+    }
+
+    pub fn limiter_edges(store: &dyn StateStore) {
+        let rate = per_sec(10);
+        // More than a whole burst never fits, even on a full limiter.
+        let out = store.limit_reserve("e", "k", rate, 11, T0).unwrap();
+        assert!(!out.allowed);
+        assert_eq!(out.remaining, 10);
+        assert_eq!(out.retry_after, Duration::from_secs(1));
+        assert_eq!(store.get("e", "lim/k").unwrap(), None);
+        // Exactly a whole burst fits.
+        assert!(store.limit_reserve("e", "k", rate, 10, T0).unwrap().allowed);
+        // Limit 0 (and a zero window) refuses everything, amount 0 included, and stores nothing.
+        for zero in [
+            Rate {
+                limit: 0,
+                window: Duration::from_secs(1),
+            },
+            Rate {
+                limit: 10,
+                window: Duration::ZERO,
+            },
+        ] {
+            for amount in [0, 1] {
+                let out = store.limit_reserve("e", "zero", zero, amount, T0).unwrap();
+                assert!(!out.allowed);
+                assert_eq!(out.remaining, 0);
+                assert_eq!(out.retry_after, zero.window);
+            }
+            store.limit_settle("e", "zero", zero, 0, 5, T0).unwrap();
+        }
+        assert_eq!(store.get("e", "lim/zero").unwrap(), None);
+        // Huge numbers saturate instead of overflowing.
+        let huge = Rate {
+            limit: u64::MAX,
+            window: Duration::from_secs(u64::MAX),
+        };
+        assert!(
+            store
+                .limit_reserve("e", "huge", huge, u64::MAX, T0)
+                .unwrap()
+                .allowed
+        );
+        store
+            .limit_settle("e", "huge", huge, 0, u64::MAX, u64::MAX)
+            .unwrap();
+        // A value that is not a TAT is an error, not a silent reset.
+        store.set("e", "lim/bad", b"soon", None).unwrap();
+        assert!(matches!(
+            store.limit_reserve("e", "bad", rate, 1, T0),
+            Err(StateError::NotAnInteger { .. })
+        ));
+    }
+
+    pub fn limiter_expires(store: &dyn StateStore) {
+        // The stored TAT expires about a window after the limiter is full again.
+        let rate = Rate {
+            limit: 2,
+            window: Duration::from_millis(20),
+        };
+        let now = now_ms();
+        assert!(store.limit_reserve("x", "k", rate, 2, now).unwrap().allowed);
+        assert!(store.get("x", "lim/k").unwrap().is_some());
+        std::thread::sleep(Duration::from_millis(80));
+        assert_eq!(store.get("x", "lim/k").unwrap(), None);
+    }
+
+    pub fn concurrent_limiter(store: Arc<dyn StateStore>) {
+        // 8 threads x 40 attempts against a burst of 100 at one instant: exactly 100 admitted.
+        let rate = Rate {
+            limit: 100,
+            window: Duration::from_secs(60),
+        };
+        let handles: Vec<_> = (0..8)
+            .map(|_| {
+                let store = store.clone();
+                std::thread::spawn(move || {
+                    (0..40)
+                        .filter(|_| store.limit_reserve("cl", "k", rate, 1, T0).unwrap().allowed)
+                        .count()
+                })
+            })
+            .collect();
+        let admitted: usize = handles.into_iter().map(|h| h.join().unwrap()).sum();
+        assert_eq!(admitted, 100);
+        assert_eq!(
+            store
+                .limit_reserve("cl", "k", rate, 0, T0)
+                .unwrap()
+                .remaining,
+            0
+        );
+    }
+
+    fn bal(spent_micros: i64, reserved_micros: i64) -> Balance {
+        Balance {
+            spent_micros,
+            reserved_micros,
+        }
+    }
+
+    pub fn ledger(store: &dyn StateStore) {
+        let l = 1_000_000; // a $1 budget
+        assert_eq!(store.ledger_balance("b", "acct").unwrap(), bal(0, 0));
+        // Reservations up to the limit are admitted...
+        assert_eq!(
+            store.ledger_reserve("b", "acct", l, 600_000, None).unwrap(),
+            (true, bal(0, 600_000))
+        );
+        assert_eq!(
+            store.ledger_reserve("b", "acct", l, 400_000, None).unwrap(),
+            (true, bal(0, 1_000_000))
+        );
+        // ...and one past it is refused, changing nothing.
+        assert_eq!(
+            store.ledger_reserve("b", "acct", l, 1, None).unwrap(),
+            (false, bal(0, 1_000_000))
+        );
+        // Settle the first for less than reserved, release the second (its request failed).
+        assert_eq!(
+            store
+                .ledger_settle("b", "acct", 600_000, 250_000, None)
+                .unwrap(),
+            bal(250_000, 400_000)
+        );
+        assert_eq!(
+            store.ledger_release("b", "acct", 400_000).unwrap(),
+            bal(250_000, 0)
+        );
+        assert_eq!(store.ledger_balance("b", "acct").unwrap(), bal(250_000, 0));
+        assert_eq!(
+            store.get("b", "led/acct").unwrap().as_deref(),
+            Some(&b"250000 0"[..])
+        );
+        // A settle beyond its reservation keeps the whole cost, even past the limit.
+        assert!(
+            store
+                .ledger_reserve("b", "acct", l, 100_000, None)
+                .unwrap()
+                .0
+        );
+        assert_eq!(
+            store
+                .ledger_settle("b", "acct", 100_000, 900_000, None)
+                .unwrap(),
+            bal(1_150_000, 0)
+        );
+        let (ok, b) = store.ledger_reserve("b", "acct", l, 0, None).unwrap();
+        assert!(!ok);
+        assert_eq!(b, bal(1_150_000, 0));
+        // Returns never take the reserved total below 0.
+        assert_eq!(
+            store.ledger_release("b", "acct", 5).unwrap(),
+            bal(1_150_000, 0)
+        );
+        assert_eq!(
+            store.ledger_settle("b", "acct", 5, 0, None).unwrap(),
+            bal(1_150_000, 0)
+        );
+        // Releasing on an absent account creates nothing.
+        assert_eq!(store.ledger_release("b", "none", 5).unwrap(), bal(0, 0));
+        assert_eq!(store.get("b", "led/none").unwrap(), None);
+        // A settle with no reservation (it expired, or none was made) still records the cost.
+        assert_eq!(
+            store.ledger_settle("b", "late", 100, 70, None).unwrap(),
+            bal(70, 0)
+        );
+        // An amount above the limit on a new account is refused and creates nothing.
+        assert_eq!(
+            store.ledger_reserve("b", "new", 10, 11, None).unwrap(),
+            (false, bal(0, 0))
+        );
+        assert_eq!(store.get("b", "led/new").unwrap(), None);
+        // A value that is not an account is an error.
+        store.set("b", "led/bad", b"lots", None).unwrap();
+        assert!(matches!(
+            store.ledger_balance("b", "bad"),
+            Err(StateError::NotAnInteger { .. })
+        ));
+    }
+
+    pub fn ledger_ttl(store: &dyn StateStore) {
+        let short = Some(Duration::from_millis(40));
+        let long = Some(Duration::from_secs(3_600));
+        // The TTL of the call that creates the account applies; later ones keep it.
+        assert!(
+            store
+                .ledger_reserve("p", "2025-01", 100, 10, short)
+                .unwrap()
+                .0
+        );
+        assert_eq!(
+            store.ledger_settle("p", "2025-01", 10, 7, long).unwrap(),
+            bal(7, 0)
+        );
+        assert!(
+            store
+                .ledger_reserve("p", "2025-01", 100, 5, long)
+                .unwrap()
+                .0
+        );
+        assert_eq!(store.ledger_release("p", "2025-01", 5).unwrap(), bal(7, 0));
+        assert!(
+            store
+                .ledger_reserve("p", "forever", 100, 10, None)
+                .unwrap()
+                .0
+        );
+        std::thread::sleep(Duration::from_millis(70));
+        // The period is over: the account is gone and a new one starts from zero.
+        assert_eq!(store.ledger_balance("p", "2025-01").unwrap(), bal(0, 0));
+        assert_eq!(
+            store
+                .ledger_reserve("p", "2025-01", 100, 100, long)
+                .unwrap(),
+            (true, bal(0, 100))
+        );
+        assert_eq!(store.ledger_balance("p", "forever").unwrap(), bal(0, 10));
+    }
+
+    pub fn concurrent_ledger(store: Arc<dyn StateStore>) {
+        // 8 threads x 40 reservations of 10 against a limit of 1000: exactly 100 admitted.
+        let handles: Vec<_> = (0..8)
+            .map(|_| {
+                let store = store.clone();
+                std::thread::spawn(move || {
+                    (0..40)
+                        .filter(|_| store.ledger_reserve("cb", "a", 1_000, 10, None).unwrap().0)
+                        .count()
+                })
+            })
+            .collect();
+        let admitted: usize = handles.into_iter().map(|h| h.join().unwrap()).sum();
+        assert_eq!(admitted, 100);
+        assert_eq!(store.ledger_balance("cb", "a").unwrap(), bal(0, 1_000));
     }
 
     #[test]

@@ -351,6 +351,48 @@ mod tests {
     }
 
     #[test]
+    fn limiter() {
+        shared::limiter(&store().1);
+    }
+
+    #[test]
+    fn limiter_settle() {
+        shared::limiter_settle(&store().1);
+    }
+
+    #[test]
+    fn limiter_edges() {
+        shared::limiter_edges(&store().1);
+    }
+
+    #[test]
+    fn limiter_expires() {
+        shared::limiter_expires(&store().1);
+    }
+
+    #[test]
+    fn ledger() {
+        shared::ledger(&store().1);
+    }
+
+    #[test]
+    fn ledger_ttl() {
+        shared::ledger_ttl(&store().1);
+    }
+
+    #[test]
+    fn concurrent_limiter_never_admits_more_than_the_limit() {
+        let (_dir, store) = store();
+        shared::concurrent_limiter(Arc::new(store));
+    }
+
+    #[test]
+    fn concurrent_ledger_never_reserves_more_than_the_limit() {
+        let (_dir, store) = store();
+        shared::concurrent_ledger(Arc::new(store));
+    }
+
+    #[test]
     fn sweep_removes_expired() {
         let (_dir, store) = store();
         store

@@ -12,6 +12,7 @@ use crate::plugin::contract::{
 };
 use crate::plugin::host::{GatewayHost, HostLookups, PluginMetrics};
 use crate::plugin::lua::LuaPlugin;
+use crate::plugin::manifest::deadline_for;
 use crate::plugin::manifest::{FailurePolicy, Manifest, PluginKind, validate_name};
 use crate::plugin::wasm::{WasmEngine, WasmLimits, WasmPlugin};
 use crate::state::StateStore;
@@ -62,7 +63,13 @@ impl Instance {
         metrics: &PluginMetrics,
         lookups: Arc<HostLookups>,
     ) -> Result<Arc<Instance>, PluginError> {
-        let manifest = Manifest::load(&base.join(&cfg.path))?;
+        let mut manifest = Manifest::load(&base.join(&cfg.path))?;
+        manifest.limits =
+            cfg.limits(manifest.limits)
+                .map_err(|(k, reason)| PluginError::Config {
+                    key: format!("{key}.{k}"),
+                    reason,
+                })?;
         let name = cfg.name.clone().unwrap_or_else(|| manifest.name.clone());
         validate_name(&name).map_err(|reason| PluginError::Config {
             key: format!("{key}.name"),
@@ -134,23 +141,28 @@ impl Instance {
     /// answer is a failure like a trap), the outcome recorded in the breaker and metrics,
     /// and on failure the instance's policy: `Err` stops the request (fail-closed,
     /// enforced), [`Guarded::Skipped`] goes on without the plugin.
+    ///
+    /// `caller` (the request's metadata `key`, see [`caller_of`](crate::plugin::breaker::caller_of))
+    /// is who the breaker counts the outcome against, so one caller's failures cannot open
+    /// the breaker for everyone.
     pub(super) fn guard<T>(
         &self,
         hook: Hook,
+        caller: Option<&str>,
         run: impl FnOnce() -> Result<T, HookError>,
     ) -> Result<Guarded<T>, PluginFailure> {
-        let Some(admission) = self.admit() else {
+        let Some(admission) = self.admit(caller) else {
             self.on_failure("circuit_open")?;
             return Ok(Guarded::Skipped("circuit_open"));
         };
         match run() {
             Ok(value) => {
-                self.record(admission, Ok(()));
+                self.record(admission, Ok(()), caller);
                 Ok(Guarded::Done(value))
             }
             Err(e) => {
                 tracing::debug!(plugin = %self.name, hook = hook.as_str(), "Plugin hook failed.");
-                self.record(admission, Err(&e));
+                self.record(admission, Err(&e), caller);
                 self.on_failure(e.kind())?;
                 Ok(Guarded::Skipped(e.kind()))
             }
@@ -162,17 +174,20 @@ impl Instance {
     ///
     /// `on-log` runs whatever the breaker's state (it settles what `on-request` reserved,
     /// off the request path).
-    pub(super) fn run_log(&self, run: impl FnOnce() -> Result<(), HookError>) {
-        if let Err(e) = run() {
-            self.record(Admission::Allow, Err(&e));
-        }
+    pub(super) fn run_log(
+        &self,
+        caller: Option<&str>,
+        run: impl FnOnce() -> Result<(), HookError>,
+    ) {
+        let result = run();
+        self.record_log(Admission::Allow, result.as_ref().map(|_| ()), caller);
     }
 
-    /// The deadline of a `hook` call given `input_bytes` of text; `None` keeps the
-    /// manifest's.
+    /// The deadline of a `hook` call given `input_bytes` of text: the manifest's (or the
+    /// instance's `deadline_ms`), grown by `deadline_per_mib_ms` per MiB up to
+    /// `max_deadline_ms` (docs/plugins.md, "Failures").
     pub(super) fn deadline(&self, hook: Hook, input_bytes: usize) -> Option<std::time::Duration> {
-        let _ = (hook, input_bytes);
-        None
+        Some(deadline_for(&self.manifest.limits, hook, input_bytes))
     }
 
     /// Serves a call to `/admin/plugins/<instance>/...` (hook `admin`). Not counted in the
@@ -196,8 +211,8 @@ impl Instance {
     }
 
     /// Admission by the breaker; a refusal is counted as a failure.
-    pub(super) fn admit(&self) -> Option<Admission> {
-        match self.breaker.admit() {
+    pub(super) fn admit(&self, caller: Option<&str>) -> Option<Admission> {
+        match self.breaker.admit(caller) {
             Admission::Reject => {
                 self.count_failure("circuit_open");
                 None
@@ -207,17 +222,35 @@ impl Instance {
     }
 
     /// Records a call's outcome in the breaker (and metrics and logs on failure).
-    pub(super) fn record(&self, admission: Admission, result: Result<(), &HookError>) {
+    pub(super) fn record(
+        &self,
+        admission: Admission,
+        result: Result<(), &HookError>,
+        caller: Option<&str>,
+    ) {
+        self.report(result);
+        self.breaker
+            .record(admission, result.is_ok(), caller)
+            .log(&self.name, caller);
+    }
+
+    /// [`Instance::record`] for `on_log`: a success there never closes or resets the breaker.
+    fn record_log(
+        &self,
+        admission: Admission,
+        result: Result<(), &HookError>,
+        caller: Option<&str>,
+    ) {
+        self.report(result);
+        self.breaker
+            .record_log(admission, result.is_ok(), caller)
+            .log(&self.name, caller);
+    }
+
+    fn report(&self, result: Result<(), &HookError>) {
         if let Err(e) = result {
             self.count_failure(e.kind());
             tracing::warn!(plugin = %self.name, kind = e.kind(), error = %e, "Plugin hook failed.");
-        }
-        if self.breaker.record(admission, result.is_ok()) {
-            if self.breaker.is_open() {
-                tracing::warn!(plugin = %self.name, "Plugin circuit breaker opened.");
-            } else {
-                tracing::info!(plugin = %self.name, "Plugin circuit breaker closed.");
-            }
         }
     }
 
@@ -271,6 +304,8 @@ fn load_runtime(
                 chunk_deadline: manifest.limits.chunk_deadline,
                 log_deadline: manifest.limits.log_deadline,
                 init_deadline: manifest.limits.init_deadline,
+                deadline_per_mib: manifest.limits.deadline_per_mib,
+                max_deadline: manifest.limits.max_deadline,
                 ..WasmLimits::default()
             };
             let plugin = WasmPlugin::load_file(

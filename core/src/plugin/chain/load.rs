@@ -7,6 +7,7 @@ use std::sync::Arc;
 use super::{Chain, Instance};
 use crate::config::Config;
 use crate::plugin::PluginError;
+use crate::plugin::deps::check_order;
 use crate::plugin::host::{HostLookups, PluginMetrics};
 use crate::state::StateStore;
 
@@ -54,6 +55,11 @@ impl Plugins {
                 lookups.clone(),
             )?);
         }
+        // Declared metadata dependencies: a reader before its provider is refused at load
+        // (so by `weir check` and on reload too), naming both plugins.
+        let order =
+            |list: &[Arc<Instance>]| check_order(list.iter().map(|i| (i.name(), i.manifest())));
+        order(&global).map_err(|e| e.at("plugins"))?;
         let global_chain = Chain::new(global.clone()).map_err(|reason| PluginError::Config {
             key: "plugins".into(),
             reason,
@@ -74,6 +80,7 @@ impl Plugins {
                     lookups.clone(),
                 )?);
             }
+            order(&instances).map_err(|e| e.at(format!("models[{i}].plugins")))?;
             let chain = Chain::new(instances).map_err(|reason| PluginError::Config {
                 key: format!("models[{i}].plugins"),
                 reason,

@@ -26,12 +26,13 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use super::breaker::caller_of;
 use super::config::Mode;
 use super::contract::{
     Decision, Dialect as ViewDialect, Hook, HookCtx, HookError, LogEntry, PluginDecision, Reply,
     RequestView, ResponseDecision,
 };
-use super::manifest::Manifest;
+use super::manifest::{Manifest, response_bytes};
 use crate::api::openai::ChatResponse;
 use crate::request::{Dialect, RequestCtx, Scratch};
 
@@ -164,7 +165,8 @@ impl Chain {
             if !inst.manifest.hooks.on_request {
                 continue;
             }
-            let outcome = inst.guard(Hook::OnRequest, || {
+            let caller = caller_of(&ctx.metadata).map(str::to_owned);
+            let outcome = inst.guard(Hook::OnRequest, caller.as_deref(), || {
                 view.access = inst.access.clone();
                 view.headers = std::mem::take(&mut ctx.headers);
                 view.body = std::mem::take(&mut ctx.body);
@@ -223,12 +225,13 @@ impl Chain {
             return Ok(Flow::Continue);
         }
         let mut view = response_view(&ctx.request_id, resp);
-        let input = view.choices.iter().map(|c| c.text.len()).sum();
+        let input = response_bytes(&view);
         for (position, inst) in self.instances.iter().enumerate().rev() {
             if !inst.manifest.hooks.on_response {
                 continue;
             }
-            let outcome = inst.guard(Hook::OnResponse, || {
+            let caller = caller_of(&ctx.metadata).map(str::to_owned);
+            let outcome = inst.guard(Hook::OnResponse, caller.as_deref(), || {
                 let mut hctx = HookCtx {
                     request_id: &ctx.request_id,
                     metadata: &mut ctx.metadata,
@@ -296,13 +299,14 @@ impl Chain {
             if !inst.manifest.hooks.on_log {
                 continue;
             }
+            let caller = caller_of(&metadata).map(str::to_owned);
             let mut hctx = HookCtx {
                 request_id: &entry.request_id,
                 metadata: &mut metadata,
                 scratch: scratch.slot(position),
                 deadline: inst.deadline(Hook::OnLog, 0),
             };
-            inst.run_log(|| inst.runtime.on_log(&mut hctx, entry));
+            inst.run_log(caller.as_deref(), || inst.runtime.on_log(&mut hctx, entry));
         }
     }
 
@@ -360,6 +364,8 @@ fn decision_label(d: &Decision) -> String {
 }
 
 mod apply;
+#[cfg(test)]
+mod contract_tests;
 mod instance;
 mod load;
 mod stream;

@@ -5,10 +5,12 @@ use std::sync::Arc;
 
 use super::{Instance, StreamStop};
 use crate::api::openai::{ChatChunk, ChunkChoice, Delta, FunctionCallDelta, PromptTokensDetails};
+use crate::plugin::breaker::caller_of;
 use crate::plugin::config::Mode;
 use crate::plugin::contract::{
     ChunkAction, Finish, Hook, HookCtx, HookError, StreamEvent, TextDelta, ToolCallDelta, Usage,
 };
+use crate::plugin::manifest::event_bytes;
 use crate::request::Scratch;
 
 /// One plugin's place in a stream: its hold buffers (per choice) and whether a fail-open
@@ -237,13 +239,11 @@ impl ChunkFilter {
         }
         let inst = stage.inst.clone();
         let position = stage.position;
-        let Some(admission) = inst.admit() else {
+        let caller = caller_of(&self.metadata).map(str::to_owned);
+        let Some(admission) = inst.admit(caller.as_deref()) else {
             return self.failed(i, &inst, "circuit_open", event, out, merged);
         };
-        let input = match &event {
-            StreamEvent::TextDelta(d) => d.text.len(),
-            _ => 0,
-        };
+        let input = event_bytes(&event);
         let mut hctx = HookCtx {
             request_id: &self.request_id,
             metadata: &mut self.metadata,
@@ -262,7 +262,7 @@ impl ChunkFilter {
                     }
                     _ => Ok(action),
                 });
-        inst.record(admission, result.as_ref().map(|_| ()));
+        inst.record(admission, result.as_ref().map(|_| ()), caller.as_deref());
         let action = match result {
             Ok(a) => a,
             Err(e) => return self.failed(i, &inst, e.kind(), event, out, merged),

@@ -130,6 +130,11 @@ pub struct WasmLimits {
     pub log_deadline: Duration,
     /// Deadline for instantiating and running `init` (default 200 ms).
     pub init_deadline: Duration,
+    /// Extra deadline per MiB of a hook's input (manifest `deadline_per_mib_ms`); the chain
+    /// passes the scaled deadline of each call in `HookCtx::deadline`.
+    pub deadline_per_mib: Duration,
+    /// Ceiling of a scaled deadline (manifest `max_deadline_ms`).
+    pub max_deadline: Duration,
     /// Ready instances kept for reuse (default: twice the CPU count). More may exist
     /// briefly under load; extras are dropped when returned.
     pub max_idle_instances: usize,
@@ -144,6 +149,8 @@ impl Default for WasmLimits {
             chunk_deadline: Duration::from_millis(2),
             log_deadline: Duration::from_millis(50),
             init_deadline: Duration::from_millis(200),
+            deadline_per_mib: crate::plugin::manifest::Limits::default().deadline_per_mib,
+            max_deadline: crate::plugin::manifest::Limits::default().max_deadline,
             max_idle_instances: cpus * 2,
         }
     }
@@ -157,7 +164,9 @@ impl WasmLimits {
             Hook::OnRequest | Hook::OnResponse => self.request_deadline,
             Hook::OnResponseChunk => self.chunk_deadline,
             Hook::OnLog => self.log_deadline,
-            Hook::Admin => self.log_deadline.max(crate::plugin::manifest::ADMIN_DEADLINE),
+            Hook::Admin => self
+                .log_deadline
+                .max(crate::plugin::manifest::ADMIN_DEADLINE),
         }
     }
 }
