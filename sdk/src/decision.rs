@@ -1,8 +1,8 @@
-//! Helpers on the contract types: building decisions and reading requests.
+//! Helpers on the contract types: building decisions and reading responses.
 
 use crate::{
-    ChunkAction, Decision, MessageView, Mutations, Reply, RequestView, ResponseDecision,
-    ResponseMutations, ResponseView, StreamEvent, Target, TextDelta,
+    ChunkAction, Decision, MessageView, Mutations, Reply, ResponseDecision, ResponseMutations,
+    ResponseView, StreamEvent, Target, TextDelta, ToolCallEdit,
 };
 
 impl Reply {
@@ -136,16 +136,49 @@ impl Decision {
         self.edit(|m| m.set_model = Some(model.to_owned()))
     }
 
-    /// Replaces the messages (role and text).
+    /// Replaces the messages (role and text). Tool calls, non-text parts and names are
+    /// kept from the original message at the same index; to change one message's text
+    /// prefer [`Decision::set_message_text`], and for tool calls
+    /// [`Decision::set_tool_call_arguments`].
     ///
     /// ```
     /// use weir_sdk::{Decision, MessageView};
-    /// let msg = MessageView { role: "user".into(), content: "hi".into(), tool_calls: vec![] };
-    /// let d = Decision::cont().set_messages(vec![msg]);
+    /// let d = Decision::cont().set_messages(vec![MessageView::new("user", "hi")]);
     /// # assert!(!d.is_reply());
     /// ```
     pub fn set_messages(self, messages: Vec<MessageView>) -> Decision {
         self.edit(|m| m.set_messages = Some(messages))
+    }
+
+    /// Replaces the text of message `index`. Images, audio and files of the message stay;
+    /// a text with as many `"\n"`-separated pieces as the message had text parts goes
+    /// back part by part, otherwise into its first text part.
+    ///
+    /// ```
+    /// use weir_sdk::Decision;
+    /// let d = Decision::cont().set_message_text(1, "[redacted]");
+    /// assert!(matches!(d, Decision::Continue(m) if m.set_message_text == [(1, "[redacted]".to_string())]));
+    /// ```
+    pub fn set_message_text(self, index: u32, text: &str) -> Decision {
+        self.edit(|m| m.set_message_text.push((index, text.to_owned())))
+    }
+
+    /// Replaces the arguments (a JSON document as text) of tool call `index` of message
+    /// `message` (an assistant message's `tool_calls`, Anthropic `tool_use.input` included).
+    ///
+    /// ```
+    /// use weir_sdk::Decision;
+    /// let d = Decision::cont().set_tool_call_arguments(2, 0, r#"{"to":"[EMAIL]"}"#);
+    /// assert!(matches!(d, Decision::Continue(m) if m.set_tool_call_arguments[0].owner == 2));
+    /// ```
+    pub fn set_tool_call_arguments(self, message: u32, index: u32, arguments: &str) -> Decision {
+        self.edit(|m| {
+            m.set_tool_call_arguments.push(ToolCallEdit {
+                owner: message,
+                index,
+                arguments: arguments.to_owned(),
+            })
+        })
     }
 
     /// Replaces the whole canonical request body (JSON; needs capability `body`).
@@ -236,6 +269,33 @@ impl ResponseDecision {
         self.edit(|m| m.set_choice_text.push((index, text.to_owned())))
     }
 
+    /// Replaces the arguments (JSON text) of tool call `index` of choice `choice`.
+    ///
+    /// ```
+    /// use weir_sdk::ResponseDecision;
+    /// let d = ResponseDecision::cont().set_tool_call_arguments(0, 1, r#"{"city":"Paris"}"#);
+    /// assert!(matches!(d, ResponseDecision::Continue(m) if m.set_tool_call_arguments[0].index == 1));
+    /// ```
+    pub fn set_tool_call_arguments(
+        self,
+        choice: u32,
+        index: u32,
+        arguments: &str,
+    ) -> ResponseDecision {
+        self.edit(|m| {
+            m.set_tool_call_arguments.push(ToolCallEdit {
+                owner: choice,
+                index,
+                arguments: arguments.to_owned(),
+            })
+        })
+    }
+
+    /// Whether this decision replaces the response.
+    pub fn is_reply(&self) -> bool {
+        matches!(self, ResponseDecision::Reply(_))
+    }
+
     /// Adds a header to the response the client will get.
     pub fn set_header(self, name: &str, value: &str) -> ResponseDecision {
         self.edit(|m| {
@@ -261,44 +321,25 @@ impl ChunkAction {
         ChunkAction::Replace(vec![StreamEvent::TextDelta(TextDelta {
             choice,
             text: text.to_owned(),
+            last: false,
         })])
     }
 }
 
-impl RequestView {
-    /// The first header named `name` (case-insensitive). Only headers the manifest
-    /// declares in `headers = [..]` are present.
+impl MessageView {
+    /// A message with a role and text, no tool calls and no other parts.
     ///
     /// ```
-    /// let req = weir_sdk::testing::request().header("X-Tenant", "acme").build();
-    /// assert_eq!(req.header("x-tenant"), Some("acme"));
+    /// let m = weir_sdk::MessageView::new("user", "hello");
+    /// assert_eq!((m.role.as_str(), m.content.as_str()), ("user", "hello"));
     /// ```
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-
-    /// The text of the last `user` message.
-    ///
-    /// ```
-    /// let req = weir_sdk::testing::request().user("hello").build();
-    /// assert_eq!(req.last_user_text(), Some("hello"));
-    /// ```
-    pub fn last_user_text(&self) -> Option<&str> {
-        self.messages
-            .iter()
-            .rev()
-            .find(|m| m.role == "user")
-            .map(|m| m.content.as_str())
-    }
-
-    /// The full body parsed as JSON (present only with capability `body`).
-    pub fn body_json(&self) -> Option<serde_json::Value> {
-        self.body
-            .as_deref()
-            .and_then(|b| serde_json::from_str(b).ok())
+    pub fn new(role: &str, content: &str) -> MessageView {
+        MessageView {
+            role: role.to_owned(),
+            content: content.to_owned(),
+            tool_calls: Vec::new(),
+            other_parts: 0,
+        }
     }
 }
 

@@ -1,7 +1,8 @@
 //! `weir-sdk`: write plugins for the Weir AI gateway in Rust.
 //!
-//! A plugin is a `wasm32-wasip2` component built against `sdk/wit/weir.wit`, the one
-//! contract the gateway also reads. With this crate it is a plain Rust type:
+//! A plugin is a `wasm32-wasip2` component built against `sdk/wit/weir.wit`
+//! (`weir:plugin@0.2.0`), the one contract the gateway also reads. With this crate it is a
+//! plain Rust type:
 //!
 //! 1. implement [`Plugin`] (every hook has a no-op default; declare in `plugin.toml`
 //!    which hooks the gateway should call),
@@ -11,7 +12,7 @@
 //!    manifest.
 //!
 //! ```
-//! use weir_sdk::{Decision, Plugin, RequestView};
+//! use weir_sdk::{Decision, Plugin, Request};
 //!
 //! /// Rejects requests without an `x-team` header.
 //! struct RequireTeam;
@@ -23,9 +24,9 @@
 //!         Ok(RequireTeam)
 //!     }
 //!
-//!     fn on_request(&self, req: &RequestView) -> Decision {
+//!     fn on_request(&self, req: &Request) -> Decision {
 //!         match req.header("x-team") {
-//!             Some(team) => Decision::cont().set_metadata("team", team),
+//!             Some(team) => Decision::cont().set_metadata("team", &team),
 //!             None => Decision::error(400, "missing x-team header"),
 //!         }
 //!     }
@@ -35,10 +36,16 @@
 //! # fn main() {}
 //! ```
 //!
-//! Where to look next: [`Decision`] and [`ChunkAction`] for what hooks return, the host
-//! modules ([`kv`], [`ctx`], [`log`], [`metrics`], [`http`], [`now_ms`],
-//! [`count_tokens`]) for what a plugin may call, and [`testing`] to run a plugin's hooks
-//! natively in `cargo test` against fixture requests, with an in-memory fake host.
+//! The request is a lazy view ([`Request`]): every accessor (`header`, `messages`,
+//! `body`...) asks the gateway for just that piece, so read what you need once and keep
+//! it in a local.
+//!
+//! Where to look next: [`Decision`], [`ResponseDecision`] and [`ChunkAction`] for what
+//! hooks return; the host modules ([`kv`], [`ctx`], [`scratch`], [`limit`], [`ledger`],
+//! [`log`], [`metrics`], [`http`]) and functions ([`now_ms`], [`count_tokens`],
+//! [`target_stats`], [`price`], [`sha256`], [`random_bytes`]) for what a plugin may call; [`Plugin::admin`]
+//! for a plugin's own admin endpoint; and [`testing`] to run a plugin's hooks natively in
+//! `cargo test` against fixture requests, with an in-memory fake host.
 //!
 //! The sandbox: a plugin has no filesystem, network, environment, stdio or clocks. Use
 //! the host API instead ([`now_ms`], [`http::fetch`] with an allow-listed host); any other
@@ -46,11 +53,17 @@
 
 extern crate self as weir_sdk;
 
+mod admin;
 mod decision;
 mod host;
+mod request;
 pub mod testing;
 
-pub use host::{count_tokens, ctx, http, kv, log, metrics, now_ms};
+pub use host::{
+    count_tokens, ctx, http, kv, ledger, limit, log, metrics, now_ms, price, random_bytes, scratch,
+    sha256, sha256_hex, target_stats,
+};
+pub use request::Request;
 
 #[doc(hidden)]
 pub use wit_bindgen as __wit_bindgen;
@@ -64,8 +77,15 @@ pub mod __bindings {
         world: "plugin",
         additional_derives: [PartialEq],
         additional_type_attributes: {
-            "weir:plugin/types@0.1.0/mutations": [#[derive(Default)]],
-            "weir:plugin/types@0.1.0/response-mutations": [#[derive(Default)]],
+            "weir:plugin/types@0.2.0/mutations": [#[derive(Default)]],
+            "weir:plugin/types@0.2.0/response-mutations": [#[derive(Default)]],
+            "weir:plugin/types@0.2.0/usage": [#[derive(Default)]],
+            "weir:plugin/types@0.2.0/message-view": [#[derive(Default)]],
+            "weir:plugin/types@0.2.0/tool-call-view": [#[derive(Default)]],
+            "weir:plugin/types@0.2.0/choice-view": [#[derive(Default)]],
+            "weir:plugin/types@0.2.0/response-view": [#[derive(Default)]],
+            "weir:plugin/types@0.2.0/log-entry": [#[derive(Default)]],
+            "weir:plugin/types@0.2.0/admin-request": [#[derive(Default)]],
         },
         pub_export_macro: true,
         export_macro_name: "__export_plugin_world",
@@ -74,18 +94,24 @@ pub mod __bindings {
     });
 }
 
+pub use __bindings::weir::plugin::host::{
+    LedgerBalance, LedgerResult, LimitResult, ModelPrice, TargetSnapshot,
+};
 pub use __bindings::weir::plugin::types::{
-    ChoiceView, ChunkAction, Decision, Dialect, Endpoint, Finish, LogEntry, MessageView, Mutations,
-    Pairs, Reply, RequestView, ResponseDecision, ResponseMutations, ResponseView, StreamEvent,
-    Target, TextDelta, ToolCallDelta, ToolCallView, Usage,
+    AdminRequest, AdminResponse, Attempt, ChoiceView, ChunkAction, Decision, Dialect, Endpoint,
+    Finish, LogEntry, MessageView, Mutations, Pairs, PluginDecision, Reply, ResponseDecision,
+    ResponseMutations, ResponseView, StreamEvent, Target, TextDelta, ToolCallDelta, ToolCallEdit,
+    ToolCallView, Usage,
 };
 
 /// A Weir plugin. Implement it on your type and call [`export!`] once.
 ///
 /// The gateway creates several instances of a plugin (one per concurrent call, reused
 /// across requests) and calls [`Plugin::new`] once in each with the plugin's config, so
-/// keep no state in `self` that must be shared between requests: use [`kv`] for that and
-/// [`ctx`] for data shared with the other plugins of one request.
+/// keep no state in `self` that must be shared between requests: use [`kv`] (or
+/// [`limit`], [`ledger`]) for that, [`ctx`] for data shared with the other plugins of one
+/// request and [`scratch`] for data private to this plugin across the hooks of one
+/// request.
 ///
 /// Every hook has a default that changes nothing; the manifest's `hooks = [..]` says
 /// which ones the gateway calls.
@@ -122,7 +148,10 @@ pub trait Plugin: Sized + Send + Sync + 'static {
 
     /// Runs for every request before it is sent upstream. Return [`Decision::cont`]
     /// (optionally with changes) to go on, or a reply to answer now.
-    fn on_request(&self, req: &RequestView) -> Decision {
+    ///
+    /// `req` reads the request lazily (see [`Request`]); it sees the changes of the
+    /// plugins before this one.
+    fn on_request(&self, req: &Request) -> Decision {
         let _ = req;
         Decision::cont()
     }
@@ -134,14 +163,46 @@ pub trait Plugin: Sized + Send + Sync + 'static {
     }
 
     /// Runs on every normalized stream event.
+    ///
+    /// A [`TextDelta`] with `last` set cannot be held: answer [`ChunkAction::Pass`] or
+    /// [`ChunkAction::Replace`] (the gateway treats [`ChunkAction::Hold`] then as a plugin
+    /// failure).
     fn on_response_chunk(&self, event: &StreamEvent) -> ChunkAction {
         let _ = event;
         ChunkAction::Pass
     }
 
-    /// Runs after the response was sent, off the hot path: usage, latency, status.
+    /// Runs after the response was sent, off the hot path: usage, latency, status,
+    /// attempts, decisions, cost.
     fn on_log(&self, entry: &LogEntry) {
         let _ = entry;
+    }
+
+    /// Serves `/admin/plugins/<instance>/<path>` on the gateway's admin listener (behind
+    /// the admin token), when the manifest lists hook `admin`. The default answers 404.
+    ///
+    /// ```
+    /// use weir_sdk::{AdminRequest, AdminResponse, Plugin};
+    ///
+    /// struct Hello;
+    /// impl Plugin for Hello {
+    ///     type Config = weir_sdk::NoConfig;
+    ///     fn new(_: Self::Config) -> Result<Self, String> { Ok(Hello) }
+    ///     fn admin(&self, req: &AdminRequest) -> AdminResponse {
+    ///         match (req.method.as_str(), req.path.as_str()) {
+    ///             ("GET", "/hello") => AdminResponse::json(200, &serde_json::json!({"hello": "world"})),
+    ///             _ => AdminResponse::not_found(),
+    ///         }
+    ///     }
+    /// }
+    ///
+    /// let h = weir_sdk::testing::Harness::<Hello>::new("{}").unwrap();
+    /// assert_eq!(h.admin(&weir_sdk::testing::admin_request("GET", "/hello")).status, 200);
+    /// assert_eq!(h.admin(&weir_sdk::testing::admin_request("GET", "/nope")).status, 404);
+    /// ```
+    fn admin(&self, req: &AdminRequest) -> AdminResponse {
+        let _ = req;
+        AdminResponse::not_found()
     }
 }
 
@@ -220,9 +281,14 @@ macro_rules! export {
                         .map_err(|_| ::std::string::String::from("plugin already initialized"))
                 }
 
-                fn on_request(request: $crate::RequestView) -> $crate::Decision {
+                fn on_request(
+                    request: &$crate::__bindings::weir::plugin::views::Request,
+                ) -> $crate::Decision {
                     match PLUGIN.get() {
-                        Some(plugin) => $crate::Plugin::on_request(plugin, &request),
+                        Some(plugin) => {
+                            let request = $crate::Request::__from_wit(request);
+                            $crate::Plugin::on_request(plugin, &request)
+                        }
                         None => $crate::Decision::error(500, "plugin not initialized"),
                     }
                 }
@@ -244,6 +310,13 @@ macro_rules! export {
                 fn on_log(entry: $crate::LogEntry) {
                     if let Some(plugin) = PLUGIN.get() {
                         $crate::Plugin::on_log(plugin, &entry);
+                    }
+                }
+
+                fn admin(request: $crate::AdminRequest) -> $crate::AdminResponse {
+                    match PLUGIN.get() {
+                        Some(plugin) => $crate::Plugin::admin(plugin, &request),
+                        None => $crate::AdminResponse::error(503, "plugin not initialized"),
                     }
                 }
             }

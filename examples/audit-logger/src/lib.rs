@@ -1,7 +1,8 @@
 //! Audit logger: after each response, stores a summary of the request in the plugin's
 //! key-value state (one key per request id, expiring after `ttl_secs`) and keeps
 //! per-tenant counters of requests and tokens. It never stores prompt or completion
-//! text: the summary holds ids, model, status, usage and timings only.
+//! text: the summary holds ids, model, status, usage, timings, the number of upstream
+//! attempts and the cost only.
 //!
 //! Build: `scripts/build-plugins.sh` (writes `plugin.wasm`); test: `cargo test`.
 
@@ -36,7 +37,7 @@ fn default_tenant_key() -> String {
 }
 
 /// What is stored per request: identifiers and numbers, never prompt text.
-#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
 pub struct Summary {
     /// The request id.
     pub request_id: String,
@@ -64,6 +65,15 @@ pub struct Summary {
     pub completion_tokens: u64,
     /// Prompt tokens served from the provider's cache.
     pub cached_tokens: u64,
+    /// Prompt tokens written to the provider's cache.
+    #[serde(default)]
+    pub cache_write_tokens: u64,
+    /// Upstream attempts (retries and fallbacks each make one).
+    #[serde(default)]
+    pub attempts: usize,
+    /// The cost in USD from the gateway's `[prices]`, when known.
+    #[serde(default)]
+    pub cost_usd: Option<f64>,
 }
 
 /// The plugin.
@@ -78,11 +88,7 @@ impl AuditLogger {
             .iter()
             .find(|(k, _)| *k == self.config.tenant_key)
             .map_or("unknown", |(_, v)| v.as_str());
-        let usage = entry.usage.unwrap_or(weir_sdk::Usage {
-            prompt_tokens: 0,
-            completion_tokens: 0,
-            cached_tokens: 0,
-        });
+        let usage = entry.usage.unwrap_or_default();
         Summary {
             request_id: entry.request_id.clone(),
             at_ms: weir_sdk::now_ms(),
@@ -97,6 +103,9 @@ impl AuditLogger {
             prompt_tokens: usage.prompt_tokens,
             completion_tokens: usage.completion_tokens,
             cached_tokens: usage.cached_tokens,
+            cache_write_tokens: usage.cache_write_tokens,
+            attempts: entry.attempts.len(),
+            cost_usd: entry.cost_usd,
         }
     }
 }

@@ -5,7 +5,7 @@
 use audit_logger::{AuditLogger, Summary};
 use serde_json::Value;
 use weir_sdk::testing::{self, Harness};
-use weir_sdk::{LogEntry, Usage};
+use weir_sdk::{Attempt, LogEntry, Usage};
 
 fn entry() -> LogEntry {
     let path = format!("{}/tests/log_entry.json", env!("CARGO_MANIFEST_DIR"));
@@ -24,6 +24,7 @@ fn entry() -> LogEntry {
             prompt_tokens: usage["prompt_tokens"].as_u64().unwrap_or(0),
             completion_tokens: usage["completion_tokens"].as_u64().unwrap_or(0),
             cached_tokens: usage["cached_tokens"].as_u64().unwrap_or(0),
+            cache_write_tokens: usage["cache_write_tokens"].as_u64().unwrap_or(0),
         }),
         latency_ms: v["latency_ms"].as_u64().unwrap_or(0),
         ttft_ms: v["ttft_ms"].as_u64(),
@@ -33,6 +34,20 @@ fn entry() -> LogEntry {
             .flatten()
             .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
             .collect(),
+        attempts: v["attempts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|a| Attempt {
+                provider: a["provider"].as_str().unwrap_or_default().to_owned(),
+                target_model: a["target_model"].as_str().unwrap_or_default().to_owned(),
+                status: a["status"].as_u64().unwrap_or(0) as u16,
+                latency_ms: a["latency_ms"].as_u64().unwrap_or(0),
+                error: a["error"].as_str().map(str::to_owned),
+            })
+            .collect(),
+        decisions: Vec::new(),
+        cost_usd: v["cost_usd"].as_f64(),
     }
 }
 
@@ -50,6 +65,9 @@ fn stores_summary_with_ttl_and_counts_per_tenant() {
     assert_eq!(summary.prompt_tokens, 12);
     assert_eq!(summary.ttft_ms, Some(210));
     assert_eq!(summary.at_ms, 1_000_000);
+    assert_eq!(summary.cache_write_tokens, 2);
+    assert_eq!(summary.attempts, 2);
+    assert_eq!(summary.cost_usd, Some(0.00042));
     assert_eq!(testing::kv_ttl_ms("audit:req:req-42"), Some(3_600_000));
 
     assert_eq!(

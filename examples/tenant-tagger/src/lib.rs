@@ -6,7 +6,7 @@
 //! Build: `scripts/build-plugins.sh` (writes `plugin.wasm`); test: `cargo test`.
 
 use serde::Deserialize;
-use weir_sdk::{Decision, Plugin, RequestView};
+use weir_sdk::{Decision, Plugin, Request};
 
 /// The `config` table of this plugin in the gateway config.
 #[derive(Debug, Deserialize)]
@@ -68,8 +68,9 @@ impl Plugin for TenantTagger {
         Ok(TenantTagger { config })
     }
 
-    fn on_request(&self, req: &RequestView) -> Decision {
-        let tenant = match req.header(&self.config.header).map(str::trim) {
+    fn on_request(&self, req: &Request) -> Decision {
+        let header = req.header(&self.config.header);
+        let tenant = match header.as_deref().map(str::trim) {
             Some(t) if valid_tenant(t) => t,
             Some(_) => {
                 return Decision::error(400, &format!("invalid {} header", self.config.header));

@@ -14,17 +14,25 @@
 //!   `key`, `key.name`, `tenant`, `key.rpm`, `key.tpm`, `key.budget_usd`,
 //!   `key.budget_period`, `key.meta.<name>`.
 //!
+//! Keys are managed through the gateway's admin API (`/admin/keys`, `weir keys`) or the
+//! plugin's own admin endpoint, `/admin/plugins/<instance>/keys` ([`admin`]): both write
+//! the same records, so either works with keys the other created.
+//!
 //! Start at [`Auth::on_request`]; the record format is [`KeyRecord`] (the admin API in
 //! `core/src/admin/keys.rs` writes the same JSON).
 
+pub mod admin;
+
 use std::collections::BTreeMap;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use weir_sdk::{Decision, Dialect, Plugin, Reply, RequestView};
+use weir_sdk::{AdminRequest, AdminResponse, Decision, Dialect, Plugin, Reply, Request};
 
 /// The key-value prefix of key records: `key/<sha256 hex of the secret>`.
 pub const KEY_PREFIX: &str = "key/";
+/// The key-value prefix of the id index: `id/<key id>` -> the hash.
+pub const ID_PREFIX: &str = "id/";
 
 /// The plugin's configuration (the `config` table of its `[[plugins]]` entry).
 #[derive(Debug, Clone, Deserialize)]
@@ -54,10 +62,11 @@ impl Default for AuthConfig {
     }
 }
 
-/// One virtual key as stored (JSON) under `key/<sha256 hex>`. Written by the admin API;
-/// the plugin only reads it. Unknown fields are ignored so newer admin versions can add
-/// some without breaking older plugins.
-#[derive(Debug, Clone, Default, Deserialize)]
+/// One virtual key as stored (JSON) under `key/<sha256 hex>`. Written by the admin API
+/// (`core/src/admin/keys.rs`) or this plugin's [`admin`] endpoint, field for field the
+/// same JSON. Unknown fields are kept (in `extra`) so newer admin versions can add some
+/// without breaking, or losing them through, older plugins.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct KeyRecord {
     /// Stable public id (`key_...`), used by the admin API, logs and usage.
     pub id: String,
@@ -65,32 +74,44 @@ pub struct KeyRecord {
     #[serde(default)]
     pub name: String,
     /// Tenant the key belongs to.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tenant: Option<String>,
     /// Model globs the key may use (`gpt-4o*`, `claude-*`); empty: every model.
     #[serde(default)]
     pub models: Vec<String>,
     /// Expiry, ms since the Unix epoch.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<u64>,
     /// Revoked keys stay stored (for the audit trail) but never authenticate.
     #[serde(default)]
     pub revoked: bool,
+    /// When it was revoked, ms since the epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_at: Option<u64>,
     /// Requests per minute (read by the rate-limit plugin).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rpm: Option<u64>,
     /// Tokens per minute (read by the rate-limit plugin).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tpm: Option<u64>,
     /// Budget in USD per `budget_period` (read by the budget plugin).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget_usd: Option<f64>,
     /// `day`, `month` or `total`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget_period: Option<String>,
     /// Free-form facts later plugins read as `key.meta.<name>`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub metadata: BTreeMap<String, String>,
+    /// The first characters of the secret (`wk-1a2b`), to recognise a key in a list.
+    #[serde(default)]
+    pub prefix: String,
+    /// Creation time, ms since the epoch.
+    #[serde(default)]
+    pub created_at: u64,
+    /// Fields this version does not know, kept as they are.
+    #[serde(flatten)]
+    pub extra: BTreeMap<String, serde_json::Value>,
 }
 
 /// Why a credential was refused.
@@ -189,7 +210,7 @@ pub fn hash_secret(secret: &str) -> String {
 
 /// The credential the client presented: `Authorization: Bearer X` first, then
 /// `x-api-key: X`.
-pub fn credential(req: &RequestView) -> Option<&str> {
+pub fn credential(req: &Request) -> Option<String> {
     if let Some(value) = req.header("authorization") {
         let value = value.trim();
         let token = value
@@ -197,11 +218,11 @@ pub fn credential(req: &RequestView) -> Option<&str> {
             .filter(|scheme| scheme.eq_ignore_ascii_case("bearer "))
             .map(|_| value[7..].trim());
         if let Some(token) = token.filter(|t| !t.is_empty()) {
-            return Some(token);
+            return Some(token.to_owned());
         }
     }
     req.header("x-api-key")
-        .map(str::trim)
+        .map(|t| t.trim().to_owned())
         .filter(|t| !t.is_empty())
 }
 
@@ -274,7 +295,7 @@ impl KeyRecord {
 
 impl Auth {
     /// Finds and checks the key of a request.
-    fn authenticate(&self, req: &RequestView) -> Result<Option<KeyRecord>, Refusal> {
+    fn authenticate(&self, req: &Request, model: &str) -> Result<Option<KeyRecord>, Refusal> {
         let Some(secret) = credential(req) else {
             return if self.config.allow_anonymous {
                 Ok(None)
@@ -285,7 +306,7 @@ impl Auth {
         if !secret.starts_with(&self.config.key_prefix) {
             return Err(Refusal::Unknown);
         }
-        let stored = match weir_sdk::kv::get(&format!("{KEY_PREFIX}{}", hash_secret(secret))) {
+        let stored = match weir_sdk::kv::get(&format!("{KEY_PREFIX}{}", hash_secret(&secret))) {
             Ok(Some(bytes)) => bytes,
             Ok(None) => return Err(Refusal::Unknown),
             Err(e) => {
@@ -298,7 +319,7 @@ impl Auth {
             weir_sdk::log::error(&format!("unreadable key record: {e}"));
             Refusal::Unknown
         })?;
-        record.check(weir_sdk::now_ms(), &req.model)?;
+        record.check(weir_sdk::now_ms(), model)?;
         Ok(Some(record))
     }
 }
@@ -313,11 +334,12 @@ impl Plugin for Auth {
         Ok(Auth { config })
     }
 
-    fn on_request(&self, req: &RequestView) -> Decision {
-        match self.authenticate(req) {
+    fn on_request(&self, req: &Request) -> Decision {
+        let model = req.model();
+        match self.authenticate(req, &model) {
             Err(refusal) => {
                 weir_sdk::metrics::counter_add(refusal.code(), 1);
-                Decision::Reply(refusal.reply(req.dialect, &req.model))
+                Decision::Reply(refusal.reply(req.dialect(), &model))
             }
             Ok(record) => {
                 // The client's credential never goes upstream.
@@ -332,6 +354,11 @@ impl Plugin for Auth {
                 decision
             }
         }
+    }
+
+    /// The keys endpoint: see [`admin`].
+    fn admin(&self, req: &AdminRequest) -> AdminResponse {
+        admin::serve(&self.config, req)
     }
 }
 

@@ -79,8 +79,9 @@ pub struct CustomConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedactionConfig {
-    /// Secret mixed into `hash` values and used to seal the pseudonym map. Required when
-    /// a detector uses `hash` or `pseudonymize`; at least 16 characters.
+    /// Secret mixed into `hash` values. Required when a detector uses `hash` or
+    /// `pseudonymize` (kept for configs written before the pseudonym map moved to the
+    /// request scratch); at least 16 characters.
     #[serde(default)]
     pub salt: Option<String>,
     /// Mode of the built-in detectors not listed in `detectors`. Default `mask`.

@@ -2,43 +2,62 @@
 //! `weir-sdk`.
 //!
 //! Start with [`Redaction`], the [`Plugin`] implementation: `on-request` scans the
-//! messages and masks, hashes, blocks or pseudonymizes what the detectors find;
-//! `on-response` and `on-response-chunk` put pseudonymized values back and redact model
-//! output. The pieces:
+//! messages' text and their tool-call arguments (OpenAI `tool_calls`, Anthropic
+//! `tool_use.input`) and masks, hashes, blocks or pseudonymizes what the detectors find,
+//! rewriting text per message (`set-message-text`, so images and other parts stay) and
+//! arguments per call (`set-tool-call-arguments`); `on-response` and `on-response-chunk`
+//! put pseudonymized values back and redact model output, in text and tool-call
+//! arguments. The pseudonym map of a request lives in the plugin's request scratch. The
+//! pieces:
 //! - [`detect`]: the detectors (regex candidates + validators) and the [`detect::Scanner`];
 //! - [`config`]: the JSON config and the compiled [`config::Policy`];
-//! - [`rewrite`]: the text transformations and the streaming hold rule;
-//! - [`seal`]: salted hashes and the sealed pseudonym map.
+//! - [`rewrite`]: the text transformations, JSON values of arguments, and the streaming
+//!   hold rule;
+//! - [`hash`]: the salted hash of `hash` mode.
 //!
 //! The README beside `plugin.toml` is the full config reference.
 
 pub mod config;
 pub mod detect;
+pub mod hash;
 pub mod rewrite;
-pub mod seal;
 
 use weir_sdk::{
-    ChunkAction, Decision, Dialect, MessageView, Plugin, Reply, RequestView, ResponseDecision,
+    ChunkAction, Decision, Dialect, MessageView, Plugin, Reply, Request, ResponseDecision,
     ResponseView, StreamEvent, TextDelta, ToolCallDelta,
 };
 
 use config::{Policy, RedactionConfig};
-use rewrite::{Pseudonyms, must_hold, redact_output, redact_request};
-use seal::SealKey;
+use rewrite::{JsonValues, Pseudonyms, map_arguments, must_hold, redact_output, redact_request};
 
-/// The metadata key holding the sealed pseudonym map of a request.
-pub const PSEUDONYMS_KEY: &str = "redaction.pseudonyms";
-/// Metadata key prefix (plus the choice index) recording how many bytes of streamed text
-/// the plugin is holding: a length, never text.
-pub const HELD_KEY_PREFIX: &str = "redaction.held.";
+/// The scratch key holding the pseudonym map of a request (the plugin's request scratch
+/// is private to it and never logged, so the map is kept in clear there).
+pub const PSEUDONYMS_KEY: &str = "pseudonyms";
 /// The metadata key with per-detector counts (`email=2,phone=1`): names only, no values.
 pub const FINDINGS_KEY: &str = "redaction.findings";
 
-/// The redaction plugin: a compiled policy and the key sealing pseudonym maps.
+/// The redaction plugin: a compiled policy.
 #[derive(Debug)]
 pub struct Redaction {
     policy: Policy,
-    key: SealKey,
+}
+
+/// Where a scanned text of a request comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// The text of message `.0`.
+    Text(u32),
+    /// Value `.2` of the arguments of tool call `.1` of message `.0`.
+    Argument(u32, u32, usize),
+}
+
+/// The tool-call arguments of one call, lexed: its message, its index, and the values.
+struct Arguments<'t> {
+    message: u32,
+    index: u32,
+    /// The lexed document, or `None` when it is not JSON-shaped (scanned whole).
+    values: Option<JsonValues<'t>>,
+    raw: &'t str,
 }
 
 impl Redaction {
@@ -49,9 +68,8 @@ impl Redaction {
 
     /// The pseudonym map of the current request, if `on-request` made one.
     fn pseudonyms(&self) -> Option<Pseudonyms> {
-        let sealed = weir_sdk::ctx::get(PSEUDONYMS_KEY).filter(|s| !s.is_empty())?;
-        let plain = self.key.open(&sealed)?;
-        Pseudonyms::from_bytes(&plain)
+        let bytes = weir_sdk::scratch::get(PSEUDONYMS_KEY)?;
+        Pseudonyms::from_bytes(&bytes).filter(|p| !p.is_empty())
     }
 
     /// Redacts model output, then restores placeholders (in that order, so values the
@@ -63,6 +81,37 @@ impl Redaction {
             None => masked.into_owned(),
         };
         (restored != text).then_some(restored)
+    }
+
+    /// The texts of a request to scan, with where each comes from: every message's text,
+    /// then the values of its tool calls' arguments.
+    fn request_texts<'m>(
+        messages: &'m [MessageView],
+        calls: &'m [Arguments<'m>],
+    ) -> Vec<(Source, &'m str, &'m str)> {
+        let mut texts = Vec::new();
+        for (i, m) in (0u32..).zip(messages) {
+            texts.push((Source::Text(i), m.role.as_str(), m.content.as_str()));
+        }
+        for call in calls {
+            let role = usize::try_from(call.message)
+                .ok()
+                .and_then(|i| messages.get(i))
+                .map_or("assistant", |m| m.role.as_str());
+            match &call.values {
+                Some(values) => {
+                    for (k, v) in values.values().enumerate() {
+                        texts.push((Source::Argument(call.message, call.index, k), role, v));
+                    }
+                }
+                None => texts.push((
+                    Source::Argument(call.message, call.index, 0),
+                    role,
+                    call.raw,
+                )),
+            }
+        }
+        texts
     }
 }
 
@@ -93,20 +142,28 @@ impl Plugin for Redaction {
 
     fn new(config: RedactionConfig) -> Result<Self, String> {
         let policy = Policy::try_from(config)?;
-        let key = SealKey::derive(&policy.salt);
-        Ok(Redaction { policy, key })
+        Ok(Redaction { policy })
     }
 
-    fn on_request(&self, req: &RequestView) -> Decision {
-        let messages = req
-            .messages
-            .iter()
-            .map(|m| (m.role.as_str(), m.content.as_str()));
-        let redacted = match redact_request(&self.policy, messages) {
+    fn on_request(&self, req: &Request) -> Decision {
+        let messages = req.messages();
+        let calls: Vec<Arguments<'_>> = (0u32..)
+            .zip(&messages)
+            .flat_map(|(i, m)| {
+                (0u32..).zip(&m.tool_calls).map(move |(j, call)| Arguments {
+                    message: i,
+                    index: j,
+                    values: JsonValues::parse(&call.arguments),
+                    raw: &call.arguments,
+                })
+            })
+            .collect();
+        let texts = Redaction::request_texts(&messages, &calls);
+        let redacted = match redact_request(&self.policy, texts.iter().map(|(_, r, t)| (*r, *t))) {
             Ok(r) => r,
             Err(blocked) => {
                 weir_sdk::metrics::counter_add(&format!("blocked_{}", blocked.detector), 1);
-                return Decision::Reply(block_reply(req.dialect, &blocked.detector));
+                return Decision::Reply(block_reply(req.dialect(), &blocked.detector));
             }
         };
         for (name, n) in &redacted.counts {
@@ -115,32 +172,41 @@ impl Plugin for Redaction {
         if redacted.contents.iter().all(Option::is_none) {
             return Decision::cont();
         }
-        let messages: Vec<MessageView> = req
-            .messages
-            .iter()
-            .zip(redacted.contents)
-            .map(|(m, new)| MessageView {
-                role: m.role.clone(),
-                content: new.unwrap_or_else(|| m.content.clone()),
-                tool_calls: m.tool_calls.clone(),
-            })
-            .collect();
+        let mut decision = Decision::cont();
+        // Message text: one edit per changed message, so images and other parts stay.
+        for ((source, _, _), new) in texts.iter().zip(&redacted.contents) {
+            if let (Source::Text(i), Some(new)) = (source, new) {
+                decision = decision.set_message_text(*i, new);
+            }
+        }
+        // Tool-call arguments: the changed values spliced back into each document.
+        for call in &calls {
+            let new: Vec<Option<String>> = texts
+                .iter()
+                .zip(&redacted.contents)
+                .filter(|((source, _, _), _)| {
+                    matches!(source, Source::Argument(m, c, _) if *m == call.message && *c == call.index)
+                })
+                .map(|(_, new)| new.clone())
+                .collect();
+            let arguments = match &call.values {
+                Some(values) => values.rebuild(&new),
+                None => new.into_iter().next().flatten(),
+            };
+            if let Some(arguments) = arguments {
+                decision = decision.set_tool_call_arguments(call.message, call.index, &arguments);
+            }
+        }
         let findings = redacted
             .counts
             .iter()
             .map(|(name, n)| format!("{name}={n}"))
             .collect::<Vec<_>>()
             .join(",");
-        let mut decision = Decision::cont()
-            .set_messages(messages)
-            .set_metadata(FINDINGS_KEY, &findings);
         if !redacted.pseudonyms.is_empty() {
-            let sealed = self
-                .key
-                .seal(&req.request_id, &redacted.pseudonyms.to_bytes());
-            decision = decision.set_metadata(PSEUDONYMS_KEY, &sealed);
+            weir_sdk::scratch::set(PSEUDONYMS_KEY, &redacted.pseudonyms.to_bytes());
         }
-        decision
+        decision.set_metadata(FINDINGS_KEY, &findings)
     }
 
     fn on_response(&self, resp: &ResponseView) -> ResponseDecision {
@@ -156,6 +222,12 @@ impl Plugin for Redaction {
         for choice in &resp.choices {
             if let Some(text) = self.finish_text(&choice.text, map.as_ref()) {
                 decision = decision.set_choice_text(choice.index, &text);
+            }
+            for (j, call) in (0u32..).zip(&choice.tool_calls) {
+                let new = map_arguments(&call.arguments, |v| self.finish_text(v, map.as_ref()));
+                if let Some(arguments) = new {
+                    decision = decision.set_tool_call_arguments(choice.index, j, &arguments);
+                }
             }
         }
         decision
@@ -174,37 +246,31 @@ impl Plugin for Redaction {
                 } else {
                     None
                 };
-                // The gateway hands held text back once more, unchanged, at the choice's
-                // finish, and releases it as is if we hold again: recognise that call (the
-                // text has exactly the length we held) and never hold it.
-                let held_key = format!("{HELD_KEY_PREFIX}{}", delta.choice);
-                let held_len = weir_sdk::ctx::get(&held_key).and_then(|v| v.parse::<usize>().ok());
-                let final_release = held_len == Some(delta.text.len());
-                if !final_release
+                // Hold while a match may still be incomplete, unless the gateway hands the
+                // text back for the last time (finish, end of stream, full buffer): then
+                // process what there is.
+                if !delta.last
                     && delta.text.len() < self.policy.stream_window
                     && must_hold(&delta.text, map.is_some(), scanning)
                 {
-                    weir_sdk::ctx::set(&held_key, &delta.text.len().to_string());
                     return ChunkAction::Hold;
-                }
-                if held_len.is_some() {
-                    weir_sdk::ctx::set(&held_key, "");
                 }
                 match self.finish_text(&delta.text, map.as_ref()) {
                     Some(text) => ChunkAction::Replace(vec![StreamEvent::TextDelta(TextDelta {
                         choice: delta.choice,
                         text,
+                        last: false,
                     })]),
                     None => ChunkAction::Pass,
                 }
             }
             StreamEvent::ToolCallDelta(call) if call.arguments.contains('<') => {
-                // Best effort: placeholders inside one argument fragment are restored;
-                // tool-call deltas cannot be held.
+                // Best effort: placeholders inside one argument fragment are restored
+                // (JSON-escaped); tool-call deltas cannot be held.
                 let Some(map) = self.pseudonyms() else {
                     return ChunkAction::Pass;
                 };
-                let restored = map.restore(&call.arguments);
+                let restored = map.restore_json_fragment(&call.arguments);
                 if restored == call.arguments {
                     return ChunkAction::Pass;
                 }

@@ -1,13 +1,15 @@
-//! Text transformations: redacting request messages (mask, hash, block, pseudonymize),
-//! redacting model output, restoring pseudonyms, and deciding when streamed text is safe
-//! to release. Pure functions over strings, independent of the SDK, so they are tested
-//! natively and shared by the request, response and chunk hooks.
+//! Text transformations: redacting request texts (mask, hash, block, pseudonymize),
+//! redacting model output, restoring pseudonyms, the JSON values of tool-call arguments,
+//! and deciding when streamed text is safe to release. Pure functions over strings,
+//! independent of the SDK, so they are tested natively and shared by the request, response
+//! and chunk hooks.
 
 use std::borrow::Cow;
+use std::ops::Range;
 
 use crate::config::{Mode, OutputMode, Policy, Rule};
 use crate::detect::Finding;
-use crate::seal::stable_hash;
+use crate::hash::stable_hash;
 
 /// Longest placeholder the restorer recognises (`<` + label + `_` + number + `>`).
 pub const MAX_PLACEHOLDER: usize = 64;
@@ -57,7 +59,7 @@ impl Pseudonyms {
         }
     }
 
-    /// Serializes the map (JSON array of pairs) for sealing.
+    /// Serializes the map (JSON array of pairs) for the request scratch.
     pub fn to_bytes(&self) -> Vec<u8> {
         serde_json::to_vec(&self.entries).unwrap_or_default()
     }
@@ -109,6 +111,138 @@ impl Pseudonyms {
     }
 }
 
+impl Pseudonyms {
+    /// Like [`Pseudonyms::restore`], for raw JSON text (a streamed fragment of tool-call
+    /// arguments, where placeholders sit inside string literals): the original values are
+    /// put back JSON-escaped, so a value with a quote or a backslash cannot break the
+    /// document.
+    pub fn restore_json_fragment<'t>(&self, text: &'t str) -> Cow<'t, str> {
+        let escaped = Pseudonyms {
+            entries: self
+                .entries
+                .iter()
+                .map(|(p, v)| (p.clone(), json_escape(v)))
+                .collect(),
+        };
+        match escaped.restore(text) {
+            Cow::Borrowed(_) => Cow::Borrowed(text),
+            Cow::Owned(s) => Cow::Owned(s),
+        }
+    }
+}
+
+/// `value` escaped for the inside of a JSON string literal (no surrounding quotes).
+fn json_escape(value: &str) -> String {
+    let quoted = serde_json::to_string(value).unwrap_or_default();
+    quoted
+        .get(1..quoted.len().saturating_sub(1))
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// The values of a JSON text (tool-call arguments), found by a lexer that keeps the text
+/// byte for byte: string literals (object keys included, decoded) and numbers. Redacting
+/// them one by one and splicing them back changes nothing else of the document (spacing,
+/// key order), and always yields valid JSON: a replaced string is re-encoded, a replaced
+/// number becomes a string.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JsonValues<'t> {
+    text: &'t str,
+    /// (byte span in `text`, decoded value).
+    values: Vec<(Range<usize>, String)>,
+}
+
+impl<'t> JsonValues<'t> {
+    /// Lexes `text`; `None` when it is not JSON-shaped (an unterminated or undecodable
+    /// string literal): treat it as plain text then.
+    pub fn parse(text: &'t str) -> Option<JsonValues<'t>> {
+        let bytes = text.as_bytes();
+        let mut values = Vec::new();
+        let mut i = 0;
+        while i < bytes.len() {
+            match bytes[i] {
+                b'"' => {
+                    let mut j = i + 1;
+                    loop {
+                        match bytes.get(j)? {
+                            b'\\' => j += 2,
+                            b'"' => break,
+                            _ => j += 1,
+                        }
+                    }
+                    let literal = &text[i..=j];
+                    let decoded: String = serde_json::from_str(literal).ok()?;
+                    values.push((i..j + 1, decoded));
+                    i = j + 1;
+                }
+                b'-' | b'0'..=b'9' => {
+                    let mut j = i + 1;
+                    while j < bytes.len()
+                        && matches!(bytes[j], b'0'..=b'9' | b'.' | b'e' | b'E' | b'+' | b'-')
+                    {
+                        j += 1;
+                    }
+                    values.push((i..j, text[i..j].to_owned()));
+                    i = j;
+                }
+                _ => i += 1,
+            }
+        }
+        Some(JsonValues { text, values })
+    }
+
+    /// The decoded values, in document order.
+    pub fn values(&self) -> impl Iterator<Item = &str> + Clone {
+        self.values.iter().map(|(_, v)| v.as_str())
+    }
+
+    /// The number of values.
+    pub fn len(&self) -> usize {
+        self.values.len()
+    }
+
+    /// Whether the text has no string or number at all.
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+
+    /// The text with value `i` replaced by `new[i]` where it is `Some` (encoded as a JSON
+    /// string); `None` when nothing changed.
+    pub fn rebuild(&self, new: &[Option<String>]) -> Option<String> {
+        if new.iter().all(Option::is_none) {
+            return None;
+        }
+        let mut out = String::with_capacity(self.text.len() + 16);
+        let mut at = 0;
+        for ((span, _), new) in self.values.iter().zip(new) {
+            let Some(new) = new else {
+                continue;
+            };
+            out.push_str(&self.text[at..span.start]);
+            out.push_str(&serde_json::to_string(new).unwrap_or_default());
+            at = span.end;
+        }
+        out.push_str(&self.text[at..]);
+        Some(out)
+    }
+
+    /// Applies `f` to every value (`None`: unchanged) and rebuilds the text; `None` when
+    /// nothing changed.
+    pub fn map(&self, mut f: impl FnMut(&str) -> Option<String>) -> Option<String> {
+        let new: Vec<Option<String>> = self.values().map(&mut f).collect();
+        self.rebuild(&new)
+    }
+}
+
+/// Applies `f` to the values of tool-call arguments (see [`JsonValues`]), or to the whole
+/// text when it is not JSON-shaped; `None` when nothing changed.
+pub fn map_arguments(arguments: &str, mut f: impl FnMut(&str) -> Option<String>) -> Option<String> {
+    match JsonValues::parse(arguments) {
+        Some(values) => values.map(f),
+        None => f(arguments),
+    }
+}
+
 /// The largest char boundary of `s` at or below `max`.
 fn floor_boundary(s: &str, max: usize) -> usize {
     let mut i = max.min(s.len());
@@ -125,10 +259,10 @@ pub struct Blocked {
     pub detector: String,
 }
 
-/// The result of redacting a request's messages.
+/// The result of redacting a request's texts.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Redacted {
-    /// The new content of each message, `None` where it did not change.
+    /// The new content of each text, `None` where it did not change.
     pub contents: Vec<Option<String>>,
     /// Placeholders handed out (for `pseudonymize`).
     pub pseudonyms: Pseudonyms,
@@ -136,8 +270,10 @@ pub struct Redacted {
     pub counts: Vec<(String, u64)>,
 }
 
-/// Redacts the messages `(role, content)` of a request under `policy`. A `block` finding
-/// anywhere refuses the whole request, before anything is rewritten.
+/// Redacts the texts `(role, text)` of a request under `policy`: message contents, and
+/// the values of tool-call arguments under their message's role. A `block` finding
+/// anywhere refuses the whole request, before anything is rewritten. Placeholders are
+/// shared by all texts (the same value gets the same one everywhere).
 pub fn redact_request<'m>(
     policy: &Policy,
     messages: impl Iterator<Item = (&'m str, &'m str)> + Clone,
@@ -380,6 +516,51 @@ mod tests {
             redact_output(&p, "nothing here"),
             Cow::Borrowed(_)
         ));
+    }
+
+    #[test]
+    fn json_values_keep_the_document_byte_for_byte() {
+        let text = "{ \"to\" : \"a\\u0040b.example\", \"n\": -1.5e3, \"ok\": true }";
+        let values = JsonValues::parse(text).expect("JSON-shaped");
+        assert_eq!(
+            values.values().collect::<Vec<_>>(),
+            ["to", "a@b.example", "n", "-1.5e3", "ok"]
+        );
+        assert_eq!(values.map(|_| None), None);
+        assert_eq!(
+            values.map(|v| v.contains('@').then(|| "[EMAIL]".to_owned())),
+            Some("{ \"to\" : \"[EMAIL]\", \"n\": -1.5e3, \"ok\": true }".to_owned())
+        );
+        // A replaced number becomes a string, so the document stays valid.
+        let card = JsonValues::parse("{\"card\": 4111111111111111}").expect("JSON-shaped");
+        let out = card
+            .map(|v| v.starts_with("4111").then(|| "[CREDIT_CARD]".to_owned()))
+            .expect("changed");
+        assert_eq!(out, "{\"card\": \"[CREDIT_CARD]\"}");
+        // Replacements with quotes are escaped.
+        let quoted = JsonValues::parse("[\"x\"]").expect("JSON-shaped");
+        assert_eq!(
+            quoted.map(|_| Some("say \"hi\"".to_owned())).as_deref(),
+            Some("[\"say \\\"hi\\\"\"]")
+        );
+    }
+
+    #[test]
+    fn unterminated_arguments_are_scanned_as_text() {
+        assert_eq!(JsonValues::parse("{\"to\": \"ann@corp"), None);
+        assert_eq!(
+            map_arguments("{\"to\": \"ann@corp", |t| Some(t.replace("ann", "x"))).as_deref(),
+            Some("{\"to\": \"x@corp")
+        );
+    }
+
+    #[test]
+    fn json_fragments_restore_escaped() {
+        let mut p = Pseudonyms::default();
+        let ph = p.placeholder("Q", "a\"b\\c", &|_| false);
+        assert_eq!(ph, "<Q_1>");
+        assert_eq!(p.restore_json_fragment("\"<Q_1>\""), "\"a\\\"b\\\\c\"");
+        assert!(matches!(p.restore_json_fragment("none"), Cow::Borrowed(_)));
     }
 
     #[test]
