@@ -16,12 +16,13 @@ use std::sync::Arc;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use weir::plugin::contract::{
-    ChoiceView, Dialect, Endpoint, HookCtx, LogEntry, MemoryHost, MessageView, PluginRuntime,
+    Access, ChoiceView, Dialect, HeaderSelection, HookCtx, LogEntry, MemoryHost, PluginRuntime,
     RequestView, ResponseView, StreamEvent, TextDelta, Usage,
 };
 use weir::plugin::lua::LuaPlugin;
 use weir::plugin::manifest::Manifest;
 use weir::plugin::wasm::{EngineOptions, WasmEngine, WasmLimits, WasmPlugin};
+use weir::request::Body;
 
 fn load(dir: &str, config: &str) -> WasmPlugin {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -47,58 +48,68 @@ fn load(dir: &str, config: &str) -> WasmPlugin {
     .expect("load")
 }
 
-/// A typical chat request: 20 headers as a client sends them.
-fn request(all_headers: bool) -> RequestView {
-    let mut headers: Vec<(String, String)> = (0..19)
-        .map(|i| {
-            (
-                format!("x-header-{i:02}"),
-                format!("value-{i}-abcdefghijklmnop"),
-            )
-        })
-        .collect();
-    headers.push(("x-tenant".into(), "acme".into()));
-    if !all_headers {
-        // What the gateway passes when the manifest declares `headers = ["x-tenant"]`.
-        headers.retain(|(k, _)| k == "x-tenant");
+/// A typical chat request: 20 headers as a client sends them; the plugin reads all of them
+/// (`headers = ["*"]`) or only `x-tenant` (`headers = ["x-tenant"]`). `user` is the user
+/// message.
+fn request(all_headers: bool, user: &str) -> RequestView {
+    let mut headers = http::HeaderMap::new();
+    for i in 0..19 {
+        headers.insert(
+            http::HeaderName::from_bytes(format!("x-header-{i:02}").as_bytes()).expect("name"),
+            format!("value-{i}-abcdefghijklmnop")
+                .parse()
+                .expect("value"),
+        );
     }
+    headers.insert("x-tenant", http::HeaderValue::from_static("acme"));
+    let body = serde_json::json!({
+        "model": "gpt-4o-mini",
+        "stream": true,
+        "messages": [
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": user}
+        ]
+    });
     RequestView {
         request_id: "0190b2c4-5d6e-7f80-9a1b-2c3d4e5f6a7b".into(),
         dialect: Dialect::OpenAi,
-        endpoint: Endpoint::Chat,
-        model: "gpt-4o-mini".into(),
-        stream: true,
         headers,
-        messages: vec![
-            MessageView {
-                role: "system".into(),
-                content: "You are a helpful assistant.".into(),
-                tool_calls: vec![],
+        body: Body::Chat(serde_json::from_value(body).expect("chat body")),
+        body_json: None,
+        access: Arc::new(Access {
+            headers: if all_headers {
+                HeaderSelection::All
+            } else {
+                HeaderSelection::Only(vec!["x-tenant".into()])
             },
-            MessageView {
-                role: "user".into(),
-                content: "Write a haiku about rivers and weirs.".into(),
-                tool_calls: vec![],
-            },
-        ],
-        body: None,
+            body: true,
+        }),
     }
 }
+
+const HAIKU: &str = "Write a haiku about rivers and weirs.";
 
 fn hooks(c: &mut Criterion) {
     let tagger = load("examples/tenant-tagger", "{}");
     let probe = load("tests/fixtures/wasm/probe", "{}");
     let mut bag = BTreeMap::new();
+    let mut scratch = BTreeMap::new();
 
     for (name, all) in [("declared_header", false), ("20_headers", true)] {
-        let req = request(all);
+        let mut req = request(all, HAIKU);
         c.bench_function(&format!("wasm_on_request_tenant_tagger_{name}"), |b| {
             b.iter(|| {
                 let mut ctx = HookCtx {
                     request_id: "r",
                     metadata: &mut bag,
+                    scratch: &mut scratch,
+                    deadline: None,
                 };
-                black_box(tagger.on_request(&mut ctx, black_box(&req)).expect("call"))
+                black_box(
+                    tagger
+                        .on_request(&mut ctx, black_box(&mut req))
+                        .expect("call"),
+                )
             })
         });
     }
@@ -106,12 +117,15 @@ fn hooks(c: &mut Criterion) {
     let event = StreamEvent::TextDelta(TextDelta {
         choice: 0,
         text: "The river bends and".into(),
+        last: false,
     });
     c.bench_function("wasm_on_response_chunk_text_delta", |b| {
         b.iter(|| {
             let mut ctx = HookCtx {
                 request_id: "r",
                 metadata: &mut bag,
+                scratch: &mut scratch,
+                deadline: None,
             };
             black_box(probe.on_chunk(&mut ctx, black_box(&event)).expect("call"))
         })
@@ -158,18 +172,23 @@ fn lua_hooks(c: &mut Criterion) {
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v.to_owned()))
     .collect();
+    let mut scratch = BTreeMap::new();
 
-    let mut req = request(false);
-    let body = String::from_utf8(weir_bench::bodies::chat("gpt-4o-mini", false)).expect("utf-8");
-    req.messages[1].content = weir_bench::bodies::prompt();
-    req.body = Some(body);
+    // The suite's ~1 KB prompt. The request is lazy (contract 0.2): a plugin that reads
+    // nothing pays for none of it.
+    let mut req = request(false, &weir_bench::bodies::prompt());
     c.bench_function("lua_on_request_noop_1kb_body", |b| {
         b.iter(|| {
             let mut ctx = HookCtx {
                 request_id: "r",
                 metadata: &mut bag,
+                scratch: &mut scratch,
+                deadline: None,
             };
-            black_box(noop.on_request(&mut ctx, black_box(&req)).expect("call"))
+            black_box(
+                noop.on_request(&mut ctx, black_box(&mut req))
+                    .expect("call"),
+            )
         })
     });
 
@@ -187,6 +206,7 @@ fn lua_hooks(c: &mut Criterion) {
             prompt_tokens: 250,
             completion_tokens: 40,
             cached_tokens: 0,
+            cache_write_tokens: 0,
         }),
     };
     c.bench_function("lua_on_response_noop", |b| {
@@ -194,6 +214,8 @@ fn lua_hooks(c: &mut Criterion) {
             let mut ctx = HookCtx {
                 request_id: "r",
                 metadata: &mut bag,
+                scratch: &mut scratch,
+                deadline: None,
             };
             black_box(noop.on_response(&mut ctx, black_box(&resp)).expect("call"))
         })
@@ -210,12 +232,15 @@ fn lua_hooks(c: &mut Criterion) {
         latency_ms: 412,
         ttft_ms: None,
         metadata: bag.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        ..LogEntry::default()
     };
     c.bench_function("lua_on_log_noop_6_metadata", |b| {
         b.iter(|| {
             let mut ctx = HookCtx {
                 request_id: "r",
                 metadata: &mut bag,
+                scratch: &mut scratch,
+                deadline: None,
             };
             noop.on_log(&mut ctx, black_box(&entry)).expect("call");
         })
@@ -231,14 +256,20 @@ fn lua_hooks(c: &mut Criterion) {
            return nil\n\
          end\n\
          function on_log(entry) end\n");
-    let small = request(false);
+    let mut small = request(false, HAIKU);
     c.bench_function("lua_on_request_10_ctx_get", |b| {
         b.iter(|| {
             let mut ctx = HookCtx {
                 request_id: "r",
                 metadata: &mut bag,
+                scratch: &mut scratch,
+                deadline: None,
             };
-            black_box(calls.on_request(&mut ctx, black_box(&small)).expect("call"))
+            black_box(
+                calls
+                    .on_request(&mut ctx, black_box(&mut small))
+                    .expect("call"),
+            )
         })
     });
     c.bench_function("lua_on_response_10_kv_incr_memory_host", |b| {
@@ -246,6 +277,8 @@ fn lua_hooks(c: &mut Criterion) {
             let mut ctx = HookCtx {
                 request_id: "r",
                 metadata: &mut bag,
+                scratch: &mut scratch,
+                deadline: None,
             };
             black_box(calls.on_response(&mut ctx, black_box(&resp)).expect("call"))
         })

@@ -29,7 +29,7 @@ use serde_json::{Value, json};
 use weir::plugin::chain::{Chain, Flow, Instance};
 use weir::plugin::config::PluginInstanceConfig;
 use weir::plugin::contract::{LogEntry, Usage};
-use weir::plugin::host::PluginMetrics;
+use weir::plugin::host::{HostLookups, PluginMetrics};
 use weir::request::{Body, Dialect, RequestCtx};
 use weir::state::{StateConfig, StateStore};
 
@@ -61,7 +61,15 @@ fn main() {
             "config": config,
         }))
         .expect("instance config");
-        Instance::load(Path::new("/"), &cfg, name, store.clone(), &metrics).expect("load plugin")
+        Instance::load(
+            Path::new("/"),
+            &cfg,
+            name,
+            store.clone(),
+            &metrics,
+            Arc::new(HostLookups::default()),
+        )
+        .expect("load plugin")
     };
     keyed_policies(n, &store, &instance);
     default_chain(n, &instance);
@@ -129,6 +137,8 @@ fn keyed_policies(
             targets: None,
             client_body: None,
             metadata,
+            scratch: Default::default(),
+            decisions: Vec::new(),
         }
     };
     let measure = |label: &str, chain: Chain, with_key_metadata: bool| {
@@ -276,13 +286,16 @@ fn default_chain(n: usize, instance: &dyn Fn(&str, Value) -> Arc<Instance>) {
                     prompt_tokens: 250,
                     completion_tokens: 40,
                     cached_tokens: 0,
+                    cache_write_tokens: 0,
                 }),
                 latency_ms: 1,
                 ttft_ms: None,
                 metadata: std::mem::take(&mut ctx.metadata).into_iter().collect(),
+                decisions: std::mem::take(&mut ctx.decisions),
+                ..LogEntry::default()
             };
             let t3 = Instant::now();
-            chain.on_log(&entry);
+            chain.on_log(&entry, &mut ctx.scratch);
             let t4 = Instant::now();
             if i >= WARMUP {
                 let us = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e6;

@@ -144,8 +144,8 @@ mod tests {
     use crate::plugin::chain::Instance;
     use crate::plugin::config::{Mode, PluginInstanceConfig};
     use crate::plugin::contract::{
-        ChunkAction, Decision, HookCtx, HookError, Mutations, PluginRuntime, RequestView,
-        ResponseDecision, ResponseMutations, ResponseView, StreamEvent,
+        AdminRequest, AdminResponse, ChunkAction, Decision, HookCtx, HookError, Mutations,
+        PluginRuntime, RequestView, ResponseDecision, ResponseMutations, ResponseView, StreamEvent,
     };
     use crate::plugin::host::PluginMetrics;
     use crate::plugin::manifest::Manifest;
@@ -160,7 +160,11 @@ mod tests {
         fn name(&self) -> &str {
             "recorder"
         }
-        fn on_request(&self, _: &mut HookCtx<'_>, _: &RequestView) -> Result<Decision, HookError> {
+        fn on_request(
+            &self,
+            _: &mut HookCtx<'_>,
+            _: &mut RequestView,
+        ) -> Result<Decision, HookError> {
             Ok(Decision::Continue(Mutations::default()))
         }
         fn on_response(
@@ -179,6 +183,9 @@ mod tests {
             self.threads.lock().unwrap().push(name);
             Ok(())
         }
+        fn admin(&self, _: &mut HookCtx<'_>, _: &AdminRequest) -> Result<AdminResponse, HookError> {
+            Err(HookError::Plugin("no admin hook".into()))
+        }
     }
 
     fn chain(recorder: Arc<Recorder>) -> Chain {
@@ -193,6 +200,8 @@ mod tests {
             config: None,
             failure: None,
             mode: Mode::Enforce,
+            deadline_ms: None,
+            chunk_deadline_ms: None,
             breaker: BreakerConfigFile::default(),
         };
         let inst = Instance::new(
@@ -222,6 +231,7 @@ mod tests {
                                 request_id: format!("r{t}-{i}"),
                                 ..LogEntry::default()
                             },
+                            Scratch::default(),
                         );
                     }
                 })

@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 
 use super::*;
 use crate::plugin::contract::{
-    Dialect, Endpoint, LogEntry, MemoryHost, MessageView, Reply, TextDelta, Usage,
+    Access, Dialect, HeaderSelection, LogEntry, MemoryHost, Reply, TextDelta, Usage,
 };
+use crate::request::Body;
 
 #[derive(Debug)]
 struct Fixture {
@@ -63,19 +64,40 @@ fn load(source: &str) -> Fixture {
 }
 
 fn request() -> RequestView {
+    view(
+        &[("x-tenant", "acme")],
+        access(&["x-tenant"], false),
+        serde_json::json!({
+            "model": "gpt",
+            "messages": [{"role": "user", "content": "hello there"}]
+        }),
+    )
+}
+
+/// What a plugin declaring `headers` (and capability `body`) may read.
+fn access(headers: &[&str], body: bool) -> Access {
+    Access {
+        headers: HeaderSelection::Only(headers.iter().map(|h| (*h).to_owned()).collect()),
+        body,
+    }
+}
+
+/// A chat request with these headers and body, read with `access`.
+fn view(headers: &[(&str, &str)], access: Access, body: serde_json::Value) -> RequestView {
+    let mut map = http::HeaderMap::new();
+    for (k, v) in headers {
+        map.append(
+            http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            v.parse().unwrap(),
+        );
+    }
     RequestView {
         request_id: "req-1".into(),
         dialect: Dialect::OpenAi,
-        endpoint: Endpoint::Chat,
-        model: "gpt".into(),
-        stream: false,
-        headers: vec![("x-tenant".into(), "acme".into())],
-        messages: vec![MessageView {
-            role: "user".into(),
-            content: "hello there".into(),
-            tool_calls: Vec::new(),
-        }],
-        body: None,
+        headers: map,
+        body: Body::Chat(serde_json::from_value(body).unwrap()),
+        body_json: None,
+        access: Arc::new(access),
     }
 }
 
@@ -85,12 +107,23 @@ fn handed_out(plugin: &LuaPlugin) -> u64 {
 }
 
 fn run(f: &Fixture) -> (Result<Decision, HookError>, BTreeMap<String, String>) {
+    run_with(f, &mut request())
+}
+
+/// Runs `on_request` on `req`; returns the decision and the metadata bag.
+fn run_with(
+    f: &Fixture,
+    req: &mut RequestView,
+) -> (Result<Decision, HookError>, BTreeMap<String, String>) {
     let mut metadata = BTreeMap::new();
+    let mut scratch = BTreeMap::new();
     let mut ctx = HookCtx {
         request_id: "req-1",
         metadata: &mut metadata,
+        scratch: &mut scratch,
+        deadline: None,
     };
-    let r = f.plugin.on_request(&mut ctx, &request());
+    let r = f.plugin.on_request(&mut ctx, req);
     (r, metadata)
 }
 
@@ -403,8 +436,10 @@ fn call_from_new_thread(plugin: &Arc<LuaPlugin>, n: usize) {
             let mut ctx = HookCtx {
                 request_id: "r",
                 metadata: &mut md,
+                scratch: &mut BTreeMap::new(),
+                deadline: None,
             };
-            p.on_request(&mut ctx, &request()).unwrap();
+            p.on_request(&mut ctx, &mut request()).unwrap();
         }
     })
     .join()
@@ -444,8 +479,11 @@ fn load_builds_one_spare_per_worker_and_threads_take_them() {
                     let mut ctx = HookCtx {
                         request_id: "r",
                         metadata: &mut md,
+                        scratch: &mut BTreeMap::new(),
+                        deadline: None,
                     };
-                    let Decision::Continue(m) = p.on_request(&mut ctx, &request()).unwrap() else {
+                    let Decision::Continue(m) = p.on_request(&mut ctx, &mut request()).unwrap()
+                    else {
                         panic!("expected continue")
                     };
                     // Each VM ran `init` exactly once, at load.
@@ -542,6 +580,8 @@ fn log_on(plugin: &LuaPlugin) {
     let mut ctx = HookCtx {
         request_id: "r",
         metadata: &mut md,
+        scratch: &mut BTreeMap::new(),
+        deadline: None,
     };
     plugin.on_log(&mut ctx, &LogEntry::default()).unwrap();
 }
@@ -619,8 +659,10 @@ fn run_on(plugin: &LuaPlugin) {
     let mut ctx = HookCtx {
         request_id: "r",
         metadata: &mut md,
+        scratch: &mut BTreeMap::new(),
+        deadline: None,
     };
-    plugin.on_request(&mut ctx, &request()).unwrap();
+    plugin.on_request(&mut ctx, &mut request()).unwrap();
 }
 
 #[test]
@@ -647,11 +689,14 @@ fn chunk_actions() {
     let mut ctx = HookCtx {
         request_id: "r",
         metadata: &mut md,
+        scratch: &mut BTreeMap::new(),
+        deadline: None,
     };
     let text = |t: &str| {
         StreamEvent::TextDelta(TextDelta {
             choice: 0,
             text: t.into(),
+            last: false,
         })
     };
     assert_eq!(plugin.on_chunk(&mut ctx, &text("a")), Ok(ChunkAction::Pass));
@@ -670,7 +715,8 @@ fn chunk_actions() {
             StreamEvent::Usage(Usage {
                 prompt_tokens: 1,
                 completion_tokens: 2,
-                cached_tokens: 0
+                cached_tokens: 0,
+                cache_write_tokens: 0,
             })
         ]))
     );
@@ -702,13 +748,25 @@ fn hook_call_cost() {
         serde_json::json!({}),
     )
     .unwrap();
-    let mut req = request();
-    // The chain hands a plugin only its declared headers (here one of twenty).
-    req.messages.push(MessageView {
-        role: "system".into(),
-        content: "You are a helpful assistant.".into(),
-        tool_calls: Vec::new(),
-    });
+    // Twenty headers, two declared (the chain hands a plugin only its declared headers).
+    let mut headers: Vec<(String, String)> = (0..18)
+        .map(|i| (format!("x-extra-{i}"), format!("value-{i}")))
+        .collect();
+    headers.push(("x-tenant".into(), "acme".into()));
+    headers.push(("x-team".into(), "red".into()));
+    let headers: Vec<(&str, &str)> = headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let mut req = view(
+        &headers,
+        access(&["x-tenant", "x-team"], false),
+        serde_json::json!({
+            "model": "gpt",
+            "messages": [{"role": "system", "content": "You are a helpful assistant."},
+                         {"role": "user", "content": "hello there"}]
+        }),
+    );
     let mut md = BTreeMap::new();
     let p50 = |mut samples: Vec<Duration>| {
         samples.sort();
@@ -720,21 +778,26 @@ fn hook_call_cost() {
         let mut ctx = HookCtx {
             request_id: "r",
             metadata: &mut md,
+            scratch: &mut BTreeMap::new(),
+            deadline: None,
         };
         let t = Instant::now();
-        f.plugin.on_request(&mut ctx, &req).unwrap();
+        f.plugin.on_request(&mut ctx, &mut req).unwrap();
         samples.push(t.elapsed());
     }
     let request_p50 = p50(samples);
     let event = StreamEvent::TextDelta(TextDelta {
         choice: 0,
         text: "Hello there, how".into(),
+        last: false,
     });
     let mut samples = Vec::with_capacity(n);
     for _ in 0..n {
         let mut ctx = HookCtx {
             request_id: "r",
             metadata: &mut md,
+            scratch: &mut BTreeMap::new(),
+            deadline: None,
         };
         let t = Instant::now();
         f.plugin.on_chunk(&mut ctx, &event).unwrap();
@@ -751,4 +814,188 @@ fn hook_call_cost() {
         "lua on_request p50 {request_p50:?}, on_response_chunk p50 {chunk_p50:?}, \
          building a VM (at load, {spares} spares) {per_vm:?} each"
     );
+}
+
+// ---- contract 0.2 ----
+
+/// The request the lazy-table tests read: a declared and an undeclared header, a
+/// `max_tokens`, one message.
+fn team_request(body: bool) -> RequestView {
+    view(
+        &[("x-team", "red"), ("authorization", "Bearer sk-1")],
+        access(&["x-team"], body),
+        serde_json::json!({
+            "model": "gpt",
+            "max_tokens": 256,
+            "messages": [{"role": "user", "content": "hello there"}]
+        }),
+    )
+}
+
+fn continued(r: Result<Decision, HookError>) -> Mutations {
+    match r {
+        Ok(Decision::Continue(m)) => m,
+        other => panic!("expected continue, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_plugin_reading_one_declared_header_sees_it() {
+    let f = load_with(
+        "headers = [\"x-team\"]\n",
+        r#"function on_request(req)
+             return { set_metadata = { team = req.header("x-team") } }
+           end"#,
+        serde_json::json!({}),
+    )
+    .unwrap();
+    let m = continued(run_with(&f, &mut team_request(false)).0);
+    assert_eq!(m.set_metadata, vec![("team".into(), "red".into())]);
+}
+
+#[test]
+fn the_lazy_request_reads_only_what_the_manifest_allows() {
+    let f = load_with(
+        "headers = [\"x-team\"]\n",
+        r#"function on_request(req)
+             local all = 0
+             for _ in pairs(req.headers) do all = all + 1 end
+             return { set_metadata = {
+                 method_style = req:header("X-Team") or "nil",
+                 undeclared = req.header("authorization") or "nil",
+                 in_headers = req.headers["authorization"] or "nil",
+                 header_count = all,
+                 body = req.body == nil and "nil" or "some",
+                 max_tokens = req.max_tokens or "nil",
+                 count = req.message_count,
+                 first = req.message(1).content,
+                 zeroth = req.message(0) == nil and "nil" or "some",
+                 listed = req.messages[1].content,
+                 model = req.model,
+             } }
+           end"#,
+        serde_json::json!({}),
+    )
+    .unwrap();
+    let m = continued(run_with(&f, &mut team_request(false)).0);
+    let md: BTreeMap<String, String> = m.set_metadata.into_iter().collect();
+    let get = |k: &str| md[k].as_str();
+    assert_eq!(get("method_style"), "red");
+    assert_eq!(get("undeclared"), "nil");
+    assert_eq!(get("in_headers"), "nil");
+    assert_eq!(get("header_count"), "1");
+    assert_eq!(get("body"), "nil", "no capability body");
+    assert_eq!(get("max_tokens"), "256");
+    assert_eq!(get("count"), "1");
+    assert_eq!(get("first"), "hello there");
+    assert_eq!(get("zeroth"), "nil", "message(i) is 1-based");
+    assert_eq!(get("listed"), "hello there");
+    assert_eq!(get("model"), "gpt");
+}
+
+#[test]
+fn the_body_is_readable_with_capability_body() {
+    let f = load_with(
+        "headers = [\"x-team\"]\n[capabilities]\nbody = true\n",
+        r#"function on_request(req)
+             local body = weir.json.decode(req.body)
+             return { set_metadata = { max_tokens = body.max_tokens, model = body.model } }
+           end"#,
+        serde_json::json!({}),
+    )
+    .unwrap();
+    let mut req = team_request(true);
+    let m = continued(run_with(&f, &mut req).0);
+    assert_eq!(
+        m.set_metadata,
+        vec![
+            ("max_tokens".into(), "256".into()),
+            ("model".into(), "gpt".into())
+        ]
+    );
+    // The request came back from the VM, with the JSON kept for the next plugin.
+    assert_eq!(req.model(), "gpt");
+    assert_eq!(req.header("x-team").as_deref(), Some("red"));
+    assert!(
+        req.body_json
+            .as_deref()
+            .unwrap()
+            .contains("\"max_tokens\":256")
+    );
+}
+
+#[test]
+fn text_deltas_carry_last() {
+    let f = load_hooks(
+        "on-response-chunk",
+        "",
+        r#"function on_response_chunk(ev)
+             weir.ctx_set("last", tostring(ev.last))
+             if not ev.last then return weir.hold() end
+           end"#,
+        serde_json::json!({}),
+    )
+    .unwrap();
+    let mut md = BTreeMap::new();
+    let mut scratch = BTreeMap::new();
+    let mut ctx = HookCtx {
+        request_id: "r",
+        metadata: &mut md,
+        scratch: &mut scratch,
+        deadline: None,
+    };
+    let delta = |last: bool| {
+        StreamEvent::TextDelta(TextDelta {
+            choice: 0,
+            text: "abc".into(),
+            last,
+        })
+    };
+    assert_eq!(
+        f.plugin.on_chunk(&mut ctx, &delta(false)),
+        Ok(ChunkAction::Hold)
+    );
+    assert_eq!(ctx.metadata["last"], "false");
+    assert_eq!(
+        f.plugin.on_chunk(&mut ctx, &delta(true)),
+        Ok(ChunkAction::Pass)
+    );
+    assert_eq!(ctx.metadata["last"], "true");
+}
+
+#[test]
+fn scratch_lives_in_the_hook_context() {
+    let f = load_hooks(
+        "on-request\", \"on-log",
+        "",
+        r#"function on_request(req)
+             weir.scratch_set("started", "42")
+             weir.scratch_set("gone", "x")
+             weir.scratch_set("gone", nil)
+           end
+           function on_log(entry)
+             weir.ctx_set("started", weir.scratch_get("started") or "nil")
+             weir.ctx_set("gone", weir.scratch_get("gone") or "nil")
+           end"#,
+        serde_json::json!({}),
+    )
+    .unwrap();
+    let mut md = BTreeMap::new();
+    let mut scratch = BTreeMap::new();
+    let mut ctx = HookCtx {
+        request_id: "r",
+        metadata: &mut md,
+        scratch: &mut scratch,
+        deadline: None,
+    };
+    continued(f.plugin.on_request(&mut ctx, &mut request()));
+    assert!(ctx.metadata.is_empty(), "the scratch is not the shared bag");
+    assert_eq!(
+        ctx.scratch.clone().into_iter().collect::<Vec<_>>(),
+        vec![("started".to_owned(), b"42".to_vec())]
+    );
+    // `on_log` runs on another VM (the plugin's pool): the scratch travels with the call.
+    f.plugin.on_log(&mut ctx, &LogEntry::default()).unwrap();
+    assert_eq!(ctx.metadata["started"], "42");
+    assert_eq!(ctx.metadata["gone"], "nil");
 }

@@ -10,8 +10,10 @@ use std::time::{Duration, Instant};
 
 use super::*;
 use crate::plugin::contract::{
-    Dialect, Endpoint, Finish, MemoryHost, MessageView, Mutations, Target, TextDelta, Usage,
+    Access, Dialect, Finish, HeaderSelection, MemoryHost, MessageView, Mutations, Target,
+    TextDelta, Usage,
 };
+use crate::request::Body;
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -71,47 +73,58 @@ fn probe(limits: WasmLimits) -> (WasmPlugin, Arc<MemoryHost>) {
     (plugin, host)
 }
 
+/// A chat request with these headers (all visible to the plugin, as `headers = ["*"]`).
 fn request(headers: &[(&str, &str)]) -> RequestView {
+    let mut map = http::HeaderMap::new();
+    for (k, v) in headers {
+        map.append(
+            http::HeaderName::from_bytes(k.as_bytes()).expect("header name"),
+            v.parse().expect("header value"),
+        );
+    }
     RequestView {
         request_id: "req-1".into(),
         dialect: Dialect::OpenAi,
-        endpoint: Endpoint::Chat,
-        model: "gpt-4o-mini".into(),
-        stream: false,
-        headers: headers
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect(),
-        messages: vec![
-            MessageView {
-                role: "system".into(),
-                content: "be brief".into(),
-                tool_calls: vec![],
-            },
-            MessageView {
-                role: "user".into(),
-                content: "hello".into(),
-                tool_calls: vec![],
-            },
-        ],
-        body: None,
+        headers: map,
+        body: Body::Chat(
+            serde_json::from_value(serde_json::json!({
+                "model": "gpt-4o-mini",
+                "messages": [
+                    {"role": "system", "content": "be brief"},
+                    {"role": "user", "content": "hello"}
+                ]
+            }))
+            .expect("chat body"),
+        ),
+        body_json: None,
+        access: Arc::new(Access {
+            headers: HeaderSelection::All,
+            body: false,
+        }),
     }
 }
 
 fn on_request(
     plugin: &WasmPlugin,
     bag: &mut BTreeMap<String, String>,
-    req: &RequestView,
+    req: &mut RequestView,
 ) -> Result<Decision, HookError> {
+    let mut scratch = BTreeMap::new();
     let mut ctx = HookCtx {
         request_id: "req-1",
         metadata: bag,
+        scratch: &mut scratch,
+        deadline: None,
     };
     plugin.on_request(&mut ctx, req)
 }
 
 fn fault(plugin: &WasmPlugin, kind: &str) -> Result<Decision, HookError> {
-    on_request(plugin, &mut BTreeMap::new(), &request(&[("x-fault", kind)]))
+    on_request(
+        plugin,
+        &mut BTreeMap::new(),
+        &mut request(&[("x-fault", kind)]),
+    )
 }
 
 #[test]
@@ -119,7 +132,7 @@ fn on_request_round_trips_through_a_component() {
     let (plugin, _host) = probe(relaxed());
     let mut bag = BTreeMap::from([("seen".to_owned(), "p0".to_owned())]);
     let decision =
-        on_request(&plugin, &mut bag, &request(&[("authorization", "k")])).expect("on-request");
+        on_request(&plugin, &mut bag, &mut request(&[("authorization", "k")])).expect("on-request");
     let expected = Mutations {
         set_headers: vec![("x-probe".into(), "gpt-4o-mini".into())],
         remove_headers: vec!["authorization".into()],
@@ -129,13 +142,17 @@ fn on_request_round_trips_through_a_component() {
                 role: "system".into(),
                 content: "BE BRIEF".into(),
                 tool_calls: vec![],
+                other_parts: 0,
             },
             MessageView {
                 role: "user".into(),
                 content: "HELLO".into(),
                 tool_calls: vec![],
+                other_parts: 0,
             },
         ]),
+        set_message_text: vec![],
+        set_tool_call_arguments: vec![],
         set_body: None,
         set_targets: Some(vec![
             Target {
@@ -162,6 +179,8 @@ fn response_chunk_and_log_hooks_round_trip() {
     let mut ctx = HookCtx {
         request_id: "req-9",
         metadata: &mut bag,
+        scratch: &mut BTreeMap::new(),
+        deadline: None,
     };
     let resp = ResponseView {
         request_id: "req-9".into(),
@@ -177,6 +196,7 @@ fn response_chunk_and_log_hooks_round_trip() {
             prompt_tokens: 3,
             completion_tokens: 2,
             cached_tokens: 0,
+            cache_write_tokens: 0,
         }),
     };
     let decision = plugin.on_response(&mut ctx, &resp).expect("on-response");
@@ -190,6 +210,7 @@ fn response_chunk_and_log_hooks_round_trip() {
         StreamEvent::TextDelta(TextDelta {
             choice: 0,
             text: text.into(),
+            last: false,
         })
     };
     assert_eq!(
@@ -413,7 +434,8 @@ fn tenant_tagger_tags_and_rejects() {
     let dir = "examples/tenant-tagger";
     let tagger = load(dir, r#"{"required": true}"#, relaxed(), Arc::clone(&host));
     let mut bag = BTreeMap::new();
-    let decision = on_request(&tagger, &mut bag, &request(&[("x-tenant", "acme")])).expect("tag");
+    let decision =
+        on_request(&tagger, &mut bag, &mut request(&[("x-tenant", "acme")])).expect("tag");
     let Decision::Continue(m) = decision else {
         panic!("expected continue");
     };
@@ -422,7 +444,7 @@ fn tenant_tagger_tags_and_rejects() {
         m.set_response_headers,
         vec![("x-weir-tenant".into(), "acme".into())]
     );
-    let decision = on_request(&tagger, &mut bag, &request(&[])).expect("reject");
+    let decision = on_request(&tagger, &mut bag, &mut request(&[])).expect("reject");
     let Decision::Reply(reply) = decision else {
         panic!("expected a reply");
     };
@@ -430,7 +452,7 @@ fn tenant_tagger_tags_and_rejects() {
     assert!(String::from_utf8_lossy(&reply.body).contains("missing x-tenant header"));
 
     let optional = load(dir, "{}", relaxed(), host);
-    let decision = on_request(&optional, &mut bag, &request(&[])).expect("default");
+    let decision = on_request(&optional, &mut bag, &mut request(&[])).expect("default");
     assert!(
         matches!(decision, Decision::Continue(m) if m.set_metadata == vec![("tenant".into(), "default".into())])
     );
@@ -449,6 +471,8 @@ fn audit_logger_stores_a_summary_without_prompt_text() {
     let mut ctx = HookCtx {
         request_id: "r-1",
         metadata: &mut bag,
+        scratch: &mut BTreeMap::new(),
+        deadline: None,
     };
     let entry = LogEntry {
         request_id: "r-1".into(),
@@ -461,6 +485,7 @@ fn audit_logger_stores_a_summary_without_prompt_text() {
             prompt_tokens: 10,
             completion_tokens: 5,
             cached_tokens: 0,
+            cache_write_tokens: 0,
         }),
         latency_ms: 120,
         ttft_ms: Some(30),
@@ -468,6 +493,7 @@ fn audit_logger_stores_a_summary_without_prompt_text() {
             ("tenant".into(), "acme".into()),
             ("prompt".into(), "top secret prompt".into()),
         ],
+        ..LogEntry::default()
     };
     logger.on_log(&mut ctx, &entry).expect("on-log");
     logger.on_log(&mut ctx, &entry).expect("on-log again");
@@ -512,4 +538,116 @@ fn deadline_ticks_round_up() {
     assert_eq!(ticks(Duration::from_millis(5)), 6);
     assert_eq!(ticks(Duration::from_micros(1500)), 3);
     assert_eq!(ticks(Duration::ZERO), 1);
+}
+
+/// The `request` resource (contract 0.2): every accessor through a component, what the
+/// manifest does not declare reads as absent, and the scratch moves through the store.
+#[test]
+fn the_request_resource_reads_through_its_accessors() {
+    let (plugin, _host) = probe(relaxed());
+    let mut req = request(&[("x-fault", "host"), ("authorization", "k")]);
+    req.body = Body::Chat(
+        serde_json::from_value(serde_json::json!({
+            "model": "gpt-4o-mini",
+            "max_tokens": 64,
+            "messages": [
+                {"role": "user", "content": [
+                    {"type": "text", "text": "look"},
+                    {"type": "image_url", "image_url": {"url": "https://x/y.png"}},
+                    {"type": "text", "text": "here"}
+                ]},
+                {"role": "assistant", "content": "ok"},
+                {"role": "user", "content": "and now?"}
+            ]
+        }))
+        .expect("chat body"),
+    );
+    let mut bag = BTreeMap::new();
+    let mut scratch = BTreeMap::new();
+    let mut ctx = HookCtx {
+        request_id: "req-1",
+        metadata: &mut bag,
+        scratch: &mut scratch,
+        deadline: None,
+    };
+    let decision = plugin.on_request(&mut ctx, &mut req).expect("on-request");
+    let Decision::Continue(m) = decision else {
+        panic!("expected continue");
+    };
+    let report: BTreeMap<String, String> = m.set_metadata.into_iter().collect();
+    let get = |k: &str| report.get(k).map(String::as_str);
+    assert_eq!(get("id"), Some("req-1"));
+    assert_eq!(get("model"), Some("gpt-4o-mini"));
+    assert_eq!(get("stream"), Some("false"));
+    assert_eq!(get("message_count"), Some("3"));
+    // Text parts joined with "\n"; the image counted, not dropped.
+    assert_eq!(get("message_0"), Some("look\nhere"));
+    assert_eq!(get("other_parts_0"), Some("1"));
+    assert_eq!(get("max_tokens"), Some("Some(64)"));
+    assert_eq!(get("body"), Some("false"), "no capability body");
+    assert_eq!(get("last_user"), Some("and now?"));
+    assert_eq!(get("scratch"), Some("kept"));
+    // The scratch came back out of the store with the call.
+    assert_eq!(
+        ctx.scratch.get("probe").map(Vec::as_slice),
+        Some(&b"kept"[..])
+    );
+    // The request moved back too.
+    assert_eq!(req.message_count(), 3);
+    assert_eq!(req.header("x-fault").as_deref(), Some("host"));
+
+    // With capability `body` the JSON is there.
+    req.access = Arc::new(Access {
+        headers: HeaderSelection::All,
+        body: true,
+    });
+    let Decision::Continue(m) =
+        on_request(&plugin, &mut BTreeMap::new(), &mut req).expect("on-request")
+    else {
+        panic!("expected continue");
+    };
+    assert!(m.set_metadata.contains(&("body".into(), "true".into())));
+
+    // Only declared headers are visible: one of two.
+    let mut req = request(&[("x-tenant", "acme"), ("authorization", "k")]);
+    req.access = Arc::new(Access {
+        headers: HeaderSelection::Only(vec!["x-tenant".into()]),
+        body: false,
+    });
+    let Decision::Continue(m) =
+        on_request(&plugin, &mut BTreeMap::new(), &mut req).expect("on-request")
+    else {
+        panic!("expected continue");
+    };
+    assert_eq!(m.set_metadata, vec![("headers".into(), "1".into())]);
+}
+
+#[test]
+fn admin_calls_reach_the_component() {
+    let (plugin, _host) = probe(relaxed());
+    let mut bag = BTreeMap::new();
+    let mut ctx = HookCtx {
+        request_id: "admin",
+        metadata: &mut bag,
+        scratch: &mut BTreeMap::new(),
+        deadline: None,
+    };
+    let resp = plugin
+        .admin(
+            &mut ctx,
+            &crate::plugin::contract::AdminRequest {
+                method: "POST".into(),
+                path: "/keys/abc".into(),
+                query: "x=1".into(),
+                body: br#"{"n":1}"#.to_vec(),
+            },
+        )
+        .expect("admin");
+    assert_eq!(resp.status, 200);
+    let body: serde_json::Value = serde_json::from_slice(&resp.body).expect("json");
+    assert_eq!(
+        body,
+        serde_json::json!({"tag": "p1", "method": "POST", "path": "/keys/abc",
+                           "query": "x=1", "body": "{\"n\":1}"})
+    );
 }
