@@ -5,15 +5,16 @@
 -- entries named in `partition_by` (e.g. the tenant). A hit is answered in on_request with a
 -- reply in the caller's dialect: JSON, or a replayed SSE stream when the client streams.
 -- A miss is stored after a complete, successful answer: in on_response (JSON) or, for a
--- stream, in on_log from the text deltas collected by on_response_chunk.
+-- stream, once in on_log from the text and tool-call deltas on_response_chunk kept.
 --
 -- State, in the plugin's key-value namespace:
 --   e/<key>          the entry (JSON: canonical request, choices, usage, time), with a TTL
---   p/<request id>   the canonical request of a miss in flight (TTL 10 min)
---   s/<request id>/<n>  streamed text, one key per delta (TTL 10 min)
 --   seq, slot/<i>    the eviction ring: `max_entries` slots in insertion order
--- Entries hold the full canonical request, so a hash collision is a miss, never a wrong
--- answer. Nothing here logs prompt or response text; the metadata bag only gets the key.
+-- What one request's hooks share (the canonical request of a miss, the streamed answer) is
+-- in the plugin's request scratch (`weir.scratch_*`): private, never logged, dropped with the
+-- request, no state write per streamed chunk. Entries hold the full canonical request, so a
+-- hash collision is a miss, never a wrong answer. Nothing here logs prompt or response
+-- text; the metadata bag only gets the key.
 
 local M = {}
 
@@ -26,7 +27,6 @@ local cfg = {
 	replay_chunk_bytes = 256,
 }
 
-local PENDING_TTL_MS = 10 * 60 * 1000
 local EMPTY_ARRAY = nil
 
 function M.init(config: any)
@@ -57,32 +57,10 @@ function M.init(config: any)
 	EMPTY_ARRAY = weir.json.decode("[]")
 end
 
--- JSON ------------------------------------------------------------------------------------
-
--- The first `"<name>": <digits>` in a JSON text, as a string. Found with a plain search for
--- the quoted name and an anchored match after it, not with `string.match(body, pattern)`:
--- Luau's matcher calls the VM interrupt (the deadline check) at every byte it tries, which
--- costs tens of microseconds on a 1 KB body. The same answer as that pattern: every match
--- starts at an occurrence of the name, tried left to right.
-local function json_int(text: string, quoted_name: string): string?
-	local from = 1
-	while true do
-		local _, last = string.find(text, quoted_name, from, true)
-		if last == nil then
-			return nil
-		end
-		local v = string.match(text, "^%s*:%s*(%d+)", last + 1)
-		if v ~= nil then
-			return v
-		end
-		from = last + 1
-	end
-end
-
 -- Requests --------------------------------------------------------------------------------
 
 local function header(req, name: string): string
-	return string.lower(req.headers[name] or "")
+	return string.lower(req.header(name) or "")
 end
 
 local function opted_out(req): boolean
@@ -335,15 +313,15 @@ local function store(key: string, entry)
 	local old = weir.kv.get(slot)
 	if old then
 		-- `<key>@<seq>`; keys are hex. Plain searches and anchored matches throughout: an
-		-- unanchored pattern runs the VM interrupt at every byte it tries (see json_int).
+		-- unanchored pattern runs the VM interrupt at every byte it tries (see weir.json_int).
 		local at = string.find(old, "@", 1, true)
 		local old_key = at and string.sub(old, 1, at - 1)
-		local old_seq = at and string.match(old, "^(%d+)$", at + 1)
+		local old_seq = at and tonumber(string.match(old, "^(%d+)$", at + 1))
 		if old_key and old_seq then
 			local current = weir.kv.get("e/" .. old_key)
 			-- The entry's own `seq` (a top-level key of its JSON; inside JSON strings quotes
 			-- are escaped, so `"seq":` cannot be text) without decoding the entry.
-			if current and json_int(current, '"seq"') == old_seq then
+			if current and weir.json_int(current, "seq") == old_seq then
 				weir.kv.delete("e/" .. old_key)
 				weir.counter("evictions", 1)
 			end
@@ -352,14 +330,6 @@ local function store(key: string, entry)
 	weir.kv.set(slot, key .. "@" .. tostring(seq))
 	weir.kv.set("e/" .. key, data, cfg.ttl_ms)
 	weir.counter("stores", 1)
-end
-
-local function take_pending(rid: string): string?
-	local canon = weir.kv.get("p/" .. rid)
-	if canon then
-		weir.kv.delete("p/" .. rid)
-	end
-	return canon
 end
 
 -- Hooks -----------------------------------------------------------------------------------
@@ -372,7 +342,8 @@ function M.on_request(req)
 		weir.counter("bypass", 1)
 		return { set_response_headers = { ["x-weir-cache"] = "skip" } }
 	end
-	local canon = canonical(req.body)
+	local body = req.body
+	local canon = canonical(body)
 	local key = weir.sha256(canon)
 	local raw = weir.kv.get("e/" .. key)
 	if raw then
@@ -381,28 +352,27 @@ function M.on_request(req)
 			weir.counter("hits", 1)
 			local include_usage = false
 			if req.stream then
-				local body = weir.json.decode(req.body)
-				include_usage = type(body.stream_options) == "table" and body.stream_options.include_usage == true
+				local decoded = weir.json.decode(body)
+				include_usage = type(decoded.stream_options) == "table" and decoded.stream_options.include_usage == true
 			end
 			return hit_reply(req, entry, include_usage)
 		end
 	end
 	weir.counter("misses", 1)
-	weir.kv.set("p/" .. req.request_id, canon, PENDING_TTL_MS)
+	-- The canonical request and its key, for the hook that stores the answer.
+	weir.scratch_set("canon", canon)
+	weir.scratch_set("key", key)
+	weir.scratch_set("state", "store")
 	return {
-		set_metadata = { ["cache.key"] = key, ["cache.rid"] = req.request_id },
+		set_metadata = { ["cache.key"] = key },
 		set_response_headers = { ["x-weir-cache"] = "miss" },
 	}
 end
 
 -- A complete, successful JSON answer: store it.
 function M.on_response(resp)
-	local key = weir.ctx_get("cache.key")
-	if not key or key == "" or resp.status ~= 200 then
-		return nil
-	end
-	local canon = take_pending(weir.ctx_get("cache.rid") or "")
-	if not canon then
+	local canon = weir.scratch_get("canon")
+	if not canon or resp.status ~= 200 then
 		return nil
 	end
 	local choices = {}
@@ -415,67 +385,100 @@ function M.on_response(resp)
 	if #choices == 0 then
 		return nil
 	end
-	store(key, { k = canon, model = resp.model, choices = choices, usage = resp.usage, at = weir.now_ms() })
+	weir.scratch_set("canon", nil)
+	store(weir.scratch_get("key") :: string, { k = canon, model = resp.model, choices = choices, usage = resp.usage, at = weir.now_ms() })
 	return nil
 end
 
--- Streams: keep each text delta of choice 0 in its own key (the metadata bag ends up in
--- log entries, so no text goes there), note the finish reason; on_log assembles.
+-- Streams: keep choice 0's text deltas and tool-call fragments in the request scratch, one
+-- entry each (appending to one value would copy the answer at every delta), and its finish
+-- reason; on_log assembles and stores. Scratch keys:
+--   t<n>, tn                   text deltas, their count
+--   c<i>id, c<i>name           tool call i's id and function name (first fragment)
+--   c<i>a<k>, c<i>n            its argument fragments, their count
+--   cn                         tool calls seen (highest index + 1)
+--   finish                     finish reason
+--   state                      "store" while the answer may be stored, then "skip"
+local function count(name: string): number
+	local n = (tonumber(weir.scratch_get(name)) or 0) + 1
+	weir.scratch_set(name, tostring(n))
+	return n
+end
+
 function M.on_response_chunk(event)
-	local rid = weir.ctx_get("cache.rid")
-	if not rid or rid == "" or weir.ctx_get("cache.nostore") == "1" then
+	-- One small read per event (not the canonical request).
+	if weir.scratch_get("state") ~= "store" then
+		return nil
+	end
+	if event.choice ~= nil and event.choice ~= 0 then
+		-- Several choices (n > 1) are not stored.
+		weir.scratch_set("state", "skip")
 		return nil
 	end
 	if event.type == "text_delta" then
-		if event.choice ~= 0 then
-			weir.ctx_set("cache.nostore", "1")
-			return nil
+		if event.text ~= "" then
+			weir.scratch_set("t" .. count("tn"), event.text)
 		end
-		local n = (tonumber(weir.ctx_get("cache.parts")) or 0) + 1
-		weir.ctx_set("cache.parts", tostring(n))
-		weir.kv.set("s/" .. rid .. "/" .. n, event.text, PENDING_TTL_MS)
 	elseif event.type == "tool_call_delta" then
-		-- Streamed tool calls are not cached (their fragments are not kept).
-		weir.ctx_set("cache.nostore", "1")
-	elseif event.type == "finish" then
-		if event.choice ~= 0 then
-			weir.ctx_set("cache.nostore", "1")
-		else
-			weir.ctx_set("cache.finish", event.reason)
+		local c = "c" .. tostring(event.index)
+		if event.id then
+			weir.scratch_set(c .. "id", event.id)
 		end
+		if event.name then
+			weir.scratch_set(c .. "name", event.name)
+		end
+		if event.arguments ~= "" then
+			weir.scratch_set(c .. "a" .. count(c .. "n"), event.arguments)
+		end
+		if event.index + 1 > (tonumber(weir.scratch_get("cn")) or 0) then
+			weir.scratch_set("cn", tostring(event.index + 1))
+		end
+	elseif event.type == "finish" then
+		weir.scratch_set("finish", event.reason)
 	end
 	return nil
 end
 
+-- The parts `<prefix>1..<prefix><n>` of the scratch, joined.
+local function joined(prefix: string, n: number): string
+	local parts = table.create(n)
+	for i = 1, n do
+		parts[i] = weir.scratch_get(prefix .. i) or ""
+	end
+	return table.concat(parts)
+end
+
 function M.on_log(entry)
-	local md = entry.metadata
-	local rid = md["cache.rid"]
-	if not rid or rid == "" then
+	if not entry.stream or entry.status ~= 200 then
 		return
 	end
-	if not entry.stream then
-		-- on_response stored (or skipped) it; drop what a failed request left behind.
-		take_pending(rid)
+	local finish = weir.scratch_get("finish")
+	if weir.scratch_get("state") ~= "store" or not finish or finish == "" then
 		return
 	end
-	local parts = tonumber(md["cache.parts"]) or 0
-	local text = {}
-	for n = 1, parts do
-		local key = "s/" .. rid .. "/" .. n
-		text[n] = weir.kv.get(key) or ""
-		weir.kv.delete(key)
+	local canon = weir.scratch_get("canon") :: string
+	local calls = {}
+	for i = 0, (tonumber(weir.scratch_get("cn")) or 0) - 1 do
+		local c = "c" .. i
+		local id, name = weir.scratch_get(c .. "id"), weir.scratch_get(c .. "name")
+		if id == nil or name == nil then
+			-- A tool call without its id or name cannot be replayed.
+			return
+		end
+		table.insert(calls, { id = id, name = name, arguments = joined(c .. "a", tonumber(weir.scratch_get(c .. "n")) or 0) })
 	end
-	local canon = take_pending(rid)
-	local finish = md["cache.finish"]
-	if entry.status ~= 200 or not finish or finish == "" or md["cache.nostore"] == "1" or not canon then
-		return
-	end
-	local usage = entry.usage
-	store(md["cache.key"], {
+	store(weir.scratch_get("key") :: string, {
 		k = canon,
 		model = entry.target_model ~= "" and entry.target_model or entry.model,
-		choices = { { index = 0, text = table.concat(text), tool_calls = EMPTY_ARRAY, finish_reason = finish } },
-		usage = usage,
+		choices = {
+			{
+				index = 0,
+				text = joined("t", tonumber(weir.scratch_get("tn")) or 0),
+				tool_calls = if #calls > 0 then calls else EMPTY_ARRAY,
+				finish_reason = finish,
+			},
+		},
+		usage = entry.usage,
 		at = weir.now_ms(),
 	})
 end

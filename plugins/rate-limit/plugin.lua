@@ -1,17 +1,25 @@
 -- rate-limit: requests per minute (RPM) and tokens per minute (TPM) per key, per tenant
 -- and per model, as a Lua plugin. Full reference: README.md beside this file.
 --
--- Fixed windows (default 60 s) counted with `weir.kv.incr` in the plugin's namespace:
---   r/<scope>/<id>/<window>  requests admitted in the window
---   t/<scope>/<id>/<window>  tokens reserved or used in the window
--- Admission reserves tokens (estimated prompt tokens + max_tokens); on_log settles the
--- reservation with the real usage (or releases it when the request failed). Every response
--- carries x-ratelimit-* headers of the tightest scope; a refusal is a 429 with Retry-After.
+-- Every limit is a host limiter (`weir.limit`, GCRA: `limit` units per window, bursts up to
+-- `limit`), keyed in the plugin's namespace:
+--   r/<scope>/<id>/<limit>/<window_ms>  requests      (scope: key | tenant | model)
+--   t/<scope>/<id>/<limit>/<window_ms>  tokens
+-- The limit and window are part of the key, so a changed limit takes effect at once (with a
+-- fresh allowance) instead of being read against the old one's state.
+-- Admission reserves 1 request and the estimated tokens (prompt estimate + max_tokens) in
+-- every scope; when one refuses, what the earlier ones reserved is given back and the answer
+-- is a 429. on_log settles the token reservations with the real usage (or gives them back
+-- when the request failed). Every response carries x-ratelimit-* headers of the tightest
+-- scope.
 
 local M = {}
 
 type Limit = { rpm: number?, tpm: number? }
 type Scope = { kind: string, id: string, rpm: number?, tpm: number? }
+type Taken = { key: string, limit: number, amount: number }
+
+local int = weir.int
 
 local cfg = {
 	window_ms = 60000,
@@ -33,7 +41,7 @@ local function limit(t: any, where: string): Limit
 		assert(k == "rpm" or k == "tpm", where .. ": unknown key '" .. tostring(k) .. "'")
 		assert(type(v) == "number" and v >= 0, where .. "." .. k .. " must be a number >= 0")
 	end
-	return { rpm = t.rpm, tpm = t.tpm }
+	return { rpm = if t.rpm then math.floor(t.rpm) else nil, tpm = if t.tpm then math.floor(t.tpm) else nil }
 end
 
 function M.init(config: any)
@@ -41,10 +49,10 @@ function M.init(config: any)
 	for k, v in config do
 		if k == "window_secs" then
 			assert(type(v) == "number" and v >= 1, "window_secs must be a number >= 1")
-			cfg.window_ms = v * 1000
+			cfg.window_ms = math.floor(v * 1000)
 		elseif k == "default_max_tokens" then
 			assert(type(v) == "number" and v >= 0, "default_max_tokens must be a number >= 0")
-			cfg.default_max_tokens = v
+			cfg.default_max_tokens = math.floor(v)
 		elseif k == "per_message_tokens" then
 			assert(type(v) == "number" and v >= 0, "per_message_tokens must be a number >= 0")
 			cfg.per_message_tokens = v
@@ -69,17 +77,13 @@ function M.init(config: any)
 	end
 end
 
-local function int(n: number): string
-	return string.format("%d", n)
-end
-
--- A number from the metadata bag (set by the auth plugin), or nil.
-local function meta_number(name: string): number?
-	local v = weir.ctx_get(name)
-	if v == nil then
+-- A limit from the metadata bag (set by the auth plugin), or nil.
+local function meta_limit(name: string): number?
+	local n = weir.ctx_number(name)
+	if n == nil or n < 0 then
 		return nil
 	end
-	return tonumber(v)
+	return math.floor(n)
 end
 
 -- The scopes that apply to this request, each with its limits.
@@ -87,8 +91,8 @@ local function scopes(model: string): { Scope }
 	local out = {}
 	local key = weir.ctx_get("key")
 	if key ~= nil then
-		local rpm = meta_number("key.rpm") or cfg.key.rpm
-		local tpm = meta_number("key.tpm") or cfg.key.tpm
+		local rpm = meta_limit("key.rpm") or cfg.key.rpm
+		local tpm = meta_limit("key.tpm") or cfg.key.tpm
 		if rpm ~= nil or tpm ~= nil then
 			table.insert(out, { kind = "key", id = key, rpm = rpm, tpm = tpm })
 		end
@@ -107,42 +111,9 @@ local function scopes(model: string): { Scope }
 	return out
 end
 
--- The first `"<name>": <digits>` in a JSON text, as a string. Found with a plain search for
--- the quoted name and an anchored match after it, not with `string.match(body, pattern)`:
--- Luau's matcher calls the VM interrupt (the deadline check) at every byte it tries, which
--- costs tens of microseconds on a 1 KB body. The same answer as that pattern: every match
--- starts at an occurrence of the name, tried left to right.
-local function json_int(text: string, quoted_name: string): string?
-	local from = 1
-	while true do
-		local _, last = string.find(text, quoted_name, from, true)
-		if last == nil then
-			return nil
-		end
-		local v = string.match(text, "^%s*:%s*(%d+)", last + 1)
-		if v ~= nil then
-			return v
-		end
-		from = last + 1
-	end
-end
-
 -- Estimated tokens of the request: prompt (host estimate) + the completion budget.
 local function estimate(req: any): number
-	local n = 0
-	for _, m in req.messages do
-		n += weir.count_tokens(m.content) + cfg.per_message_tokens
-	end
-	local max_tokens = cfg.default_max_tokens
-	if req.body ~= nil then
-		-- A structural match is enough: inside JSON strings the quotes are escaped.
-		local v = json_int(req.body, '"max_completion_tokens"')
-			or json_int(req.body, '"max_tokens"')
-		if v ~= nil then
-			max_tokens = tonumber(v) :: number
-		end
-	end
-	return n + max_tokens
+	return weir.prompt_tokens(req.messages, cfg.per_message_tokens) + (req.max_tokens or cfg.default_max_tokens)
 end
 
 local function duration(ms: number): string
@@ -156,50 +127,68 @@ local function duration(ms: number): string
 	return int(s // 60) .. "m" .. int(s % 60) .. "s"
 end
 
--- x-ratelimit-* headers for the tightest request and token scopes.
-local function headers(req_best: any, tok_best: any, reset_ms: number): { [string]: string }
+-- x-ratelimit-* headers of the tightest request and token limiters (limiter answers).
+local function headers(requests: any, tokens: any): { [string]: string }
 	local h = {}
-	if req_best ~= nil then
-		h["x-ratelimit-limit-requests"] = int(req_best.limit)
-		h["x-ratelimit-remaining-requests"] = int(math.max(0, req_best.limit - req_best.used))
-		h["x-ratelimit-reset-requests"] = duration(reset_ms)
+	if requests ~= nil then
+		h["x-ratelimit-limit-requests"] = int(requests.limit)
+		h["x-ratelimit-remaining-requests"] = int(requests.remaining)
+		h["x-ratelimit-reset-requests"] = duration(requests.reset_ms)
 	end
-	if tok_best ~= nil then
-		h["x-ratelimit-limit-tokens"] = int(tok_best.limit)
-		h["x-ratelimit-remaining-tokens"] = int(math.max(0, tok_best.limit - tok_best.used))
-		h["x-ratelimit-reset-tokens"] = duration(reset_ms)
+	if tokens ~= nil then
+		h["x-ratelimit-limit-tokens"] = int(tokens.limit)
+		h["x-ratelimit-remaining-tokens"] = int(tokens.remaining)
+		h["x-ratelimit-reset-tokens"] = duration(tokens.reset_ms)
 	end
 	return h
 end
 
-local function refuse(req: any, what: string, scope: Scope, h: { [string]: string }, reset_ms: number, oversize: boolean)
-	h["retry-after"] = int(math.max(1, math.ceil(reset_ms / 1000)))
+-- "minute" for the default window, else its length.
+local function window_name(): string
+	if cfg.window_ms == 60000 then
+		return "minute"
+	elseif cfg.window_ms == 3600000 then
+		return "hour"
+	end
+	return duration(cfg.window_ms)
+end
+
+local function refuse(req: any, what: string, scope: Scope, h: { [string]: string }, retry_ms: number, est: number?)
+	h["retry-after"] = int(math.max(1, math.ceil(retry_ms / 1000)))
 	weir.counter("rejected_" .. what, 1)
 	local message
-	if oversize then
+	if est ~= nil then
 		message = string.format(
-			"Request too large: about %s tokens, more than the %s token-per-minute limit of %s %s.",
-			h["x-ratelimit-used-tokens"] or "?",
+			"Request too large: about %s tokens, more than the limit of %s tokens per %s of %s %s.",
+			int(est),
 			int(scope.tpm :: number),
+			window_name(),
 			scope.kind,
 			scope.id
 		)
-		h["x-ratelimit-used-tokens"] = nil
 	else
 		message = string.format(
-			"Rate limit reached for %s %s: %s per minute. Retry after %s s.",
+			"Rate limit reached for %s %s: %s per %s. Retry after %s s.",
 			scope.kind,
 			scope.id,
-			what == "requests" and int(scope.rpm :: number) .. " requests" or int(scope.tpm :: number) .. " tokens",
+			if what == "requests" then int(scope.rpm :: number) .. " requests" else int(scope.tpm :: number) .. " tokens",
+			window_name(),
 			h["retry-after"]
 		)
 	end
-	if req.dialect == "anthropic" then
-		return weir.reply(429, { type = "error", error = { type = "rate_limit_error", message = message } }, h)
+	return weir.error_reply(req.dialect, 429, message, "rate_limit_error", { code = "rate_limit_exceeded", headers = h })
+end
+
+local function key_of(prefix: string, s: Scope, limit: number): string
+	return prefix .. s.kind .. "/" .. s.id .. "/" .. int(limit) .. "/" .. int(cfg.window_ms)
+end
+
+-- The tighter of two limiter answers (fewest remaining).
+local function tighter(best: any, r: any): any
+	if best == nil or r.remaining < best.remaining then
+		return r
 	end
-	return weir.reply(429, {
-		error = { message = message, type = "rate_limit_error", param = weir.json.null, code = "rate_limit_exceeded" },
-	}, h)
+	return best
 end
 
 function M.on_request(req: any)
@@ -207,86 +196,84 @@ function M.on_request(req: any)
 	if #list == 0 then
 		return nil
 	end
-	local now = weir.now_ms()
-	local win = now // cfg.window_ms
-	local reset_ms = (win + 1) * cfg.window_ms - now
-	local ttl = cfg.window_ms * 2
-	local est = estimate(req)
-	-- Counters taken so far, to give back if a later scope refuses.
-	local taken = {}
+	local window = cfg.window_ms
+	local est = nil
+	for _, s in list do
+		if s.tpm ~= nil then
+			est = estimate(req)
+			break
+		end
+	end
+	-- Reservations made so far, given back if a later scope refuses.
+	local taken: { Taken } = {}
 	local function undo()
 		for _, t in taken do
-			weir.kv.incr(t[1], -t[2], cfg.window_ms * 2)
+			weir.limit.settle(t.key, t.limit, window, t.amount, 0)
 		end
 	end
 	local req_best, tok_best = nil, nil
 	local settle = {}
 	for _, s in list do
-		local base = s.kind .. "/" .. s.id .. "/" .. int(win)
 		if s.rpm ~= nil then
-			local k = "r/" .. base
-			local used = weir.kv.incr(k, 1, ttl)
-			table.insert(taken, { k, 1 })
-			local entry = { limit = s.rpm, used = used }
-			if used > s.rpm then
+			local k = key_of("r/", s, s.rpm)
+			local r = weir.limit.reserve(k, s.rpm, window, 1)
+			if not r.allowed then
 				undo()
-				entry.used = used - 1
-				return refuse(req, "requests", s, headers(entry, nil, reset_ms), reset_ms, false)
+				return refuse(req, "requests", s, headers(r, nil), r.retry_after_ms, nil)
 			end
-			if req_best == nil or s.rpm - used < req_best.limit - req_best.used then
-				req_best = entry
-			end
+			table.insert(taken, { key = k, limit = s.rpm, amount = 1 })
+			req_best = tighter(req_best, r)
 		end
 		if s.tpm ~= nil then
-			local k = "t/" .. base
-			local used = weir.kv.incr(k, est, ttl)
-			table.insert(taken, { k, est })
-			local entry = { limit = s.tpm, used = used }
-			if used > s.tpm then
+			local n = est :: number
+			local k = key_of("t/", s, s.tpm)
+			local r = weir.limit.reserve(k, s.tpm, window, n)
+			if not r.allowed then
 				undo()
-				entry.used = used - est
-				local h = headers(req_best, entry, reset_ms)
-				h["x-ratelimit-used-tokens"] = int(est)
-				return refuse(req, "tokens", s, h, reset_ms, est > s.tpm)
+				local h = headers(req_best, r)
+				return refuse(req, "tokens", s, h, r.retry_after_ms, if n > s.tpm then n else nil)
 			end
-			if tok_best == nil or s.tpm - used < tok_best.limit - tok_best.used then
-				tok_best = entry
-			end
-			table.insert(settle, k)
+			table.insert(taken, { key = k, limit = s.tpm, amount = n })
+			tok_best = tighter(tok_best, r)
+			table.insert(settle, int(s.tpm) .. " " .. k)
 		end
 	end
 	local out: any = {}
 	if #settle > 0 then
-		out.set_metadata = { ["ratelimit.reserved"] = int(est), ["ratelimit.counters"] = table.concat(settle, " ") }
+		-- What on_log settles: private to the plugin (the metadata bag is logged).
+		weir.scratch_set("reserved", int(est :: number))
+		weir.scratch_set("limiters", table.concat(settle, "\n"))
+		out.set_metadata = { ["ratelimit.reserved"] = int(est :: number) }
 	end
 	if cfg.headers then
-		out.set_response_headers = headers(req_best, tok_best, reset_ms)
+		out.set_response_headers = headers(req_best, tok_best)
 	end
 	return out
 end
 
--- Settles token reservations with the real usage (or releases them on failure).
+-- Settles token reservations with the real usage (or gives them back on failure).
 function M.on_log(entry: any)
-	local md = entry.metadata
-	local reserved = tonumber(md["ratelimit.reserved"])
-	local counters = md["ratelimit.counters"]
-	if reserved == nil or counters == nil then
+	local limiters = weir.scratch_get("limiters")
+	local reserved = tonumber(weir.scratch_get("reserved"))
+	if limiters == nil or reserved == nil then
 		return
 	end
-	local actual
+	local used
 	if entry.usage ~= nil then
-		actual = entry.usage.prompt_tokens + entry.usage.completion_tokens
+		used = entry.usage.prompt_tokens + entry.usage.completion_tokens
 	elseif entry.status >= 400 then
-		actual = 0
+		-- Refused after admission (a later plugin) or failed upstream without an answer.
+		used = 0
 	else
-		actual = reserved
+		used = reserved
 	end
-	local delta = actual - reserved
-	if delta == 0 then
+	if used == reserved then
 		return
 	end
-	for k in string.gmatch(counters, "%S+") do
-		weir.kv.incr(k, delta, cfg.window_ms * 2)
+	for line in string.gmatch(limiters, "[^\n]+") do
+		local sp = string.find(line, " ", 1, true) :: number
+		local limit = tonumber(string.sub(line, 1, sp - 1)) :: number
+		weir.limit.settle(string.sub(line, sp + 1), limit, cfg.window_ms, reserved, used)
 	end
 end
 

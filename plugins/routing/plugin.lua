@@ -1,16 +1,17 @@
--- routing: model aliases, weighted / latency / cost / priority choice, fallback chains,
--- conditional routes and per-target circuit breakers. Full reference: README.md.
+-- routing: model aliases, weighted / latency / least-busy / cost / priority choice, fallback
+-- chains, conditional routes and per-target circuit breakers. Full reference: README.md.
 --
 -- For a request whose model is an alias (or that a rule sends to one), the plugin orders the
 -- alias's targets by its strategy, skips targets whose breaker is open, and hands the list to
 -- the gateway with `set_targets`: the first is tried first, the others are the fallback chain
 -- the gateway walks on errors, timeouts and 429s.
 --
--- Health, per target `<provider>/<model>`, in the plugin's namespace, fed by on_log:
---   lat/<t>    EWMA of latency (ms)          err/<t>   EWMA of the error rate (0..1)
+-- Health comes from the gateway: `weir.target_stats(provider, model)` (latency EWMA, error
+-- rate, attempts in flight, kept by the upstream layer) for the latency and least-busy
+-- strategies. The breakers are the plugin's, per target `<provider>/<model>`, in its
+-- namespace, fed by on_log from every upstream attempt of the request (`entry.attempts`):
 --   fail/<t>   consecutive failures          open/<t>  present while the breaker is open (TTL)
--- A failure is a 5xx or 429 from the target, or the target being skipped over for a
--- fallback (the served target differs from the primary the plugin chose).
+-- A failure is a connect error, a timeout, a broken or invalid answer, a 5xx or a 429.
 
 local M = {}
 
@@ -20,11 +21,11 @@ local cfg = {
 	prices = {},
 	failure_threshold = 5,
 	cooldown_ms = 30000,
-	ewma_alpha = 0.3,
 	error_penalty_ms = 2000,
+	max_error_rate = nil :: number?,
 }
 
-local STRATEGIES = { weighted = true, latency = true, cost = true, priority = true }
+local STRATEGIES = { weighted = true, latency = true, least_busy = true, cost = true, priority = true }
 
 local function check_targets(list, where)
 	assert(type(list) == "table" and #list > 0, where .. " must be a non-empty list of { provider, model }")
@@ -50,7 +51,7 @@ local function check_alias(a, where)
 		assert(k == "strategy" or k == "targets" or k == "fallback", where .. ": unknown key '" .. tostring(k) .. "'")
 	end
 	local strategy = a.strategy or "priority"
-	assert(STRATEGIES[strategy], where .. ".strategy must be weighted, latency, cost or priority")
+	assert(STRATEGIES[strategy], where .. ".strategy must be weighted, latency, least_busy, cost or priority")
 	local fallback = a.fallback
 	if fallback == nil then
 		fallback = true
@@ -99,8 +100,11 @@ function M.init(config)
 			assert(type(v) == "number" and v >= 1, k .. " must be a number >= 1")
 			cfg[k] = v
 		elseif k == "ewma_alpha" then
+			-- Accepted for old configs: the gateway keeps the EWMAs now (weir.target_stats).
 			assert(type(v) == "number" and v > 0 and v <= 1, "ewma_alpha must be in (0, 1]")
-			cfg.ewma_alpha = v
+		elseif k == "max_error_rate" then
+			assert(type(v) == "number" and v >= 0 and v <= 1, "max_error_rate must be in [0, 1]")
+			cfg.max_error_rate = v
 		else
 			error("unknown config key '" .. tostring(k) .. "'")
 		end
@@ -118,7 +122,7 @@ local function rule_matches(r, req)
 		return false
 	end
 	for name, value in r.headers do
-		if req.headers[name] ~= value then
+		if req.header(name) ~= value then
 			return false
 		end
 	end
@@ -130,16 +134,41 @@ local function rule_matches(r, req)
 	return true
 end
 
-local function num(v, default)
-	if v == nil then
-		return default
+-- The price of a target (input + output per 1M tokens) for the cost strategy: this
+-- plugin's `prices` for the target, the gateway's `[prices]` for the model, this plugin's
+-- `prices` for the model.
+local function price(t)
+	local p = cfg.prices[t.id]
+	if p ~= nil then
+		return p
 	end
-	return tonumber(v) or default
+	local g = weir.price(t.model)
+	if g ~= nil then
+		return g.input + g.output
+	end
+	return cfg.prices[t.model] or math.huge
 end
 
--- The price of a target (input + output per 1M tokens) for the cost strategy.
-local function price(t)
-	return cfg.prices[t.id] or cfg.prices[t.model] or math.huge
+-- What the gateway measured for a target; nil when it was never tried.
+local function stats(t)
+	return weir.target_stats(t.provider, t.model)
+end
+
+-- Latency score: EWMA latency plus a penalty per unit of error rate; an untried target
+-- scores 0, so it gets tried.
+local function latency_score(s)
+	if s == nil or s.attempts == 0 then
+		return 0
+	end
+	return s.latency_ewma_ms + s.error_rate * cfg.error_penalty_ms
+end
+
+local function sorted(targets, score)
+	local out = table.clone(targets)
+	table.sort(out, function(a, b)
+		return score[a.id] < score[b.id]
+	end)
+	return out
 end
 
 -- Orders `targets` (healthy ones) by the alias's strategy.
@@ -176,20 +205,43 @@ local function order(alias, name, targets)
 	end
 	local score = {}
 	for i, t in targets do
+		-- The list position breaks ties.
 		if s == "latency" then
-			-- Unknown targets score 0 so they get tried; errors cost a fixed penalty.
-			local lat = num(weir.kv.get("lat/" .. t.id), 0)
-			local err = num(weir.kv.get("err/" .. t.id), 0)
-			score[t.id] = lat + err * cfg.error_penalty_ms + i * 1e-6
+			score[t.id] = latency_score(stats(t)) + i * 1e-6
+		elseif s == "least_busy" then
+			local st = stats(t)
+			local busy = if st then st.in_flight else 0
+			score[t.id] = busy * 1e9 + latency_score(st) + i * 1e-6
 		else
 			score[t.id] = price(t) + i * 1e-9
 		end
 	end
-	local out = table.clone(targets)
-	table.sort(out, function(a, b)
-		return score[a.id] < score[b.id]
-	end)
-	return out
+	return sorted(targets, score)
+end
+
+-- With `max_error_rate`: targets whose error rate (the gateway's EWMA) is above it go last,
+-- in their order (demoted, not dropped: they are still fallbacks).
+local function demote_erroring(targets)
+	local limit = cfg.max_error_rate
+	if limit == nil or #targets < 2 then
+		return targets
+	end
+	local good, bad = {}, {}
+	for _, t in targets do
+		local st = stats(t)
+		if st ~= nil and st.attempts > 0 and st.error_rate > limit then
+			table.insert(bad, t)
+		else
+			table.insert(good, t)
+		end
+	end
+	if #bad == 0 or #good == 0 then
+		return targets
+	end
+	for _, t in bad do
+		table.insert(good, t)
+	end
+	return good
 end
 
 function M.on_request(req)
@@ -214,7 +266,7 @@ function M.on_request(req)
 		-- Every breaker is open: try them all rather than fail without trying.
 		healthy = alias.targets
 	end
-	local ordered = order(alias, name, healthy)
+	local ordered = demote_erroring(order(alias, name, healthy))
 	local targets = {}
 	for i, t in ordered do
 		table.insert(targets, { provider = t.provider, model = t.model })
@@ -233,16 +285,8 @@ function M.on_request(req)
 	}
 end
 
-local function observe(id, ok, latency_ms)
-	local a = cfg.ewma_alpha
-	if latency_ms ~= nil then
-		local lat = num(weir.kv.get("lat/" .. id), nil)
-		lat = if lat == nil then latency_ms else lat + a * (latency_ms - lat)
-		weir.kv.set("lat/" .. id, string.format("%.3f", lat))
-	end
-	local err = num(weir.kv.get("err/" .. id), 0)
-	err += a * ((if ok then 0 else 1) - err)
-	weir.kv.set("err/" .. id, string.format("%.4f", err))
+-- The breaker of target `id` after one attempt.
+local function observe(id, ok)
 	if ok then
 		if weir.kv.get("fail/" .. id) ~= nil then
 			weir.kv.delete("fail/" .. id)
@@ -256,26 +300,51 @@ local function observe(id, ok, latency_ms)
 	end
 end
 
--- Feeds health from what happened to the request.
+-- What an attempt says about its target: "ok" (it answered, even a 4xx about the request),
+-- "failed" (no answer, a broken one, a 5xx or a 429), or nil (nothing: the gateway did not
+-- send it, `unsupported` or `internal`).
+local function verdict(a)
+	local e = a.error
+	if e == nil then
+		return "ok"
+	elseif e == "unsupported" or e == "internal" then
+		return nil
+	elseif e == "status" and a.status ~= 0 and a.status < 500 and a.status ~= 429 then
+		return "ok"
+	end
+	return "failed"
+end
+
+-- Feeds the breakers from what happened to a request this plugin routed.
 function M.on_log(entry)
 	local primary = entry.metadata["route.target"]
 	if primary == nil then
 		return
 	end
+	local attempts = entry.attempts
+	if attempts ~= nil and #attempts > 0 then
+		-- Every target tried, in order: retries and fallbacks each made an attempt.
+		for _, a in attempts do
+			local v = verdict(a)
+			if v ~= nil then
+				observe(a.provider .. "/" .. a.target_model, v == "ok")
+			end
+		end
+		return
+	end
+	-- No attempts listed (a plugin answered, or a host that does not report them): judge by
+	-- the target that served.
 	local served = if entry.provider ~= "" then entry.provider .. "/" .. entry.target_model else nil
 	if served ~= nil and served ~= primary then
 		-- The primary failed over to a fallback.
-		observe(primary, false, nil)
+		observe(primary, false)
 	end
 	local failed = entry.status >= 500 or entry.status == 429
 	if served == nil and not failed then
 		-- Answered by a plugin (a 402 from budget...): says nothing about the target.
 		return
 	end
-	-- Latency only from successful answers (time to first token for streams), so timeouts
-	-- do not look like slow successes.
-	local latency = if entry.stream then entry.ttft_ms else entry.latency_ms
-	observe(served or primary, not failed, if failed then nil else latency)
+	observe(served or primary, not failed)
 end
 
 return M
