@@ -345,9 +345,11 @@ config = {{ phrases = ["ignore previous instructions"] }}
         ),
         "{metrics}"
     );
+    // One `continue` for the clean request's on-request, one per response its on-response
+    // saw (prompt-guard also checks answers): 1 + 4.
     assert!(
         metrics.contains(
-            "weir_shadow_decisions_total{decision=\"continue\",plugin=\"prompt-guard\"} 1"
+            "weir_shadow_decisions_total{decision=\"continue\",plugin=\"prompt-guard\"} 5"
         ),
         "{metrics}"
     );

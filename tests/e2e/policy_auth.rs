@@ -217,7 +217,7 @@ impl PolicyGateway {
 
     /// Creates a key through the admin API; returns `(id, secret)`.
     pub async fn create_key(&self, body: Value) -> (String, String) {
-        let resp = self.admin.call("POST", "/admin/keys", Some(&body)).await;
+        let resp = self.admin.call("POST", "/admin/plugins/auth/keys", Some(&body)).await;
         assert_eq!(resp.status, 201, "create key: {}", resp.text);
         let v = resp.json();
         (
@@ -467,7 +467,7 @@ async fn every_rejection_has_its_status_and_body_in_the_callers_dialect() {
         assert_eq!(gw.chat(&secret, &body).await.status, 200);
         let resp = gw
             .admin
-            .call("POST", &format!("/admin/keys/{id}/revoke"), None)
+            .call("POST", &format!("/admin/plugins/auth/keys/{id}/revoke"), None)
             .await;
         assert_eq!(resp.status, 200, "{}", resp.text);
         assert_eq!(resp.json()["revoked"], true);
@@ -477,18 +477,18 @@ async fn every_rejection_has_its_status_and_body_in_the_callers_dialect() {
         // The admin API itself refuses calls without the admin token.
         let resp = gw
             .admin
-            .call_with_token("GET", "/admin/keys", None, None)
+            .call_with_token("GET", "/admin/plugins/auth/keys", None, None)
             .await;
         assert_eq!(resp.status, 401);
         let resp = gw
             .admin
-            .call_with_token("POST", "/admin/keys", Some(&json!({"name": "x"})), Some("wrong-token-wrong-token"))
+            .call_with_token("POST", "/admin/plugins/auth/keys", Some(&json!({"name": "x"})), Some("wrong-token-wrong-token"))
             .await;
         assert_eq!(resp.status, 401);
         // Bad requests to the key API.
-        let resp = gw.admin.call("POST", "/admin/keys", Some(&json!({"name": ""}))).await;
+        let resp = gw.admin.call("POST", "/admin/plugins/auth/keys", Some(&json!({"name": ""}))).await;
         assert_eq!(resp.status, 400, "{}", resp.text);
-        let resp = gw.admin.call("GET", "/admin/keys/key_missing", None).await;
+        let resp = gw.admin.call("GET", "/admin/plugins/auth/keys/key_missing", None).await;
         assert_eq!(resp.status, 404, "{}", resp.text);
     })
     .await;
@@ -503,7 +503,7 @@ async fn updates_take_effect_and_keys_survive_a_restart() {
             .await;
         let (revoked_id, revoked) = gw.create_key(json!({"name": "gone"})).await;
         gw.admin
-            .call("DELETE", &format!("/admin/keys/{revoked_id}"), None)
+            .call("DELETE", &format!("/admin/plugins/auth/keys/{revoked_id}"), None)
             .await;
         assert_eq!(gw.chat(&secret, &chat_body("mock", "hi")).await.status, 403);
 
@@ -511,7 +511,7 @@ async fn updates_take_effect_and_keys_survive_a_restart() {
             .admin
             .call(
                 "PATCH",
-                &format!("/admin/keys/{id}"),
+                &format!("/admin/plugins/auth/keys/{id}"),
                 Some(&json!({"models": ["*"], "tenant": "acme"})),
             )
             .await;
@@ -527,7 +527,7 @@ async fn updates_take_effect_and_keys_survive_a_restart() {
         );
         let list = gw
             .admin
-            .call("GET", "/admin/keys?include_revoked=true", None)
+            .call("GET", "/admin/plugins/auth/keys?include_revoked=true", None)
             .await;
         let keys = list.json()["keys"].as_array().unwrap().clone();
         assert_eq!(keys.len(), 2, "{keys:?}");
@@ -590,6 +590,55 @@ async fn weir_keys_cli_creates_lists_and_revokes() {
         assert_eq!(gw.chat(&secret, &chat_body("mock", "hi")).await.status, 401);
         let listed = cli(&["keys", "list", "--all"]);
         assert!(listed.contains("revoked"), "{listed}");
+    })
+    .await;
+}
+
+/// The auth plugin owns its keys: renamed instance, another `key_prefix`, and `weir keys`
+/// still finds it (by manifest name) and manages its keys; the old core `/admin/keys` is
+/// gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weir_keys_works_with_the_auth_instance_renamed() {
+    bounded(async {
+        let entry = plugin_entry("auth", "key_prefix = \"acme-\"")
+            .replacen("[[plugins]]\n", "[[plugins]]\nname = \"gatekeeper\"\n", 1);
+        let gw = PolicyGateway::start(&format!("{MOCK_MODELS}{entry}")).await;
+        let cli = |args: &[&str]| {
+            let out = Command::new(WEIR)
+                .args(args)
+                .env("WEIR_ADMIN", gw.admin.addr())
+                .env("WEIR_ADMIN_TOKEN", ADMIN_TOKEN)
+                .output()
+                .expect("run weir");
+            let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+            assert!(
+                out.status.success(),
+                "weir {args:?} failed: {stdout}{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            stdout
+        };
+        let created = cli(&["keys", "create", "--name", "renamed", "--json"]);
+        let v: Value = serde_json::from_str(&created).expect("JSON");
+        let secret = v["secret"].as_str().unwrap().to_owned();
+        let id = v["id"].as_str().unwrap().to_owned();
+        assert!(secret.starts_with("acme-"), "{secret}");
+        assert_eq!(gw.chat(&secret, &chat_body("mock", "hi")).await.status, 200);
+        let listed = cli(&["keys", "list"]);
+        assert!(listed.contains(&id), "{listed}");
+        // Named explicitly too.
+        let listed = cli(&["keys", "--plugin", "gatekeeper", "list"]);
+        assert!(listed.contains(&id), "{listed}");
+        cli(&["keys", "revoke", &id]);
+        assert_eq!(gw.chat(&secret, &chat_body("mock", "hi")).await.status, 401);
+
+        // The endpoint is the instance's; the gateway has no key routes of its own.
+        let resp = gw.admin.call("GET", "/admin/plugins/gatekeeper/keys", None).await;
+        assert_eq!(resp.status, 200);
+        let resp = gw.admin.call("GET", "/admin/plugins/auth/keys", None).await;
+        assert_eq!(resp.status, 404, "no instance named auth");
+        let resp = gw.admin.call("GET", "/admin/keys", None).await;
+        assert_eq!(resp.status, 404);
     })
     .await;
 }
@@ -699,7 +748,7 @@ async fn ten_thousand_keys_and_a_thousand_concurrent_requests() {
                 .map(|i| {
                     let admin = gw.admin.clone();
                     let body = json!({"name": format!("key-{batch}-{i}"), "tenant": format!("t{}", i % 10)});
-                    tokio::spawn(async move { admin.call("POST", "/admin/keys", Some(&body)).await })
+                    tokio::spawn(async move { admin.call("POST", "/admin/plugins/auth/keys", Some(&body)).await })
                 })
                 .collect();
             for c in calls {
@@ -710,7 +759,7 @@ async fn ten_thousand_keys_and_a_thousand_concurrent_requests() {
         }
         let create_ms = started.elapsed().as_secs_f64() * 1000.0;
         let started = std::time::Instant::now();
-        let list = gw.admin.call("GET", "/admin/keys?limit=20000", None).await;
+        let list = gw.admin.call("GET", "/admin/plugins/auth/keys?limit=20000", None).await;
         let list_ms = started.elapsed().as_secs_f64() * 1000.0;
         assert_eq!(list.json()["keys"].as_array().unwrap().len(), KEYS);
 
@@ -728,7 +777,7 @@ async fn ten_thousand_keys_and_a_thousand_concurrent_requests() {
         let started = std::time::Instant::now();
         let mut lines = 0;
         while started.elapsed() < Duration::from_secs(20) {
-            let resp = gw.admin.call("GET", "/admin/usage?scope=key&period=total", None).await;
+            let resp = gw.admin.call("GET", "/admin/plugins/budget/usage?scope=key&period=total", None).await;
             lines = resp.json()["usage"].as_array().map_or(0, Vec::len);
             if lines >= CONCURRENT {
                 break;

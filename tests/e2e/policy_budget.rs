@@ -1,6 +1,6 @@
 //! The `budget` policy (plugins/budget, Lua) through the real gateway, behind `auth`: the
 //! worst case reserved at admission (402 in both dialects), spend settled from real usage
-//! and visible in `GET /admin/usage` and `weir usage`, a stream cut with an error event when
+//! and visible in `GET /admin/plugins/budget/usage` and `weir usage`, a stream cut with an error event when
 //! it overruns, tenant budgets shared by keys, persistence across a restart, hot reload, and
 //! the plugin's offline fixtures.
 //!
@@ -41,7 +41,7 @@ async fn usage(gw: &PolicyGateway, scope: &str, id: &str, period: &str) -> Optio
         .admin
         .call(
             "GET",
-            &format!("/admin/usage?scope={scope}&id={id}&period={period}"),
+            &format!("/admin/plugins/budget/usage?scope={scope}&id={id}&period={period}"),
             None,
         )
         .await;

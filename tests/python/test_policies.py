@@ -108,7 +108,7 @@ def _client(base: str, key: str) -> openai.OpenAI:
 
 def test_the_quickstart_chain_works_with_the_openai_sdk(gateway):
     base, admin = gateway
-    key = _admin(admin, "POST", "/admin/keys", {"name": "sdk", "tenant": "demo", "rpm": 5})
+    key = _admin(admin, "POST", "/admin/plugins/auth/keys", {"name": "sdk", "tenant": "demo", "rpm": 5})
     client = _client(base, key["secret"])
 
     # auth + routing (alias) + redaction (pseudonymized for the provider, restored for us)
@@ -145,7 +145,7 @@ def test_the_quickstart_chain_works_with_the_openai_sdk(gateway):
     deadline = time.monotonic() + 10
     lines: list = []
     while time.monotonic() < deadline:
-        lines = _admin(admin, "GET", f"/admin/usage?scope=key&id={key['id']}&period=total")["usage"]
+        lines = _admin(admin, "GET", f"/admin/plugins/budget/usage?scope=key&id={key['id']}&period=total")["usage"]
         if lines and lines[0]["requests"] >= 2:
             break
         time.sleep(0.1)
@@ -159,15 +159,15 @@ def test_wrong_revoked_and_over_budget_keys_are_refused(gateway):
             model="fast", messages=[{"role": "user", "content": "hi"}]
         )
 
-    key = _admin(admin, "POST", "/admin/keys", {"name": "short", "models": ["fast"]})
+    key = _admin(admin, "POST", "/admin/plugins/auth/keys", {"name": "short", "models": ["fast"]})
     client = _client(base, key["secret"])
     with pytest.raises(openai.PermissionDeniedError):
         client.chat.completions.create(model="smart", messages=[{"role": "user", "content": "hi"}])
-    _admin(admin, "POST", f"/admin/keys/{key['id']}/revoke")
+    _admin(admin, "POST", f"/admin/plugins/auth/keys/{key['id']}/revoke")
     with pytest.raises(openai.AuthenticationError):
         client.chat.completions.create(model="fast", messages=[{"role": "user", "content": "hi"}])
 
-    poor = _admin(admin, "POST", "/admin/keys", {"name": "poor", "budget_usd": 0.000001})
+    poor = _admin(admin, "POST", "/admin/plugins/auth/keys", {"name": "poor", "budget_usd": 0.000001})
     with pytest.raises(openai.APIStatusError) as err:
         _client(base, poor["secret"]).chat.completions.create(
             model="fast", messages=[{"role": "user", "content": "hi"}]

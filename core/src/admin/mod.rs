@@ -70,13 +70,6 @@ pub fn router(state: AdminState) -> Router {
             "/admin/plugins/{instance}/{*path}",
             axum::routing::any(plugin_admin),
         )
-        // Virtual keys and usage (the auth and budget plugins' state).
-        .merge(keys::routes(
-            state.reloader.gateway().snapshot().services.state.clone(),
-        ))
-        .merge(usage::routes(
-            state.reloader.gateway().snapshot().services.state.clone(),
-        ))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .with_state(state)

@@ -325,7 +325,8 @@ pub enum ChunkAction {
     #[component(name = "replace")]
     Replace(Vec<StreamEvent>),
     /// Hold the text back; the chain buffers it (bounded) and hands the accumulated
-    /// text to the plugin again with the next event.
+    /// text to the plugin again with the next text of the choice, and at the choice's
+    /// finish, at the end of the stream and when the buffer is full with `last = true`.
     #[component(name = "hold")]
     Hold,
     /// End the stream with an error event carrying this message.
@@ -357,7 +358,8 @@ pub struct Attempt {
 pub struct PluginDecision {
     /// Instance name.
     pub plugin: String,
-    /// `continue`, `reply_<status>`, `failure_<kind>`, `shadow_<decision>`.
+    /// `continue`, `reply_<status>`, `skipped_<kind>` (failed open or breaker open),
+    /// `failure_<kind>` (failed closed), `shadow_<decision>`.
     pub decision: String,
 }
 

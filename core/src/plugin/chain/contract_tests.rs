@@ -9,6 +9,16 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use super::*;
+use crate::api::openai::MessageContent;
+use crate::config::Config;
+use crate::plugin::PluginError;
+use crate::plugin::config::PluginInstanceConfig;
+use crate::plugin::contract::{
+    AdminRequest, AdminResponse, ChunkAction, Mutations, PluginRuntime, ResponseMutations,
+    ResponseView, StreamEvent,
+};
+use crate::plugin::host::{HostLookups, PluginMetrics};
+use crate::request::Body;
 use crate::state::MemoryStore;
 
 fn metrics() -> PluginMetrics {
@@ -32,7 +42,11 @@ impl PluginRuntime for ByCaller {
     fn name(&self) -> &str {
         "by-caller"
     }
-    fn on_request(&self, ctx: &mut HookCtx<'_>, _: &RequestView) -> Result<Decision, HookError> {
+    fn on_request(
+        &self,
+        ctx: &mut HookCtx<'_>,
+        _: &mut RequestView,
+    ) -> Result<Decision, HookError> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         (self.answer)(ctx.metadata.get("key").map(String::as_str))
             .map(|()| Decision::Continue(Mutations::default()))
@@ -49,6 +63,9 @@ impl PluginRuntime for ByCaller {
     }
     fn on_log(&self, _: &mut HookCtx<'_>, _: &LogEntry) -> Result<(), HookError> {
         Ok(())
+    }
+    fn admin(&self, _: &mut HookCtx<'_>, _: &AdminRequest) -> Result<AdminResponse, HookError> {
+        Ok(AdminResponse::default())
     }
 }
 
@@ -96,6 +113,8 @@ fn ctx(key: Option<&str>) -> RequestCtx {
         targets: None,
         client_body: None,
         metadata,
+        scratch: Default::default(),
+        decisions: Vec::new(),
     }
 }
 
@@ -120,7 +139,7 @@ fn a_successful_on_log_does_not_heal_a_failing_on_request() {
     for _ in 0..3 {
         assert_eq!(kind(&c, None), "timeout");
         // The same plugin's on-log succeeds after every failed request.
-        c.on_log(&entry);
+        c.on_log(&entry, &mut Scratch::default());
     }
     assert_eq!(
         kind(&c, None),
@@ -190,6 +209,7 @@ fn spinner(limits: &str, extra: &str) -> Result<Arc<Instance>, PluginError> {
         "plugins[2]",
         Arc::new(MemoryStore::new()),
         &metrics(),
+        Arc::new(HostLookups::default()),
     )
 }
 
@@ -198,13 +218,22 @@ fn deadline_hit(inst: &Instance, prompt_bytes: usize) -> (u64, Duration) {
     if let Body::Chat(chat) = &mut c.body {
         chat.messages[0].content = Some(MessageContent::Text("x".repeat(prompt_bytes)));
     }
-    let view = request_view(&c);
+    let deadline = inst.deadline(Hook::OnRequest, prompt_bytes);
+    let mut view = RequestView {
+        request_id: c.request_id.clone(),
+        body: std::mem::take(&mut c.body),
+        access: inst.access.clone(),
+        ..RequestView::default()
+    };
+    let mut scratch = BTreeMap::new();
     let mut hctx = HookCtx {
         request_id: &c.request_id,
         metadata: &mut c.metadata,
+        scratch: &mut scratch,
+        deadline,
     };
     let started = Instant::now();
-    let err = inst.runtime.on_request(&mut hctx, &view).unwrap_err();
+    let err = inst.runtime.on_request(&mut hctx, &mut view).unwrap_err();
     let elapsed = started.elapsed();
     match err {
         HookError::Timeout { deadline_ms } => (deadline_ms, elapsed),

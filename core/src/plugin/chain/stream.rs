@@ -141,8 +141,9 @@ impl ChunkFilter {
 
     /// The stream ended: releases held text.
     ///
-    /// The holder sees its held text once more (it may still replace it; another `hold` is
-    /// not possible and releases the text as is), then the plugins after it do.
+    /// The holder sees its held text once more, with `last = true` (it answers pass or
+    /// replace; another `hold` is a plugin failure, handled by its failure policy), then the
+    /// plugins after it do.
     pub fn finish(&mut self, out: &mut Vec<ChatChunk>) -> Result<(), StreamStop> {
         for i in 0..self.stages.len() {
             let held = std::mem::take(&mut self.stages[i].held);
