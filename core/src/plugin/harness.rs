@@ -2,7 +2,7 @@
 //! gateway, a provider or a network. `weir plugin test PATH` prints its table; Rust tests
 //! call [`assert_fixtures_pass`].
 //!
-//! A fixture is `PATH/fixtures/*.json`:
+//! A fixture is `PATH/fixtures/*.json`, one request and what must come of it:
 //!
 //! ```json
 //! {
@@ -18,97 +18,93 @@
 //! }
 //! ```
 //!
-//! The request goes through the real [`Chain`] (the plugin as its only instance, in-memory
-//! state), so a fixture exercises exactly what the gateway would run. Its outcome is a JSON
-//! document (see [`Outcome`]); `expect` must be a *subset* of it: objects match key by key,
-//! anything else must be equal. `config` defaults to `fixtures/config.json` when that file
-//! exists, else `{}`. `response` (`{"text": ".."}`) runs `on_response` on a one-choice
-//! response; `stream` runs the text deltas through the chunk hooks and reports the text that
-//! comes out.
+//! or a sequence of steps run in order against one instance and its state, from seeded
+//! state, with a fixed clock:
+//!
+//! ```json
+//! {
+//!   "state": { "kv": { "team:ops": "blocked" } },
+//!   "clock_ms": 1700000000000,
+//!   "requests": [
+//!     { "request": { "body": {} }, "log": { "status": 200 }, "expect": { "kv": { "served": "1" } } },
+//!     { "advance_ms": 60000, "request": { "body": {} }, "expect": { "status": 429 } },
+//!     { "admin": { "method": "GET", "path": "/stats" }, "expect": { "status": 200 } }
+//!   ]
+//! }
+//! ```
+//!
+//! Each request goes through the real [`Chain`] (the plugin as its only instance, in-memory
+//! state), so a fixture exercises exactly what the gateway would run: `on_request`, then
+//! `response` (`{"text": ".."}`) runs `on_response` on a one-choice response, `stream` runs
+//! text deltas through the chunk hooks, and `log` runs `on_log` with an entry built from
+//! the request (the fixture's fields override it) and the request's scratch. An `admin`
+//! step calls the plugin's admin endpoint instead of sending a request.
+//!
+//! A step's outcome is a JSON document (see [`Outcome`]); its `expect` must be a *subset*
+//! of it (objects match key by key, anything else must be equal; `null` also matches a
+//! missing key), and the top-level keys of `expect` are a closed set ([`EXPECT_KEYS`]): an
+//! unknown one fails the fixture. `expect.kv` matches the plugin's key-value namespace after
+//! the step; `expect_log` matches what `on_log` was given and whether it failed (an `on_log`
+//! failure fails the step unless `expect_log.failure` names it).
+//!
+//! State: a fixture with `state` runs on a fresh instance whose namespace holds exactly that
+//! state. Fixtures without it share one instance and its state with the other fixtures of
+//! the same config, in file-name order (so consecutive files can also form a sequence).
+//! `config` defaults to `fixtures/config.json` when that file exists, else `{}`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 
 use super::PluginError;
 use super::breaker::BreakerConfigFile;
 use super::chain::{Chain, Flow, Instance, PluginFailure, response_headers};
 use super::config::PluginInstanceConfig;
-use super::host::PluginMetrics;
+use super::contract::{AdminRequest, Attempt, LogEntry, Price, TargetStatsView, Usage};
+use super::host::{HostLookups, PluginMetrics};
+use super::manifest::Manifest;
 use crate::api::openai::{
     ChatChunk, ChatMessage, ChatResponse, Choice, ChunkChoice, Delta, MessageContent,
 };
 use crate::request::{Body, Dialect, RequestCtx};
-use crate::state::MemoryStore;
+use crate::state::{MemoryStore, StateStore, plugin_namespace};
+
+mod fixture;
+
+pub use fixture::{
+    EXPECT_KEYS, EXPECT_LOG_KEYS, Fixture, FixtureAdmin, FixtureAttempt, FixtureLog, FixturePrice,
+    FixtureRequest, FixtureResponse, FixtureState, FixtureTargetStats, FixtureUsage, Step,
+};
 
 /// The folder of fixtures inside a plugin folder.
 pub const FIXTURES_DIR: &str = "fixtures";
 
-/// One fixture file.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Fixture {
-    /// Display name; default: the file name.
-    #[serde(default)]
-    pub name: Option<String>,
-    /// What the fixture checks (free text).
-    #[serde(default)]
-    pub description: Option<String>,
-    /// The instance config; default: `fixtures/config.json`, else `{}`.
-    #[serde(default)]
-    pub config: Option<Value>,
-    /// The incoming request.
-    pub request: FixtureRequest,
-    /// A response to run `on_response` on.
-    #[serde(default)]
-    pub response: Option<FixtureResponse>,
-    /// Text deltas of a streamed answer, for the chunk hooks.
-    #[serde(default)]
-    pub stream: Option<Vec<String>>,
-    /// The expected outcome (a subset of it).
-    pub expect: Value,
-}
+/// Most keys of a namespace an outcome's `kv` lists.
+const KV_SNAPSHOT_LIMIT: usize = 10_000;
 
-/// The request of a fixture.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FixtureRequest {
-    /// `openai` (default) or `anthropic`: the dialect the client spoke.
-    #[serde(default)]
-    pub dialect: Option<String>,
-    /// Request headers.
-    #[serde(default)]
-    pub headers: BTreeMap<String, String>,
-    /// Metadata set by earlier plugins.
-    #[serde(default)]
-    pub metadata: BTreeMap<String, String>,
-    /// The canonical (OpenAI-shaped) body: a chat request, or an embeddings request when it
-    /// has `input` instead of `messages`.
-    pub body: Value,
-}
+/// The failure kinds a hook can count (see `HookError::kind`).
+const FAILURE_KINDS: &[&str] = &["trap", "timeout", "oom", "error", "unavailable"];
 
-/// A non-streaming response for `on_response`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FixtureResponse {
-    /// The assistant's text.
-    pub text: String,
-}
-
-/// The outcome of one fixture, as JSON:
+/// The outcome of one step, as JSON:
 ///
 /// - `decision`: `continue`, `reply` or `failure`;
 /// - on reply: `status`, `headers`, `body` (parsed JSON, or a string);
-/// - on failure: `plugin`, `kind` (`timeout`, `trap`...);
+/// - on failure: `plugin`, `kind` (`timeout`, `trap`...), and for admin calls `error`;
 /// - on continue: `model`, `headers` (all request headers after the plugin), `messages`
 ///   (`[{role, content}]`), `metadata`, `targets` (or `null`), `response_headers`;
-/// - `response` (with `response`): `{decision, text, headers}`;
-/// - `stream` (with `stream`): `{text, stopped}` (`stopped` is the abort message or `null`).
+/// - `decisions`: what each plugin decided (`[{plugin, decision}]`, as in the log entry);
+/// - `response` (with `response`): `{decision, text}` (or a reply's `status`, `body`);
+/// - `stream` (with `stream`): `{text, stopped}` (`stopped` is the abort message or `null`);
+/// - `log` (with `log`): the entry `on_log` was given and `failure` (checked by
+///   `expect_log`);
+/// - an admin step: `status` and `body` of its answer;
+/// - `kv`: the plugin's key-value namespace after the step (values as text).
+///
+/// A fixture's outcome is its step's, or the array of its steps' outcomes.
 pub type Outcome = Value;
 
 /// The result of one fixture.
@@ -122,7 +118,7 @@ pub struct CaseResult {
     pub outcome: Outcome,
     /// `None` when the outcome matches `expect`; otherwise where and how it differs.
     pub mismatch: Option<String>,
-    /// Time the hooks took, microseconds.
+    /// Time the hooks took, microseconds (loading the plugin excluded).
     pub micros: u128,
 }
 
@@ -197,22 +193,7 @@ pub fn run_fixtures(dir: &Path) -> Result<Report, HarnessError> {
     let mut report = Report::default();
     for file in files {
         let fixture = read_fixture(&file)?;
-        let name = fixture.name.clone().unwrap_or_else(|| {
-            file.file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_default()
-        });
-        let started = Instant::now();
-        let outcome = runner.outcome(&file, &fixture)?;
-        let micros = started.elapsed().as_micros();
-        let mismatch = subset_mismatch(&fixture.expect, &outcome, "expect");
-        report.cases.push(CaseResult {
-            name,
-            file,
-            outcome,
-            mismatch,
-            micros,
-        });
+        report.cases.push(runner.run(&file, &fixture)?);
     }
     Ok(report)
 }
@@ -274,12 +255,58 @@ pub fn read_fixture(file: &Path) -> Result<Fixture, HarnessError> {
     serde_path_to_error::deserialize(de).map_err(|e| err(format!("{}: {}", e.path(), e.inner())))
 }
 
-/// Runs fixtures against one plugin folder, loading one instance per distinct config.
+/// What the host answers besides state, for the fixture running now: the clock, target
+/// statistics and prices (shared by every instance a [`Runner`] loads; fixtures run one at
+/// a time).
+#[derive(Debug, Default)]
+struct Env {
+    clock: Option<u64>,
+    stats: HashMap<(String, String), TargetStatsView>,
+    prices: HashMap<String, Price>,
+}
+
+fn lock(env: &Mutex<Env>) -> MutexGuard<'_, Env> {
+    env.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The lookups of every instance a runner loads: answered from its [`Env`].
+fn env_lookups(env: &Arc<Mutex<Env>>) -> HostLookups {
+    let (stats, prices, clock) = (env.clone(), env.clone(), env.clone());
+    HostLookups {
+        target_stats: Box::new(move |provider: &str, model: &str| {
+            lock(&stats)
+                .stats
+                .get(&(provider.to_owned(), model.to_owned()))
+                .copied()
+        }),
+        price: Box::new(move |model: &str| lock(&prices).prices.get(model).copied()),
+        now: Some(Arc::new(move || {
+            lock(&clock).clock.unwrap_or_else(super::contract::now_ms)
+        })),
+    }
+}
+
+/// A loaded plugin: its one-instance chain and its state.
+#[derive(Clone)]
+struct Loaded {
+    chain: Chain,
+    store: Arc<MemoryStore>,
+    name: String,
+    namespace: String,
+}
+
+/// Runs fixtures against one plugin folder.
 pub struct Runner {
     dir: PathBuf,
     default_config: Value,
-    chains: HashMap<String, Chain>,
+    /// The instances of fixtures without `state`, one per distinct config.
+    shared: HashMap<String, Loaded>,
+    /// The last fresh instance (it keeps a WASM component's compilation cached for the next).
+    fresh: Option<Loaded>,
     metrics: PluginMetrics,
+    env: Arc<Mutex<Env>>,
+    lookups: Arc<HostLookups>,
 }
 
 impl std::fmt::Debug for Runner {
@@ -301,18 +328,37 @@ impl Runner {
             })?,
             Err(_) => json!({}),
         };
+        let env = Arc::new(Mutex::new(Env::default()));
         Ok(Runner {
             dir: dir.to_owned(),
             default_config,
-            chains: HashMap::new(),
+            shared: HashMap::new(),
+            fresh: None,
             metrics: PluginMetrics::unregistered().map_err(PluginError::from)?,
+            lookups: Arc::new(env_lookups(&env)),
+            env,
         })
     }
 
-    fn chain(&mut self, config: &Value) -> Result<Chain, HarnessError> {
-        let key = config.to_string();
-        if let Some(c) = self.chains.get(&key) {
-            return Ok(c.clone());
+    /// Loads the plugin with `config` on a new store holding `seed`.
+    fn load(
+        &self,
+        file: &Path,
+        config: &Value,
+        seed: Option<&FixtureState>,
+    ) -> Result<Loaded, HarnessError> {
+        let name = Manifest::load(&self.dir)?.name;
+        let namespace = plugin_namespace(&name);
+        let store = Arc::new(MemoryStore::new());
+        for (key, value) in seed.map(|s| &s.kv).into_iter().flatten() {
+            let text = match value {
+                Value::Null => continue,
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            store
+                .set(&namespace, key, text.as_bytes(), None)
+                .map_err(|e| fixture_err(file, format!("state.kv.{key}: {e}")))?;
         }
         let cfg = PluginInstanceConfig {
             path: ".".into(),
@@ -321,6 +367,8 @@ impl Runner {
             failure: None,
             mode: Default::default(),
             // Fixtures are independent: a failing one must not open the breaker for the next.
+            deadline_ms: None,
+            chunk_deadline_ms: None,
             breaker: BreakerConfigFile {
                 failures: Some(u32::MAX),
                 ..BreakerConfigFile::default()
@@ -330,49 +378,419 @@ impl Runner {
             &self.dir,
             &cfg,
             "plugin",
-            Arc::new(MemoryStore::new()),
+            store.clone(),
             &self.metrics,
-            Arc::new(crate::plugin::host::HostLookups::default()),
+            self.lookups.clone(),
         )?;
         let chain = Chain::new(vec![instance]).map_err(|reason| PluginError::Config {
             key: "plugin".into(),
             reason,
         })?;
-        self.chains.insert(key, chain.clone());
-        Ok(chain)
+        Ok(Loaded {
+            chain,
+            store,
+            name,
+            namespace,
+        })
     }
 
-    /// Runs one fixture and returns its outcome.
-    pub fn outcome(&mut self, file: &Path, fixture: &Fixture) -> Result<Outcome, HarnessError> {
+    /// Runs one fixture: its steps in order, each checked against its expectations.
+    pub fn run(&mut self, file: &Path, fixture: &Fixture) -> Result<CaseResult, HarnessError> {
+        let name = fixture.name.clone().unwrap_or_else(|| {
+            file.file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        });
+        let steps = fixture.steps().map_err(|e| fixture_err(file, e))?;
         let config = fixture
             .config
             .clone()
             .unwrap_or_else(|| self.default_config.clone());
-        let chain = self.chain(&config)?;
-        let mut ctx = request_ctx(file, &fixture.request)?;
+        let loaded = match &fixture.state {
+            Some(seed) => {
+                let loaded = self.load(file, &config, Some(seed))?;
+                self.fresh = Some(loaded.clone());
+                loaded
+            }
+            None => {
+                let key = config.to_string();
+                match self.shared.get(&key) {
+                    Some(l) => l.clone(),
+                    None => {
+                        let loaded = self.load(file, &config, None)?;
+                        self.shared.insert(key, loaded.clone());
+                        loaded
+                    }
+                }
+            }
+        };
+        {
+            let mut env = lock(&self.env);
+            env.clock = fixture.clock_ms;
+            env.stats = fixture
+                .target_stats
+                .iter()
+                .flat_map(|(provider, models)| {
+                    models.iter().map(move |(model, s)| {
+                        (
+                            (provider.clone(), model.clone()),
+                            TargetStatsView {
+                                latency_ewma_ms: s.latency_ewma_ms,
+                                error_rate: s.error_rate,
+                                in_flight: s.in_flight,
+                                attempts: s.attempts,
+                            },
+                        )
+                    })
+                })
+                .collect();
+            env.prices = fixture
+                .prices
+                .iter()
+                .map(|(model, p)| {
+                    let price = Price {
+                        input: p.input,
+                        output: p.output,
+                        cached_input: p.cached_input,
+                        cache_write: p.cache_write,
+                    };
+                    (model.clone(), price)
+                })
+                .collect();
+        }
+        let sequence = fixture.requests.is_some();
+        let mut outcomes = Vec::with_capacity(steps.len());
+        let mut mismatch = None;
+        let mut micros = 0;
+        for (i, step) in steps.iter().enumerate() {
+            if let Some(ms) = step.advance_ms {
+                let mut env = lock(&self.env);
+                let now = env.clock.unwrap_or_else(super::contract::now_ms);
+                env.clock = Some(now.saturating_add(ms));
+            }
+            let started = Instant::now();
+            let outcome = self.run_step(&loaded, file, step)?;
+            micros += started.elapsed().as_micros();
+            if mismatch.is_none() {
+                let at = if sequence {
+                    format!("requests[{i}].")
+                } else {
+                    String::new()
+                };
+                mismatch = step_mismatch(step, &outcome, &at);
+            }
+            outcomes.push(outcome);
+        }
+        let outcome = if sequence {
+            Value::Array(outcomes)
+        } else {
+            outcomes.pop().unwrap_or_default()
+        };
+        Ok(CaseResult {
+            name,
+            file: file.to_owned(),
+            outcome,
+            mismatch,
+            micros,
+        })
+    }
+
+    /// Runs one step and returns its outcome.
+    fn run_step(&self, loaded: &Loaded, file: &Path, step: &Step) -> Result<Outcome, HarnessError> {
+        let mut outcome = match (&step.request, &step.admin) {
+            (_, Some(admin)) => run_admin(loaded, admin),
+            (Some(request), None) => self.run_request(loaded, file, request, step)?,
+            (None, None) => {
+                return Err(fixture_err(
+                    file,
+                    "a step needs `request` or `admin`".into(),
+                ));
+            }
+        };
+        outcome["kv"] = kv_snapshot(loaded);
+        Ok(outcome)
+    }
+
+    fn run_request(
+        &self,
+        loaded: &Loaded,
+        file: &Path,
+        request: &FixtureRequest,
+        step: &Step,
+    ) -> Result<Outcome, HarnessError> {
+        let chain = &loaded.chain;
+        let mut ctx = request_ctx(file, request)?;
+        let mut status = 200;
         let mut outcome = match chain.on_request(&mut ctx) {
-            Err(f) => failure(&f),
+            Err(f) => {
+                status = 503;
+                failure(&f)
+            }
             Ok(Flow::Reply(r)) => {
-                let body = serde_json::from_slice::<Value>(&r.body)
-                    .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&r.body).into()));
+                status = r.status;
                 json!({
                     "decision": "reply",
                     "status": r.status,
                     "headers": pairs(&r.headers),
-                    "body": body,
+                    "body": body_value(&r.body),
                 })
             }
             Ok(Flow::Continue) => continued(&ctx),
         };
+        outcome["decisions"] = serde_json::to_value(&ctx.decisions).unwrap_or_default();
         let continued = outcome["decision"] == "continue";
-        if let (true, Some(resp)) = (continued, &fixture.response) {
-            outcome["response"] = run_response(&chain, &mut ctx, &resp.text);
+        if let (true, Some(resp)) = (continued, &step.response) {
+            let response = run_response(chain, &mut ctx, &resp.text);
+            if let Some(s) = response.get("status").and_then(Value::as_u64) {
+                status = u16::try_from(s).unwrap_or(status);
+            }
+            outcome["response"] = response;
         }
-        if let (true, Some(deltas)) = (continued, &fixture.stream) {
-            outcome["stream"] = run_stream(&chain, &mut ctx, deltas);
+        if let (true, Some(deltas)) = (continued, &step.stream) {
+            outcome["stream"] = run_stream(chain, &mut ctx, deltas);
+        }
+        if let Some(log) = &step.log {
+            outcome["log"] = self.run_log(loaded, &mut ctx, status, step.stream.is_some(), log);
         }
         Ok(outcome)
     }
+
+    /// Runs `on_log` with the entry `log` describes, on the request's scratch.
+    fn run_log(
+        &self,
+        loaded: &Loaded,
+        ctx: &mut RequestCtx,
+        status: u16,
+        streamed: bool,
+        log: &FixtureLog,
+    ) -> Value {
+        let last = log.attempts.last();
+        let model = ctx.body.model().to_owned();
+        let target_model = log
+            .target_model
+            .clone()
+            .or_else(|| last.map(|a| a.target_model.clone()))
+            .unwrap_or_default();
+        let usage = log.usage.map(|u| Usage {
+            prompt_tokens: u.prompt_tokens,
+            completion_tokens: u.completion_tokens,
+            cached_tokens: u.cached_tokens,
+            cache_write_tokens: u.cache_write_tokens,
+        });
+        let cost_usd = log.cost_usd.or_else(|| {
+            let env = lock(&self.env);
+            let priced = if target_model.is_empty() {
+                &model
+            } else {
+                &target_model
+            };
+            Some(env.prices.get(priced)?.cost(usage.as_ref()?))
+        });
+        let mut metadata = ctx.metadata.clone();
+        metadata.extend(log.metadata.clone());
+        let entry = LogEntry {
+            request_id: ctx.request_id.clone(),
+            model,
+            provider: log
+                .provider
+                .clone()
+                .or_else(|| last.map(|a| a.provider.clone()))
+                .unwrap_or_default(),
+            target_model,
+            status: log.status.unwrap_or(status),
+            stream: log.stream.unwrap_or(streamed || ctx.body.stream()),
+            usage,
+            latency_ms: log.latency_ms,
+            ttft_ms: log.ttft_ms,
+            metadata: metadata.into_iter().collect(),
+            attempts: log
+                .attempts
+                .iter()
+                .map(|a| Attempt {
+                    provider: a.provider.clone(),
+                    target_model: a.target_model.clone(),
+                    status: a.status,
+                    latency_ms: a.latency_ms,
+                    error: a.error.clone(),
+                })
+                .collect(),
+            decisions: ctx.decisions.clone(),
+            cost_usd,
+        };
+        let before = self.failures(&loaded.name);
+        loaded.chain.on_log(&entry, &mut ctx.scratch);
+        let after = self.failures(&loaded.name);
+        let failed = FAILURE_KINDS
+            .iter()
+            .zip(before.iter().zip(&after))
+            .find(|(_, (b, a))| a > b)
+            .map(|(kind, _)| *kind);
+        let mut out = log_entry_json(&entry);
+        out["failure"] = json!(failed);
+        out
+    }
+
+    /// The failure counts of instance `name`, by [`FAILURE_KINDS`].
+    fn failures(&self, name: &str) -> Vec<u64> {
+        FAILURE_KINDS
+            .iter()
+            .map(|kind| self.metrics.failures.with_label_values(&[name, kind]).get())
+            .collect()
+    }
+}
+
+fn fixture_err(file: &Path, reason: String) -> HarnessError {
+    HarnessError::Fixture {
+        file: file.to_owned(),
+        reason,
+    }
+}
+
+/// Calls the instance's admin endpoint.
+fn run_admin(loaded: &Loaded, admin: &FixtureAdmin) -> Outcome {
+    let req = AdminRequest {
+        method: admin.method.to_ascii_uppercase(),
+        path: admin.path.clone(),
+        query: admin.query.clone(),
+        body: match &admin.body {
+            None => Vec::new(),
+            Some(Value::String(s)) => s.clone().into_bytes(),
+            Some(other) => other.to_string().into_bytes(),
+        },
+    };
+    let Some(instance) = loaded.chain.instances().first() else {
+        return json!({ "decision": "failure", "kind": "unavailable" });
+    };
+    match instance.admin(&req) {
+        Ok(resp) => json!({ "status": resp.status, "body": body_value(&resp.body) }),
+        Err(e) => json!({
+            "decision": "failure",
+            "plugin": loaded.name,
+            "kind": e.kind(),
+            "error": e.to_string(),
+        }),
+    }
+}
+
+/// Every live key of the plugin's namespace, values as text.
+fn kv_snapshot(loaded: &Loaded) -> Value {
+    let entries = loaded
+        .store
+        .scan_prefix(&loaded.namespace, "", KV_SNAPSHOT_LIMIT)
+        .unwrap_or_default();
+    Value::Object(
+        entries
+            .into_iter()
+            .map(|(k, v)| (k, Value::String(String::from_utf8_lossy(&v).into_owned())))
+            .collect(),
+    )
+}
+
+fn log_entry_json(e: &LogEntry) -> Value {
+    json!({
+        "request_id": e.request_id,
+        "model": e.model,
+        "provider": e.provider,
+        "target_model": e.target_model,
+        "status": e.status,
+        "stream": e.stream,
+        "usage": e.usage.map(|u| json!({
+            "prompt_tokens": u.prompt_tokens,
+            "completion_tokens": u.completion_tokens,
+            "cached_tokens": u.cached_tokens,
+            "cache_write_tokens": u.cache_write_tokens,
+        })),
+        "latency_ms": e.latency_ms,
+        "ttft_ms": e.ttft_ms,
+        "metadata": Value::Object(e.metadata.iter().map(|(k, v)| (k.clone(), json!(v))).collect()),
+        "attempts": e.attempts,
+        "decisions": e.decisions,
+        "cost_usd": e.cost_usd,
+    })
+}
+
+/// A reply or admin body: parsed JSON, or the text.
+fn body_value(body: &[u8]) -> Value {
+    serde_json::from_slice::<Value>(body)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(body).into()))
+}
+
+/// Where `outcome` differs from the step's expectations (`at` prefixes the paths).
+fn step_mismatch(step: &Step, outcome: &Value, at: &str) -> Option<String> {
+    let Value::Object(expect) = &step.expect else {
+        return Some(format!("{at}expect: must be an object"));
+    };
+    if let Some(m) = unknown_key(expect, EXPECT_KEYS, &format!("{at}expect")) {
+        return Some(m);
+    }
+    let expect_log = match &step.expect_log {
+        None => None,
+        Some(Value::Object(e)) => Some(e),
+        Some(_) => return Some(format!("{at}expect_log: must be an object")),
+    };
+    if let Some(m) =
+        expect_log.and_then(|e| unknown_key(e, EXPECT_LOG_KEYS, &format!("{at}expect_log")))
+    {
+        return Some(m);
+    }
+    let plain: Map<String, Value> = expect
+        .iter()
+        .filter(|(k, _)| *k != "kv")
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    if let Some(m) = subset_mismatch(&Value::Object(plain), outcome, &format!("{at}expect")) {
+        return Some(m);
+    }
+    if let Some(kind) = outcome.pointer("/log/failure").and_then(Value::as_str)
+        && !expect_log.is_some_and(|e| e.contains_key("failure"))
+    {
+        return Some(format!(
+            "{at}log: on_log failed ({kind}); expect it with expect_log.failure"
+        ));
+    }
+    if let Some(kv) = expect.get("kv")
+        && let Some(m) = kv_mismatch(kv, &outcome["kv"], &format!("{at}expect.kv"))
+    {
+        return Some(m);
+    }
+    let log = outcome.get("log").unwrap_or(&Value::Null);
+    expect_log
+        .and_then(|e| subset_mismatch(&Value::Object(e.clone()), log, &format!("{at}expect_log")))
+}
+
+/// An error naming the first key of `map` not in `known`.
+fn unknown_key(map: &Map<String, Value>, known: &[&str], path: &str) -> Option<String> {
+    let key = map.keys().find(|k| !known.contains(&k.as_str()))?;
+    let hint = match key.as_str() {
+        "log" => " (on-log expectations go in `expect_log`)".to_owned(),
+        _ => format!(" (one of: {})", known.join(", ")),
+    };
+    Some(format!("{path}: unknown key '{key}'{hint}"))
+}
+
+/// Compares `expect.kv` with the namespace after a step: `null` means absent; a string
+/// must equal the value; anything else is matched (as by [`subset_mismatch`]) against the
+/// value parsed as JSON, so `3` matches `"3"` and `{"a": 1}` a JSON record with `a` 1.
+fn kv_mismatch(expected: &Value, actual: &Value, path: &str) -> Option<String> {
+    let Value::Object(expected) = expected else {
+        return Some(format!("{path}: must be an object of keys"));
+    };
+    expected.iter().find_map(|(key, want)| {
+        let p = format!("{path}.{key}");
+        let got = actual.get(key).and_then(Value::as_str);
+        match (want, got) {
+            (Value::Null, None) => None,
+            (Value::Null, Some(v)) => Some(format!("{p}: expected absent, got {v:?}")),
+            (_, None) => Some(format!("{p}: absent (expected {want})")),
+            (Value::String(w), Some(v)) => {
+                (w != v).then(|| format!("{p}: expected {want}, got {v:?}"))
+            }
+            (_, Some(v)) => match serde_json::from_str::<Value>(v) {
+                Ok(parsed) => subset_mismatch(want, &parsed, &p),
+                Err(_) => Some(format!("{p}: expected {want}, got {v:?}")),
+            },
+        }
+    })
 }
 
 fn failure(f: &PluginFailure) -> Value {
@@ -557,11 +975,16 @@ fn run_stream(chain: &Chain, ctx: &mut RequestCtx, deltas: &[String]) -> Value {
         .flat_map(|c| c.choices.iter())
         .filter_map(|c| c.delta.content.as_deref())
         .collect();
+    // What the chunk hooks changed goes on to on_log, as in the pipeline.
+    ctx.metadata = filter.metadata().clone();
+    ctx.scratch = filter.take_scratch();
     json!({ "text": text, "stopped": stopped })
 }
 
 /// `None` when every part of `expected` is in `actual`; otherwise a description of the
-/// first difference.
+/// first difference. Objects match key by key (`null` also matches a missing key), arrays
+/// element by element (of the same length), numbers by value (`2` matches `2.0`), anything
+/// else must be equal.
 pub fn subset_mismatch(expected: &Value, actual: &Value, path: &str) -> Option<String> {
     match (expected, actual) {
         (Value::Object(e), Value::Object(a)) => e.iter().find_map(|(k, ev)| {
@@ -572,7 +995,13 @@ pub fn subset_mismatch(expected: &Value, actual: &Value, path: &str) -> Option<S
                 None => Some(format!("{p}: missing (expected {ev})")),
             }
         }),
+        (Value::Array(e), Value::Array(a)) if e.len() == a.len() => e
+            .iter()
+            .zip(a)
+            .enumerate()
+            .find_map(|(i, (ev, av))| subset_mismatch(ev, av, &format!("{path}[{i}]"))),
         _ if expected == actual => None,
+        (Value::Number(e), Value::Number(a)) if e.as_f64() == a.as_f64() => None,
         _ => Some(format!("{path}: expected {expected}, got {actual}")),
     }
 }
@@ -581,55 +1010,4 @@ pub fn subset_mismatch(expected: &Value, actual: &Value, path: &str) -> Option<S
 mod conformance;
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn prompt_guard_example_passes_its_fixtures() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/prompt-guard");
-        assert_fixtures_pass(&dir);
-        assert!(run_fixtures(&dir).unwrap().cases.len() >= 6);
-    }
-
-    #[test]
-    fn failing_fixtures_are_reported() {
-        let dir = tempfile::tempdir().unwrap();
-        crate::plugin::scaffold::new_plugin(crate::plugin::scaffold::Lang::Lua, "p", dir.path())
-            .unwrap();
-        let p = dir.path().join("p");
-        std::fs::write(
-            p.join("fixtures/wrong.json"),
-            r#"{"request": {"body": {"model": "m", "messages": []}}, "expect": {"status": 418}}"#,
-        )
-        .unwrap();
-        let report = run_fixtures(&p).unwrap();
-        assert!(!report.passed());
-        let mut table = Vec::new();
-        report.print(&mut table).unwrap();
-        let table = String::from_utf8(table).unwrap();
-        assert!(table.contains("FAIL"), "{table}");
-        assert!(table.contains("3 passed, 1 failed"), "{table}");
-    }
-
-    #[test]
-    fn subset_matching() {
-        let actual = json!({"decision": "reply", "status": 400, "body": {"error": {"message": "x", "code": 400}}});
-        assert_eq!(
-            subset_mismatch(&json!({"status": 400}), &actual, "expect"),
-            None
-        );
-        assert_eq!(
-            subset_mismatch(
-                &json!({"body": {"error": {"message": "x"}}}),
-                &actual,
-                "expect"
-            ),
-            None
-        );
-        assert_eq!(
-            subset_mismatch(&json!({"status": 401}), &actual, "expect").unwrap(),
-            "expect.status: expected 401, got 400"
-        );
-        assert!(subset_mismatch(&json!({"targets": 1}), &actual, "expect").is_some());
-    }
-}
+mod tests;

@@ -21,11 +21,15 @@ use crate::state::{Balance, Rate, StateStore, plugin_namespace};
 /// What the gateway shares with plugins beyond their state: the upstream layer's target
 /// statistics and the `[prices]` table. Lookups by closure, so the plugin host depends on
 /// neither the pipeline nor the config.
+#[allow(clippy::type_complexity)]
 pub struct HostLookups {
     /// Statistics of a target (provider name, upstream model).
     pub target_stats: Box<dyn Fn(&str, &str) -> Option<TargetStatsView> + Send + Sync>,
     /// The price of a model.
     pub price: Box<dyn Fn(&str) -> Option<Price> + Send + Sync>,
+    /// The clock of `now-ms` and the limiter, ms since the Unix epoch; `None` is the wall
+    /// clock (the offline harness fixes it).
+    pub now: Option<Arc<dyn Fn() -> u64 + Send + Sync>>,
 }
 
 impl Default for HostLookups {
@@ -34,6 +38,7 @@ impl Default for HostLookups {
         HostLookups {
             target_stats: Box::new(|_, _| None),
             price: Box::new(|_| None),
+            now: None,
         }
     }
 }
@@ -360,6 +365,13 @@ impl HostApi for GatewayHost {
             .ledger_balance(&self.namespace, account)
             .map(balance_usd)
             .map_err(|e| e.to_string())
+    }
+
+    fn now_ms(&self) -> u64 {
+        match &self.lookups.now {
+            Some(now) => now(),
+            None => super::contract::now_ms(),
+        }
     }
 
     fn target_stats(&self, provider: &str, model: &str) -> Option<TargetStatsView> {
