@@ -114,6 +114,25 @@ fn hooks(c: &mut Criterion) {
         });
     }
 
+    // The issue's target row: one hook that reads one declared header, on the suite's ~1 KB
+    // chat request (tenant-tagger reads `x-tenant` and sets metadata `tenant`).
+    let mut req = request(false, &weir_bench::bodies::prompt());
+    c.bench_function("wasm_on_request_one_header_1kb", |b| {
+        b.iter(|| {
+            let mut ctx = HookCtx {
+                request_id: "r",
+                metadata: &mut bag,
+                scratch: &mut scratch,
+                deadline: None,
+            };
+            black_box(
+                tagger
+                    .on_request(&mut ctx, black_box(&mut req))
+                    .expect("call"),
+            )
+        })
+    });
+
     let event = StreamEvent::TextDelta(TextDelta {
         choice: 0,
         text: "The river bends and".into(),
@@ -187,6 +206,28 @@ fn lua_hooks(c: &mut Criterion) {
             };
             black_box(
                 noop.on_request(&mut ctx, black_box(&mut req))
+                    .expect("call"),
+            )
+        })
+    });
+
+    // The same work as the WASM row: read one declared header, set one metadata entry.
+    let (_dir2, tagger) = lua("function on_request(req)\n\
+         \x20 return { set_metadata = { tenant = req.header(\"x-tenant\") } }\n\
+         end\n\
+         function on_response(resp) return nil end\n\
+         function on_log(entry) end\n");
+    c.bench_function("lua_on_request_one_header_1kb", |b| {
+        b.iter(|| {
+            let mut ctx = HookCtx {
+                request_id: "r",
+                metadata: &mut bag,
+                scratch: &mut scratch,
+                deadline: None,
+            };
+            black_box(
+                tagger
+                    .on_request(&mut ctx, black_box(&mut req))
                     .expect("call"),
             )
         })
