@@ -159,6 +159,96 @@ async fn streams_restore_split_placeholders_and_mask_output() {
     .await;
 }
 
+/// PII probe 1 (contract 0.2): an image next to PII survives redaction. The user message
+/// has a text part with an e-mail and an `image_url` part; the provider gets the text
+/// redacted and the image untouched, in its place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_next_to_pii_survives_redaction() {
+    bounded(async {
+        let up = MockUpstream::start().await;
+        let gw = TestGateway::start(&config(&up, DETECTORS)).await;
+        let image = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk";
+        let body = json!({
+            "model": "m",
+            "messages": [{"role": "user", "content": [
+                {"type": "text", "text": "What is in this picture? Reply to ann@corp.example"},
+                {"type": "image_url", "image_url": {"url": image, "detail": "low"}}
+            ]}]
+        });
+        let resp = gw.client.post_json("/v1/chat/completions", &body).await;
+        assert_eq!(resp.status, 200, "{}", resp.text);
+        let sent = &up.single_request().body;
+        let parts = sent["messages"][0]["content"].as_array().expect("parts kept");
+        assert_eq!(parts.len(), 2, "{sent}");
+        assert_eq!(parts[0]["type"], "text");
+        let text = parts[0]["text"].as_str().unwrap();
+        assert!(text.contains("<EMAIL_1>") && !text.contains("ann@"), "{text}");
+        assert_eq!(parts[1]["type"], "image_url");
+        assert_eq!(parts[1]["image_url"]["url"], image);
+        assert_eq!(parts[1]["image_url"]["detail"], "low");
+    })
+    .await;
+}
+
+/// PII probe 2 (contract 0.2): PII in tool-call arguments never reaches the upstream, in
+/// the OpenAI dialect (assistant `tool_calls[].function.arguments`) and the Anthropic one
+/// (`tool_use.input`), and the tool's result is scanned like any message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pii_in_tool_call_arguments_never_reaches_the_upstream() {
+    bounded(async {
+        let up = MockUpstream::start().await;
+        let gw = TestGateway::start(&config(&up, DETECTORS)).await;
+        let openai_body = json!({
+            "model": "m",
+            "messages": [
+                {"role": "user", "content": "Send the report"},
+                {"role": "assistant", "content": null, "tool_calls": [{
+                    "id": "call_1", "type": "function",
+                    "function": {"name": "send_mail", "arguments": "{\"to\":\"bob@corp.example\",\"subject\":\"Q3\"}"}
+                }]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "sent to bob@corp.example"},
+                {"role": "user", "content": "Thanks"}
+            ]
+        });
+        let resp = gw.client.post_json("/v1/chat/completions", &openai_body).await;
+        assert_eq!(resp.status, 200, "{}", resp.text);
+        let anthropic_body = json!({
+            "model": "m",
+            "max_tokens": 64,
+            "messages": [
+                {"role": "user", "content": "Send the report"},
+                {"role": "assistant", "content": [{
+                    "type": "tool_use", "id": "toolu_1", "name": "send_mail",
+                    "input": {"to": "carol@corp.example", "subject": "Q3"}
+                }]},
+                {"role": "user", "content": [{
+                    "type": "tool_result", "tool_use_id": "toolu_1", "content": "sent to carol@corp.example"
+                }]}
+            ]
+        });
+        let resp = gw.client.post_json("/v1/messages", &anthropic_body).await;
+        assert_eq!(resp.status, 200, "{}", resp.text);
+
+        let sent = up.requests();
+        assert_eq!(sent.len(), 2);
+        for r in &sent {
+            let raw = r.body.to_string();
+            assert!(
+                !raw.contains("bob@") && !raw.contains("carol@"),
+                "an e-mail reached the upstream: {raw}"
+            );
+        }
+        let args = sent[0].body["messages"][1]["tool_calls"][0]["function"]["arguments"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let args: Value = serde_json::from_str(&args).expect("arguments stay JSON");
+        assert_eq!(args["subject"], "Q3");
+        assert!(args["to"].as_str().unwrap().contains("<EMAIL_"), "{args}");
+    })
+    .await;
+}
+
 /// The plugin keeps no state; what must survive a restart is the hash: the same value
 /// hashes to the same token, so downstream analytics can join on it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
