@@ -217,7 +217,10 @@ impl PolicyGateway {
 
     /// Creates a key through the admin API; returns `(id, secret)`.
     pub async fn create_key(&self, body: Value) -> (String, String) {
-        let resp = self.admin.call("POST", "/admin/plugins/auth/keys", Some(&body)).await;
+        let resp = self
+            .admin
+            .call("POST", "/admin/plugins/auth/keys", Some(&body))
+            .await;
         assert_eq!(resp.status, 201, "create key: {}", resp.text);
         let v = resp.json();
         (
@@ -503,7 +506,11 @@ async fn updates_take_effect_and_keys_survive_a_restart() {
             .await;
         let (revoked_id, revoked) = gw.create_key(json!({"name": "gone"})).await;
         gw.admin
-            .call("DELETE", &format!("/admin/plugins/auth/keys/{revoked_id}"), None)
+            .call(
+                "DELETE",
+                &format!("/admin/plugins/auth/keys/{revoked_id}"),
+                None,
+            )
             .await;
         assert_eq!(gw.chat(&secret, &chat_body("mock", "hi")).await.status, 403);
 
@@ -600,8 +607,11 @@ async fn weir_keys_cli_creates_lists_and_revokes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weir_keys_works_with_the_auth_instance_renamed() {
     bounded(async {
-        let entry = plugin_entry("auth", "key_prefix = \"acme-\"")
-            .replacen("[[plugins]]\n", "[[plugins]]\nname = \"gatekeeper\"\n", 1);
+        let entry = plugin_entry("auth", "key_prefix = \"acme-\"").replacen(
+            "[[plugins]]\n",
+            "[[plugins]]\nname = \"gatekeeper\"\n",
+            1,
+        );
         let gw = PolicyGateway::start(&format!("{MOCK_MODELS}{entry}")).await;
         let cli = |args: &[&str]| {
             let out = Command::new(WEIR)
@@ -633,7 +643,10 @@ async fn weir_keys_works_with_the_auth_instance_renamed() {
         assert_eq!(gw.chat(&secret, &chat_body("mock", "hi")).await.status, 401);
 
         // The endpoint is the instance's; the gateway has no key routes of its own.
-        let resp = gw.admin.call("GET", "/admin/plugins/gatekeeper/keys", None).await;
+        let resp = gw
+            .admin
+            .call("GET", "/admin/plugins/gatekeeper/keys", None)
+            .await;
         assert_eq!(resp.status, 200);
         let resp = gw.admin.call("GET", "/admin/plugins/auth/keys", None).await;
         assert_eq!(resp.status, 404, "no instance named auth");

@@ -167,7 +167,8 @@ async fn an_image_next_to_pii_survives_redaction() {
     bounded(async {
         let up = MockUpstream::start().await;
         let gw = TestGateway::start(&config(&up, DETECTORS)).await;
-        let image = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk";
+        let image =
+            "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk";
         let body = json!({
             "model": "m",
             "messages": [{"role": "user", "content": [
@@ -178,11 +179,16 @@ async fn an_image_next_to_pii_survives_redaction() {
         let resp = gw.client.post_json("/v1/chat/completions", &body).await;
         assert_eq!(resp.status, 200, "{}", resp.text);
         let sent = &up.single_request().body;
-        let parts = sent["messages"][0]["content"].as_array().expect("parts kept");
+        let parts = sent["messages"][0]["content"]
+            .as_array()
+            .expect("parts kept");
         assert_eq!(parts.len(), 2, "{sent}");
         assert_eq!(parts[0]["type"], "text");
         let text = parts[0]["text"].as_str().unwrap();
-        assert!(text.contains("<EMAIL_1>") && !text.contains("ann@"), "{text}");
+        assert!(
+            text.contains("<EMAIL_1>") && !text.contains("ann@"),
+            "{text}"
+        );
         assert_eq!(parts[1]["type"], "image_url");
         assert_eq!(parts[1]["image_url"]["url"], image);
         assert_eq!(parts[1]["image_url"]["detail"], "low");
