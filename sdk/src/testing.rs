@@ -525,12 +525,12 @@ impl RequestBuilder {
 }
 
 /// Reads a fixture request: `{"headers": {..}, "body": <chat request>}`, with optional
-/// `"request_id"` and `"dialect"` (`"openai"` | `"anthropic"`). The body is read the way
-/// the gateway's views show it: text parts joined with `"\n"`, non-text parts counted,
-/// OpenAI `tool_calls` and Anthropic `tool_use` blocks (their `input` as the arguments)
-/// as tool calls, an Anthropic top-level `system` as a first system message, `max_tokens`
-/// / `max_completion_tokens`, and embeddings `input` as user messages. `body` is kept only
-/// if `with_body`.
+/// `"request_id"` and `"dialect"` (`"openai"` | `"anthropic"`), the shape `weir plugin test`
+/// reads. The body is the gateway's canonical (OpenAI-shaped) request whatever the
+/// dialect, read the way the gateway's views show it: text parts joined with `"\n"`,
+/// non-text parts counted, `tool_calls` as tool calls (an Anthropic client's `tool_use`
+/// blocks arrive there too), `max_tokens` / `max_completion_tokens`, and an embeddings
+/// `input` as user messages. `body` is kept only if `with_body`.
 ///
 /// ```
 /// let fixture = r#"{
@@ -557,8 +557,7 @@ pub fn request_from_fixture(json: &str, with_body: bool) -> Result<Request<'stat
     if let Some(id) = value.get("request_id").and_then(|v| v.as_str()) {
         builder = builder.id(id);
     }
-    let anthropic = value.get("dialect").and_then(|v| v.as_str()) == Some("anthropic");
-    if anthropic {
+    if value.get("dialect").and_then(|v| v.as_str()) == Some("anthropic") {
         builder = builder.dialect(Dialect::Anthropic);
     }
     if let Some(headers) = value.get("headers").and_then(|v| v.as_object()) {
@@ -577,10 +576,6 @@ pub fn request_from_fixture(json: &str, with_body: bool) -> Result<Request<'stat
         .find_map(|k| body.get(*k).and_then(|v| v.as_u64()));
     if let Some(n) = max_tokens {
         builder = builder.max_tokens(u32::try_from(n).unwrap_or(u32::MAX));
-    }
-    if let Some(system) = body.get("system") {
-        let (text, _) = flatten_content(Some(system));
-        builder = builder.system(&text);
     }
     for msg in body
         .get("messages")
@@ -613,7 +608,7 @@ pub fn request_from_fixture(json: &str, with_body: bool) -> Result<Request<'stat
 }
 
 /// A content (string or parts) to its text (text parts joined by newlines) and the count
-/// of non-text parts (Anthropic `tool_use` blocks are tool calls, not parts).
+/// of non-text parts.
 #[cfg(not(target_arch = "wasm32"))]
 fn flatten_content(content: Option<&serde_json::Value>) -> (String, u32) {
     match content {
@@ -623,11 +618,7 @@ fn flatten_content(content: Option<&serde_json::Value>) -> (String, u32) {
                 .iter()
                 .filter_map(|p| p.get("text").and_then(|t| t.as_str()))
                 .collect();
-            let others = parts
-                .iter()
-                .filter(|p| p.get("text").is_none())
-                .filter(|p| p.get("type").and_then(|t| t.as_str()) != Some("tool_use"))
-                .count();
+            let others = parts.iter().filter(|p| p.get("text").is_none()).count();
             (texts.join("\n"), u32::try_from(others).unwrap_or(u32::MAX))
         }
         _ => (String::new(), 0),
@@ -640,7 +631,7 @@ fn flatten_message(msg: &serde_json::Value) -> MessageView {
     let text =
         |v: Option<&serde_json::Value>| v.and_then(|v| v.as_str()).unwrap_or_default().to_owned();
     let (content, other_parts) = flatten_content(msg.get("content"));
-    let mut tool_calls: Vec<ToolCallView> = msg
+    let tool_calls: Vec<ToolCallView> = msg
         .get("tool_calls")
         .and_then(|v| v.as_array())
         .into_iter()
@@ -654,19 +645,6 @@ fn flatten_message(msg: &serde_json::Value) -> MessageView {
             }
         })
         .collect();
-    // Anthropic: `tool_use` blocks of the content, their `input` as the arguments.
-    tool_calls.extend(
-        msg.get("content")
-            .and_then(|v| v.as_array())
-            .into_iter()
-            .flatten()
-            .filter(|p| p.get("type").and_then(|t| t.as_str()) == Some("tool_use"))
-            .map(|p| ToolCallView {
-                id: text(p.get("id")),
-                name: text(p.get("name")),
-                arguments: p.get("input").map(|i| i.to_string()).unwrap_or_default(),
-            }),
-    );
     MessageView {
         role: msg
             .get("role")

@@ -292,19 +292,21 @@ fn email_in_tool_call_arguments_is_redacted() {
 }
 
 #[test]
-fn tool_call_arguments_from_an_anthropic_fixture_are_scanned() {
-    // Anthropic `tool_use.input` reaches the plugin as the call's arguments.
-    let fixture = r#"{"dialect": "anthropic", "body": {"model": "claude", "max_tokens": 64, "messages": [
+fn tool_call_arguments_from_a_fixture_are_scanned() {
+    // The canonical body the gateway shows plugins (an Anthropic client's `tool_use.input`
+    // arrives as these arguments too).
+    let fixture = r#"{"body": {"model": "gpt-4o-mini", "messages": [
         {"role": "user", "content": "mail ann"},
-        {"role": "assistant", "content": [
-            {"type": "text", "text": "Sending."},
-            {"type": "tool_use", "id": "tu_1", "name": "send_mail", "input": {"to": "ann@corp.example"}}
+        {"role": "assistant", "content": "Sending.", "tool_calls": [
+            {"id": "call_1", "type": "function",
+             "function": {"name": "send_mail", "arguments": "{\"to\":\"ann@corp.example\"}"}}
         ]}
     ]}}"#;
     let req = testing::request_from_fixture(fixture, false).unwrap();
     let h = harness();
     let d = h.on_request(&req);
     let m = mutations(&d);
+    assert!(m.set_message_text.is_empty());
     assert_eq!(m.set_tool_call_arguments.len(), 1);
     assert_eq!(m.set_tool_call_arguments[0].owner, 1);
     assert_eq!(
