@@ -71,26 +71,32 @@ fn main() {
         )
         .expect("load plugin")
     };
-    keyed_policies(n, &store, &instance);
+    keyed_policies(n, &instance);
     default_chain(n, &instance);
 }
 
 /// `on-request` of the key-aware policies, each alone and the four together.
 fn keyed_policies(
     n: usize,
-    store: &Arc<dyn StateStore>,
     instance: &dyn Fn(&str, Value) -> Arc<Instance>,
 ) {
-    let keys = weir::admin::keys::Keys::new(store.clone());
+    // Keys are the auth plugin's: created through its admin endpoint, as `weir keys` does.
+    let auth = instance("auth", json!({}));
     let mut secrets = Vec::new();
     for i in 0..1_000 {
-        let new: weir::admin::keys::NewKey = serde_json::from_value(
-            json!({"name": format!("k{i}"), "tenant": format!("t{}", i % 10)}),
-        )
-        .expect("new key");
-        secrets.push(keys.create(new).expect("create").1);
+        let req = weir::plugin::contract::AdminRequest {
+            method: "POST".into(),
+            path: "/keys".into(),
+            query: String::new(),
+            body: json!({"name": format!("k{i}"), "tenant": format!("t{}", i % 10)})
+                .to_string()
+                .into_bytes(),
+        };
+        let resp = auth.admin(&req).expect("admin call");
+        assert_eq!(resp.status, 201, "{}", String::from_utf8_lossy(&resp.body));
+        let created: Value = serde_json::from_slice(&resp.body).expect("JSON");
+        secrets.push(created["secret"].as_str().expect("secret").to_owned());
     }
-    let auth = instance("auth", json!({}));
     let rate = instance(
         "rate-limit",
         json!({"key": {"rpm": 1_000_000, "tpm": 1_000_000_000}, "tenant": {"rpm": 1_000_000}}),
