@@ -258,3 +258,66 @@ async fn spend_survives_a_restart_and_budgets_hot_reload() {
     })
     .await;
 }
+
+/// `weir usage` (and `weir keys`) find the budget and auth instances by manifest name:
+/// both renamed, the spend and the key's name and budget still show.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weir_usage_works_with_the_instances_renamed() {
+    bounded(async {
+        let rename = |entry: String, name: &str| {
+            entry.replacen(
+                "[[plugins]]\n",
+                &format!("[[plugins]]\nname = \"{name}\"\n"),
+                1,
+            )
+        };
+        let body = format!(
+            "{MOCK_MODELS}{}{}",
+            rename(plugin_entry("auth", ""), "gatekeeper"),
+            rename(plugin_entry("budget", PRICES), "spend"),
+        );
+        let gw = PolicyGateway::start(&body).await;
+        let run = |args: &[&str]| {
+            let out = Command::new(WEIR)
+                .args(args)
+                .env("WEIR_ADMIN", gw.admin.addr())
+                .env("WEIR_ADMIN_TOKEN", ADMIN_TOKEN)
+                .output()
+                .expect("run weir");
+            let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+            assert!(
+                out.status.success(),
+                "weir {args:?}: {stdout}{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            stdout
+        };
+        let created = run(&[
+            "keys",
+            "create",
+            "--name",
+            "renamed",
+            "--budget-usd",
+            "5",
+            "--budget-period",
+            "month",
+            "--json",
+        ]);
+        let key: Value = serde_json::from_str(&created).expect("JSON");
+        let id = key["id"].as_str().unwrap().to_owned();
+        let secret = key["secret"].as_str().unwrap().to_owned();
+        assert_eq!(gw.chat(&secret, &ask(Some(10))).await.status, 200);
+        eventually(Duration::from_secs(10), "the spend is settled", || {
+            let out = run(&["usage", "--key", &id, "--period", "month", "--json"]);
+            let v: Value = serde_json::from_str(&out).unwrap_or_default();
+            let line = &v["usage"][0];
+            let settled = line["requests"] == 1
+                && line["spend_usd"].as_f64().is_some_and(|s| s > 0.0)
+                && line["name"] == "renamed"
+                && line["budget_usd"] == 5.0;
+            async move { settled }
+        })
+        .await;
+    })
+    .await;
+}

@@ -297,7 +297,14 @@ impl WasmPlugin {
         let instance_pre = linker
             .instantiate_pre(&component)
             .map_err(|e| WasmError::Link(format!("{e:#}")))?;
-        let pre = PluginPre::new(instance_pre).map_err(|e| WasmError::Link(format!("{e:#}")))?;
+        // A component that imports nothing of the host (so `check_contract` saw no version)
+        // but was built against another contract fails here, on its exports' types.
+        let pre = PluginPre::new(instance_pre).map_err(|e| {
+            WasmError::Link(format!(
+                "{e:#} (is the component built against {CONTRACT}? see docs/plugins.md, \
+                 \"Migrating from 0.1\")"
+            ))
+        })?;
         let limits = WasmLimits {
             memory_bytes: limits.memory_bytes.min(MAX_MEMORY_BYTES),
             ..limits

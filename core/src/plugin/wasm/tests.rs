@@ -651,3 +651,28 @@ fn admin_calls_reach_the_component() {
                            "query": "x=1", "body": "{\"n\":1}"})
     );
 }
+
+/// A component built against `weir:plugin@0.1.0` (tests/fixtures/wasm/contract-v01, from
+/// a copy of the 0.1 WIT) is refused at load with a message naming both versions and how
+/// to rebuild: the migration path chosen for 0.2 (docs/plugins.md, "Migrating from 0.1").
+#[test]
+fn a_component_built_against_0_1_is_refused_with_how_to_rebuild() {
+    let dir = "tests/fixtures/wasm/contract-v01";
+    let err = WasmPlugin::load(
+        &engine(),
+        "legacy",
+        &wasm(dir),
+        "{}",
+        WasmLimits::default(),
+        Arc::new(MemoryHost::new()),
+    )
+    .expect_err("a 0.1 component must not load");
+    let message = err.to_string();
+    assert!(message.contains("weir:plugin@0.1.0"), "{message}");
+    assert!(message.contains("weir:plugin@0.2.0"), "{message}");
+    assert!(
+        message.contains("rebuild it with weir-sdk 0.2"),
+        "{message}"
+    );
+    assert!(message.contains("Migrating from 0.1"), "{message}");
+}
