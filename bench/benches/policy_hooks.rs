@@ -76,10 +76,7 @@ fn main() {
 }
 
 /// `on-request` of the key-aware policies, each alone and the four together.
-fn keyed_policies(
-    n: usize,
-    instance: &dyn Fn(&str, Value) -> Arc<Instance>,
-) {
+fn keyed_policies(n: usize, instance: &dyn Fn(&str, Value) -> Arc<Instance>) {
     // Keys are the auth plugin's: created through its admin endpoint, as `weir keys` does.
     let auth = instance("auth", json!({}));
     let mut secrets = Vec::new();
