@@ -362,3 +362,41 @@ config = {{ phrases = ["ignore previous instructions"] }}
         .await;
     assert_eq!(r.status, 400, "{}", r.text);
 }
+
+/// `weir plugin new --lang rust` gives a crate that builds against the current SDK (0.2)
+/// and passes its own fixtures through the real host: the scaffold is what a team starts
+/// from, so it must never lag the contract.
+#[test]
+fn the_rust_scaffold_builds_and_passes_its_fixtures() {
+    let root = crate::policy_auth::root();
+    let parent = tempfile::tempdir().expect("tempdir");
+    let weir = |args: &[&str]| {
+        let out = std::process::Command::new(crate::support::gateway::WEIR)
+            .args(args)
+            .current_dir(parent.path())
+            .output()
+            .expect("run weir");
+        assert!(
+            out.status.success(),
+            "weir {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    weir(&["plugin", "new", "--lang", "rust", "scaffolded"]);
+    let dir = parent.path().join("scaffolded");
+    let status = std::process::Command::new(root.join("scripts/build-plugins.sh"))
+        .arg(&dir)
+        .status()
+        .expect("run scripts/build-plugins.sh");
+    assert!(
+        status.success(),
+        "the scaffolded Rust plugin does not build"
+    );
+    let report = weir(&["plugin", "test", dir.to_str().expect("utf-8 path")]);
+    assert!(
+        report.contains("passed") && !report.contains("FAIL"),
+        "{report}"
+    );
+}

@@ -229,6 +229,24 @@ impl PolicyGateway {
         )
     }
 
+    /// Runs the `weir` CLI against this gateway's admin API; panics unless it succeeds, and
+    /// returns its standard output.
+    pub fn weir(&self, args: &[&str]) -> String {
+        let out = Command::new(WEIR)
+            .args(args)
+            .env("WEIR_ADMIN", self.admin.addr())
+            .env("WEIR_ADMIN_TOKEN", ADMIN_TOKEN)
+            .output()
+            .expect("run weir");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "weir {args:?} failed: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    }
+
     /// A chat request with `Authorization: Bearer <secret>`.
     pub async fn chat(&self, secret: &str, body: &Value) -> Resp {
         self.client
@@ -547,21 +565,7 @@ async fn updates_take_effect_and_keys_survive_a_restart() {
 async fn weir_keys_cli_creates_lists_and_revokes() {
     bounded(async {
         let gw = PolicyGateway::start(&auth_config("")).await;
-        let cli = |args: &[&str]| {
-            let out = Command::new(WEIR)
-                .args(args)
-                .env("WEIR_ADMIN", gw.admin.addr())
-                .env("WEIR_ADMIN_TOKEN", ADMIN_TOKEN)
-                .output()
-                .expect("run weir");
-            let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-            assert!(
-                out.status.success(),
-                "weir {args:?} failed: {stdout}{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            stdout
-        };
+        let cli = |args: &[&str]| gw.weir(args);
         let created = cli(&[
             "keys",
             "create",
@@ -613,21 +617,7 @@ async fn weir_keys_works_with_the_auth_instance_renamed() {
             1,
         );
         let gw = PolicyGateway::start(&format!("{MOCK_MODELS}{entry}")).await;
-        let cli = |args: &[&str]| {
-            let out = Command::new(WEIR)
-                .args(args)
-                .env("WEIR_ADMIN", gw.admin.addr())
-                .env("WEIR_ADMIN_TOKEN", ADMIN_TOKEN)
-                .output()
-                .expect("run weir");
-            let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-            assert!(
-                out.status.success(),
-                "weir {args:?} failed: {stdout}{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            stdout
-        };
+        let cli = |args: &[&str]| gw.weir(args);
         let created = cli(&["keys", "create", "--name", "renamed", "--json"]);
         let v: Value = serde_json::from_str(&created).expect("JSON");
         let secret = v["secret"].as_str().unwrap().to_owned();

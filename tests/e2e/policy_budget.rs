@@ -126,13 +126,8 @@ async fn admission_reserves_the_worst_case_and_usage_reports_spend() {
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
         assert!(text.contains(&id) && text.contains("total") && text.contains("0.05/day"), "{text}");
-        let out = Command::new(WEIR)
-            .args(["usage", "--key", &id, "--period", "day", "--json"])
-            .env("WEIR_ADMIN", gw.admin.addr())
-            .env("WEIR_ADMIN_TOKEN", ADMIN_TOKEN)
-            .output()
-            .expect("run weir usage --json");
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+        let out = gw.weir(&["usage", "--key", &id, "--period", "day", "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&out).expect("JSON");
         let line = &v["usage"][0];
         assert_eq!(line["name"], "b", "{v}");
         assert_eq!(line["budget_usd"], 0.05, "{v}");
@@ -277,21 +272,7 @@ async fn weir_usage_works_with_the_instances_renamed() {
             rename(plugin_entry("budget", PRICES), "spend"),
         );
         let gw = PolicyGateway::start(&body).await;
-        let run = |args: &[&str]| {
-            let out = Command::new(WEIR)
-                .args(args)
-                .env("WEIR_ADMIN", gw.admin.addr())
-                .env("WEIR_ADMIN_TOKEN", ADMIN_TOKEN)
-                .output()
-                .expect("run weir");
-            let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-            assert!(
-                out.status.success(),
-                "weir {args:?}: {stdout}{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            stdout
-        };
+        let run = |args: &[&str]| gw.weir(args);
         let created = run(&[
             "keys",
             "create",

@@ -1025,6 +1025,15 @@ impl MemoryHost {
             .insert((provider.to_owned(), model.to_owned()), stats);
     }
 
+    /// The limiter and ledger over this host's store, on its clock.
+    fn primitives(&self) -> super::host::Primitives<'_> {
+        super::host::Primitives {
+            store: &self.store,
+            ns: "host",
+            now_ms: self.now_ms(),
+        }
+    }
+
     /// Sets the price `price` answers for a model.
     pub fn set_price(&self, model: &str, price: Price) {
         self.lock().prices.insert(model.to_owned(), price);
@@ -1169,16 +1178,8 @@ impl HostApi for MemoryHost {
         window_ms: u64,
         amount: u64,
     ) -> Result<LimitResult, String> {
-        use crate::state::StateStore;
-        let rate = crate::state::Rate {
-            limit,
-            window: Duration::from_millis(window_ms.max(1)),
-        };
-        let out = self
-            .store
-            .limit_reserve("host", key, rate, amount, self.now_ms())
-            .map_err(|e| e.to_string())?;
-        Ok(super::host::limit_result(limit, out))
+        self.primitives()
+            .limit_reserve(key, limit, window_ms, amount)
     }
 
     fn limit_settle(
@@ -1189,14 +1190,8 @@ impl HostApi for MemoryHost {
         reserved: u64,
         used: u64,
     ) -> Result<(), String> {
-        use crate::state::StateStore;
-        let rate = crate::state::Rate {
-            limit,
-            window: Duration::from_millis(window_ms.max(1)),
-        };
-        self.store
-            .limit_settle("host", key, rate, reserved, used, self.now_ms())
-            .map_err(|e| e.to_string())
+        self.primitives()
+            .limit_settle(key, limit, window_ms, reserved, used)
     }
 
     fn ledger_reserve(
@@ -1206,21 +1201,8 @@ impl HostApi for MemoryHost {
         amount: f64,
         ttl_ms: Option<u64>,
     ) -> Result<LedgerResult, String> {
-        use crate::state::StateStore;
-        let (allowed, b) = self
-            .store
-            .ledger_reserve(
-                "host",
-                account,
-                super::host::to_micros(limit, "limit")?,
-                super::host::to_micros(amount, "amount")?,
-                ttl_ms.map(Duration::from_millis),
-            )
-            .map_err(|e| e.to_string())?;
-        Ok(LedgerResult {
-            allowed,
-            balance: super::host::balance_usd(b),
-        })
+        self.primitives()
+            .ledger_reserve(account, limit, amount, ttl_ms)
     }
 
     fn ledger_settle(
@@ -1230,37 +1212,16 @@ impl HostApi for MemoryHost {
         cost: f64,
         ttl_ms: Option<u64>,
     ) -> Result<LedgerBalance, String> {
-        use crate::state::StateStore;
-        self.store
-            .ledger_settle(
-                "host",
-                account,
-                super::host::to_micros(reserved, "reserved")?,
-                super::host::to_micros(cost, "cost")?,
-                ttl_ms.map(Duration::from_millis),
-            )
-            .map(super::host::balance_usd)
-            .map_err(|e| e.to_string())
+        self.primitives()
+            .ledger_settle(account, reserved, cost, ttl_ms)
     }
 
     fn ledger_release(&self, account: &str, reserved: f64) -> Result<LedgerBalance, String> {
-        use crate::state::StateStore;
-        self.store
-            .ledger_release(
-                "host",
-                account,
-                super::host::to_micros(reserved, "reserved")?,
-            )
-            .map(super::host::balance_usd)
-            .map_err(|e| e.to_string())
+        self.primitives().ledger_release(account, reserved)
     }
 
     fn ledger_balance(&self, account: &str) -> Result<LedgerBalance, String> {
-        use crate::state::StateStore;
-        self.store
-            .ledger_balance("host", account)
-            .map(super::host::balance_usd)
-            .map_err(|e| e.to_string())
+        self.primitives().ledger_balance(account)
     }
 
     fn target_stats(&self, provider: &str, model: &str) -> Option<TargetStatsView> {

@@ -856,10 +856,27 @@ fn continued(ctx: &RequestCtx) -> Value {
         }
     }
     let messages: Vec<Value> = match &ctx.body {
+        // As the views show them (text parts joined with "\n"), with the tool calls and the
+        // count of non-text parts when there are any, so fixtures can check that edits keep
+        // images and rewrite arguments.
         Body::Chat(c) => c
             .messages
             .iter()
-            .map(|m| json!({ "role": m.role, "content": m.text() }))
+            .map(|m| {
+                let v = crate::plugin::contract::message_view(m);
+                let mut out = json!({ "role": v.role, "content": v.content });
+                if !v.tool_calls.is_empty() {
+                    out["tool_calls"] = v
+                        .tool_calls
+                        .iter()
+                        .map(|t| json!({ "id": t.id, "name": t.name, "arguments": t.arguments }))
+                        .collect();
+                }
+                if v.other_parts > 0 {
+                    out["other_parts"] = json!(v.other_parts);
+                }
+                out
+            })
             .collect(),
         Body::Embeddings(e) => e
             .input_texts()

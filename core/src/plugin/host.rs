@@ -72,6 +72,115 @@ pub fn balance_usd(b: Balance) -> LedgerBalance {
     }
 }
 
+/// The limiter and ledger host calls over a [`StateStore`] namespace, in the contract's
+/// units (USD, ms): one implementation for the gateway's host and the in-memory test host.
+pub struct Primitives<'a> {
+    /// The store.
+    pub store: &'a dyn StateStore,
+    /// The plugin's namespace.
+    pub ns: &'a str,
+    /// Now, ms since the Unix epoch (the host's clock, fixable in fixtures).
+    pub now_ms: u64,
+}
+
+impl Primitives<'_> {
+    /// `limit-reserve`.
+    pub fn limit_reserve(
+        &self,
+        key: &str,
+        limit: u64,
+        window_ms: u64,
+        amount: u64,
+    ) -> Result<LimitResult, String> {
+        let out = self
+            .store
+            .limit_reserve(self.ns, key, rate(limit, window_ms)?, amount, self.now_ms)
+            .map_err(|e| e.to_string())?;
+        Ok(limit_result(limit, out))
+    }
+
+    /// `limit-settle`.
+    pub fn limit_settle(
+        &self,
+        key: &str,
+        limit: u64,
+        window_ms: u64,
+        reserved: u64,
+        used: u64,
+    ) -> Result<(), String> {
+        self.store
+            .limit_settle(
+                self.ns,
+                key,
+                rate(limit, window_ms)?,
+                reserved,
+                used,
+                self.now_ms,
+            )
+            .map_err(|e| e.to_string())
+    }
+
+    /// `ledger-reserve`.
+    pub fn ledger_reserve(
+        &self,
+        account: &str,
+        limit: f64,
+        amount: f64,
+        ttl_ms: Option<u64>,
+    ) -> Result<LedgerResult, String> {
+        let (allowed, balance) = self
+            .store
+            .ledger_reserve(
+                self.ns,
+                account,
+                to_micros(limit, "limit")?,
+                to_micros(amount, "amount")?,
+                ttl(ttl_ms),
+            )
+            .map_err(|e| e.to_string())?;
+        Ok(LedgerResult {
+            allowed,
+            balance: balance_usd(balance),
+        })
+    }
+
+    /// `ledger-settle`.
+    pub fn ledger_settle(
+        &self,
+        account: &str,
+        reserved: f64,
+        cost: f64,
+        ttl_ms: Option<u64>,
+    ) -> Result<LedgerBalance, String> {
+        self.store
+            .ledger_settle(
+                self.ns,
+                account,
+                to_micros(reserved, "reserved")?,
+                to_micros(cost, "cost")?,
+                ttl(ttl_ms),
+            )
+            .map(balance_usd)
+            .map_err(|e| e.to_string())
+    }
+
+    /// `ledger-release`.
+    pub fn ledger_release(&self, account: &str, reserved: f64) -> Result<LedgerBalance, String> {
+        self.store
+            .ledger_release(self.ns, account, to_micros(reserved, "reserved")?)
+            .map(balance_usd)
+            .map_err(|e| e.to_string())
+    }
+
+    /// `ledger-read`.
+    pub fn ledger_balance(&self, account: &str) -> Result<LedgerBalance, String> {
+        self.store
+            .ledger_balance(self.ns, account)
+            .map(balance_usd)
+            .map_err(|e| e.to_string())
+    }
+}
+
 /// Checks a limiter's arguments.
 fn rate(limit: u64, window_ms: u64) -> Result<Rate, String> {
     if window_ms == 0 {
@@ -197,6 +306,15 @@ impl GatewayHost {
         }
     }
 
+    /// The limiter and ledger over this plugin's namespace (capability `kv`).
+    fn primitives(&self) -> Result<Primitives<'_>, String> {
+        Ok(Primitives {
+            store: self.kv()?,
+            ns: &self.namespace,
+            now_ms: self.now_ms(),
+        })
+    }
+
     fn client(&self) -> Result<reqwest::Client, String> {
         self.http
             .get_or_init(|| {
@@ -289,12 +407,8 @@ impl HostApi for GatewayHost {
         window_ms: u64,
         amount: u64,
     ) -> Result<LimitResult, String> {
-        let rate = rate(limit, window_ms)?;
-        let out = self
-            .kv()?
-            .limit_reserve(&self.namespace, key, rate, amount, self.now_ms())
-            .map_err(|e| e.to_string())?;
-        Ok(limit_result(limit, out))
+        self.primitives()?
+            .limit_reserve(key, limit, window_ms, amount)
     }
 
     fn limit_settle(
@@ -305,10 +419,8 @@ impl HostApi for GatewayHost {
         reserved: u64,
         used: u64,
     ) -> Result<(), String> {
-        let rate = rate(limit, window_ms)?;
-        self.kv()?
-            .limit_settle(&self.namespace, key, rate, reserved, used, self.now_ms())
-            .map_err(|e| e.to_string())
+        self.primitives()?
+            .limit_settle(key, limit, window_ms, reserved, used)
     }
 
     fn ledger_reserve(
@@ -318,20 +430,8 @@ impl HostApi for GatewayHost {
         amount: f64,
         ttl_ms: Option<u64>,
     ) -> Result<LedgerResult, String> {
-        let (allowed, balance) = self
-            .kv()?
-            .ledger_reserve(
-                &self.namespace,
-                account,
-                to_micros(limit, "limit")?,
-                to_micros(amount, "amount")?,
-                ttl(ttl_ms),
-            )
-            .map_err(|e| e.to_string())?;
-        Ok(LedgerResult {
-            allowed,
-            balance: balance_usd(balance),
-        })
+        self.primitives()?
+            .ledger_reserve(account, limit, amount, ttl_ms)
     }
 
     fn ledger_settle(
@@ -341,30 +441,16 @@ impl HostApi for GatewayHost {
         cost: f64,
         ttl_ms: Option<u64>,
     ) -> Result<LedgerBalance, String> {
-        self.kv()?
-            .ledger_settle(
-                &self.namespace,
-                account,
-                to_micros(reserved, "reserved")?,
-                to_micros(cost, "cost")?,
-                ttl(ttl_ms),
-            )
-            .map(balance_usd)
-            .map_err(|e| e.to_string())
+        self.primitives()?
+            .ledger_settle(account, reserved, cost, ttl_ms)
     }
 
     fn ledger_release(&self, account: &str, reserved: f64) -> Result<LedgerBalance, String> {
-        self.kv()?
-            .ledger_release(&self.namespace, account, to_micros(reserved, "reserved")?)
-            .map(balance_usd)
-            .map_err(|e| e.to_string())
+        self.primitives()?.ledger_release(account, reserved)
     }
 
     fn ledger_balance(&self, account: &str) -> Result<LedgerBalance, String> {
-        self.kv()?
-            .ledger_balance(&self.namespace, account)
-            .map(balance_usd)
-            .map_err(|e| e.to_string())
+        self.primitives()?.ledger_balance(account)
     }
 
     fn now_ms(&self) -> u64 {

@@ -189,7 +189,7 @@ end
 ---@param req weir.Request
 ---@return weir.Decision?
 function on_request(req)
-	local team = req.headers["x-team"]
+	local team = req.header("x-team")
 	if team == nil then
 		if required then
 			return weir.error_reply(req.dialect, 400, "missing x-team header")
@@ -271,7 +271,7 @@ panic = "abort"
 const RUST_SOURCE: &str = r#"//! {{name}}: tags each request with the team from the x-team header.
 
 use serde::Deserialize;
-use weir_sdk::{Decision, Plugin, RequestView};
+use weir_sdk::{Decision, Plugin, Request};
 
 /// The instance's `config` table from weir.toml.
 #[derive(Debug, Default, Deserialize)]
@@ -294,9 +294,10 @@ impl Plugin for TeamTagger {
         Ok(TeamTagger { config })
     }
 
-    fn on_request(&self, req: &RequestView) -> Decision {
+    fn on_request(&self, req: &Request) -> Decision {
+        // The request is lazy: only the header asked for is copied into the plugin.
         match req.header("x-team") {
-            Some(team) => Decision::cont().set_metadata("team", team),
+            Some(team) => Decision::cont().set_metadata("team", &team),
             None if self.config.required => Decision::error(400, "missing x-team header"),
             None => Decision::cont(),
         }
