@@ -133,6 +133,32 @@ fn hooks(c: &mut Criterion) {
         })
     });
 
+    // The bare fixed cost: a hook that reads one declared header and continues without
+    // changes (the probe's `x-fault: read`).
+    let mut read_one = request(false, &weir_bench::bodies::prompt());
+    read_one.access = Arc::new(Access {
+        headers: HeaderSelection::Only(vec!["x-fault".into()]),
+        body: false,
+    });
+    read_one
+        .headers
+        .insert("x-fault", http::HeaderValue::from_static("read"));
+    c.bench_function("wasm_on_request_reads_one_header_continues_1kb", |b| {
+        b.iter(|| {
+            let mut ctx = HookCtx {
+                request_id: "r",
+                metadata: &mut bag,
+                scratch: &mut scratch,
+                deadline: None,
+            };
+            black_box(
+                probe
+                    .on_request(&mut ctx, black_box(&mut read_one))
+                    .expect("call"),
+            )
+        })
+    });
+
     let event = StreamEvent::TextDelta(TextDelta {
         choice: 0,
         text: "The river bends and".into(),
@@ -206,6 +232,29 @@ fn lua_hooks(c: &mut Criterion) {
             };
             black_box(
                 noop.on_request(&mut ctx, black_box(&mut req))
+                    .expect("call"),
+            )
+        })
+    });
+
+    // The bare fixed cost: read one declared header, continue without changes.
+    let (_dir3, reader) = lua("function on_request(req)\n\
+         \x20 local _ = req.header(\"x-tenant\")\n\
+         \x20 return nil\n\
+         end\n\
+         function on_response(resp) return nil end\n\
+         function on_log(entry) end\n");
+    c.bench_function("lua_on_request_reads_one_header_continues_1kb", |b| {
+        b.iter(|| {
+            let mut ctx = HookCtx {
+                request_id: "r",
+                metadata: &mut bag,
+                scratch: &mut scratch,
+                deadline: None,
+            };
+            black_box(
+                reader
+                    .on_request(&mut ctx, black_box(&mut req))
                     .expect("call"),
             )
         })

@@ -160,20 +160,31 @@ fn tool_calls(lua: &Lua, calls: &[ToolCallView]) -> mlua::Result<Table> {
     Ok(t)
 }
 
-/// The request under `on_request`, moved into the VM's app data for the call (read by the
-/// lazy request table's readers).
+/// What one hook call lends the VM, in its app data (one slot, so a call looks it up once
+/// per swap): the request's metadata bag (`weir.ctx_get` / `ctx_set`), the plugin's request
+/// scratch (`weir.scratch_*`) and, under `on_request`, the request the lazy table reads.
 #[derive(Default)]
-pub(super) struct RequestSlot(pub(super) Option<RequestView>);
+pub(super) struct CallState {
+    /// The request-scoped metadata bag.
+    pub(super) bag: std::collections::BTreeMap<String, String>,
+    /// This plugin's request scratch.
+    pub(super) scratch: std::collections::BTreeMap<String, Vec<u8>>,
+    /// The request, during `on_request` (swapped in and out, never copied).
+    pub(super) request: RequestView,
+    /// Whether `request` holds the request of the running `on_request`.
+    pub(super) in_request: bool,
+}
 
 fn with_request<R>(lua: &Lua, f: impl FnOnce(&mut RequestView) -> R) -> mlua::Result<R> {
-    let mut slot = lua
-        .app_data_mut::<RequestSlot>()
-        .ok_or_else(|| mlua::Error::runtime("weir: no request slot"))?;
-    let req = slot
-        .0
-        .as_mut()
-        .ok_or_else(|| mlua::Error::runtime("the request is only readable during on_request"))?;
-    Ok(f(req))
+    let mut state = lua
+        .app_data_mut::<CallState>()
+        .ok_or_else(|| mlua::Error::runtime("weir: no call state"))?;
+    if !state.in_request {
+        return Err(mlua::Error::runtime(
+            "the request is only readable during on_request",
+        ));
+    }
+    Ok(f(&mut state.request))
 }
 
 fn message_table(lua: &Lua, m: &MessageView) -> mlua::Result<Table> {
@@ -189,7 +200,7 @@ fn message_table(lua: &Lua, m: &MessageView) -> mlua::Result<Table> {
 }
 
 /// The host half of the lazy request table (`args.luau` `B.init`): functions that read the
-/// request in the VM's [`RequestSlot`]. Each copies only what it returns.
+/// request in the VM's [`CallState`]. Each copies only what it returns.
 fn request_readers(lua: &Lua) -> mlua::Result<Table> {
     let h = lua.create_table()?;
     h.raw_set(
@@ -266,7 +277,8 @@ fn request_readers(lua: &Lua) -> mlua::Result<Table> {
 }
 
 /// `req` of `on_request`: a lazy table (see `args.luau` and `sdk/lua/weir.d.lua`) over the
-/// request in the VM's [`RequestSlot`], which must hold it for the call.
+/// request in the VM's [`CallState`], which must hold it for the call. The two strings and
+/// the table are bounded by the request; built unmetered like every hook argument.
 pub(super) fn request_table(lua: &Lua) -> mlua::Result<Table> {
     unmetered(lua, || {
         let (id, d, e, model, stream) = with_request(lua, |r| {
@@ -898,7 +910,11 @@ mod tests {
             request_id: "r".into(),
             ..RequestView::default()
         };
-        lua.set_app_data(RequestSlot(Some(req)));
+        lua.set_app_data(CallState {
+            request: req,
+            in_request: true,
+            ..CallState::default()
+        });
         let t = request_table(&lua).unwrap();
         assert_eq!(lua.set_memory_limit(1 << 20).unwrap(), 1 << 20);
         assert_eq!(t.raw_get::<String>("request_id").unwrap(), "r");

@@ -61,7 +61,6 @@
 mod convert;
 
 use std::cell::{Cell, RefCell};
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::time::{Duration, Instant};
@@ -268,13 +267,7 @@ impl Deadline {
     }
 }
 
-/// The request-scoped metadata bag, swapped into the VM's app data for one hook call.
-#[derive(Default)]
-struct Bag(BTreeMap<String, String>);
-
-/// The calling plugin's request scratch, swapped into the VM's app data for one call.
-#[derive(Default)]
-struct ScratchSlot(BTreeMap<String, Vec<u8>>);
+use convert::CallState;
 
 /// One Lua state with its hook functions resolved.
 struct Vm {
@@ -492,10 +485,10 @@ fn install_weir(lua: &Lua, shared: &Shared, deadline: &Arc<Deadline>) -> mlua::R
     weir.raw_set(
         "ctx_get",
         lua.create_function(|lua, key: String| {
-            let bag = lua
-                .app_data_ref::<Bag>()
+            let state = lua
+                .app_data_ref::<CallState>()
                 .ok_or_else(|| mlua::Error::runtime("no request context"))?;
-            match bag.0.get(&key) {
+            match state.bag.get(&key) {
                 Some(v) => convert::unmetered(lua, || lua.create_string(v)).map(Some),
                 None => Ok(None),
             }
@@ -505,20 +498,20 @@ fn install_weir(lua: &Lua, shared: &Shared, deadline: &Arc<Deadline>) -> mlua::R
         "ctx_set",
         lua.create_function(|lua, (key, value): (String, Value)| {
             let value = String::from_utf8_lossy(&bytes_arg(&value, "value")?).into_owned();
-            let mut bag = lua
-                .app_data_mut::<Bag>()
+            let mut state = lua
+                .app_data_mut::<CallState>()
                 .ok_or_else(|| mlua::Error::runtime("no request context"))?;
-            bag.0.insert(key, value);
+            state.bag.insert(key, value);
             Ok(())
         })?,
     )?;
     weir.raw_set(
         "scratch_get",
         lua.create_function(|lua, key: String| {
-            let scratch = lua
-                .app_data_ref::<ScratchSlot>()
+            let state = lua
+                .app_data_ref::<CallState>()
                 .ok_or_else(|| mlua::Error::runtime("no request context"))?;
-            match scratch.0.get(&key) {
+            match state.scratch.get(&key) {
                 Some(v) => convert::unmetered(lua, || lua.create_string(v)).map(Some),
                 None => Ok(None),
             }
@@ -528,12 +521,12 @@ fn install_weir(lua: &Lua, shared: &Shared, deadline: &Arc<Deadline>) -> mlua::R
         "scratch_set",
         lua.create_function(|lua, (key, value): (String, Value)| {
             let value = opt_bytes(&value, "value")?;
-            let mut scratch = lua
-                .app_data_mut::<ScratchSlot>()
+            let mut state = lua
+                .app_data_mut::<CallState>()
                 .ok_or_else(|| mlua::Error::runtime("no request context"))?;
             match value {
-                Some(v) => scratch.0.insert(key, v),
-                None => scratch.0.remove(&key),
+                Some(v) => state.scratch.insert(key, v),
+                None => state.scratch.remove(&key),
             };
             Ok(())
         })?,
@@ -760,9 +753,7 @@ impl Vm {
                 .set_name("=weir-prelude")
                 .call::<()>(&weir)?;
             globals.raw_set("weir", weir)?;
-            lua.set_app_data(Bag::default());
-            lua.set_app_data(ScratchSlot::default());
-            lua.set_app_data(convert::RequestSlot::default());
+            lua.set_app_data(CallState::default());
             lua.sandbox(true)?;
             lua.set_memory_limit(shared.limits.memory_bytes)?;
             Ok(())
@@ -1022,32 +1013,27 @@ impl LuaPlugin {
                 hook.as_str()
             )));
         };
-        let swap = |vm: &Vm, ctx: &mut HookCtx<'_>| {
-            if let Some(mut bag) = vm.lua.app_data_mut::<Bag>() {
-                std::mem::swap(&mut bag.0, ctx.metadata);
-            }
-            if let Some(mut scratch) = vm.lua.app_data_mut::<ScratchSlot>() {
-                std::mem::swap(&mut scratch.0, ctx.scratch);
+        // The bag, the scratch and (for `on_request`) the request move into the VM for the
+        // call and back: swaps, never copies, and one app-data lookup each way.
+        let mut request = request;
+        let swap = |vm: &Vm,
+                    ctx: &mut HookCtx<'_>,
+                    request: &mut Option<&mut RequestView>,
+                    entering: bool| {
+            if let Some(mut state) = vm.lua.app_data_mut::<CallState>() {
+                std::mem::swap(&mut state.bag, ctx.metadata);
+                std::mem::swap(&mut state.scratch, ctx.scratch);
+                if let Some(req) = request.as_deref_mut() {
+                    std::mem::swap(&mut state.request, req);
+                    state.in_request = entering;
+                }
             }
         };
-        swap(&vm, ctx);
-        // The request moves into the VM for `on_request` (the lazy table reads it) and back.
-        let mut request = request;
-        if let Some(req) = request.as_deref_mut()
-            && let Some(mut slot) = vm.lua.app_data_mut::<convert::RequestSlot>()
-        {
-            slot.0 = Some(std::mem::take(req));
-        }
+        swap(&vm, ctx, &mut request, true);
         vm.deadline.arm(budget);
         let out = arg(&vm.lua).and_then(|t| func.call::<Value>(t));
         let expired = vm.deadline.disarm();
-        if let Some(req) = request
-            && let Some(mut slot) = vm.lua.app_data_mut::<convert::RequestSlot>()
-            && let Some(back) = slot.0.take()
-        {
-            *req = back;
-        }
-        swap(&vm, ctx);
+        swap(&vm, ctx, &mut request, false);
         let result = match out {
             Err(e) => Err(classify(&e, expired, budget)),
             Ok(_) if expired => Err(classify(&mlua::Error::runtime(""), true, budget)),
