@@ -131,6 +131,14 @@ pub struct Balance {
     pub reserved_micros: i64,
 }
 
+/// What a [`StateStore::update`] step decides: the value to store and its time-to-live, or
+/// `None` to leave the key as it is.
+pub type Update = Option<(Vec<u8>, Option<Duration>)>;
+
+/// A step of [`StateStore::update`]: given the live value of the key (or `None`), what to
+/// store.
+pub type UpdateStep<'a> = dyn FnMut(Option<&[u8]>) -> Result<Update, StateError> + 'a;
+
 /// A namespaced key-value store with TTL, shared by all plugins and the gateway.
 ///
 /// All operations are atomic per key. Values are opaque bytes; `incr` keeps its counter as a
@@ -185,6 +193,17 @@ pub trait StateStore: Send + Sync {
     /// Makes every write so far durable (on disk), e.g. at shutdown. Default: nothing to do.
     fn flush(&self) -> Result<(), StateError> {
         Ok(())
+    }
+
+    /// Reads `key` and stores what `step` decides, atomically per key: `step` gets the live
+    /// value (or `None`) and returns the value to store with its time-to-live, or `None` to
+    /// leave the key as it is. The limiter and the ledger are steps run through this.
+    ///
+    /// Default: a compare-and-swap loop over `get` / `cas` (at most 64 tries, then
+    /// `StateError::Backend("contention ...")`). A backend with a lock per key overrides it
+    /// with one locked step (the write-behind front does), a shared backend with a script.
+    fn update(&self, ns: &str, key: &str, step: &mut UpdateStep<'_>) -> Result<(), StateError> {
+        primitives::cas_loop(self, ns, key, step)
     }
 
     /// Reserves `amount` units of the GCRA limiter `key` (stored as `lim/<key>` in `ns`) at

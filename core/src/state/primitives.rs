@@ -26,8 +26,8 @@ pub(crate) struct Write {
 /// changes, nothing is written).
 pub(crate) type Step<T> = (T, Option<Write>);
 
-/// Runs `step` on the value of `key` until its write lands (compare-and-swap against the value
-/// it read) or it decides to write nothing. Fails after [`CAS_TRIES`] lost races.
+/// Runs `step` on the value of `key` atomically through [`StateStore::update`]
+/// (super::StateStore::update) and returns its answer.
 pub(crate) fn read_modify_write<S, T>(
     store: &S,
     ns: &str,
@@ -37,14 +37,34 @@ pub(crate) fn read_modify_write<S, T>(
 where
     S: StateStore + ?Sized,
 {
+    let mut answer = None;
+    store.update(ns, key, &mut |current| {
+        let (a, write) = step(current)?;
+        answer = Some(a);
+        Ok(write.map(|w| (w.value, w.ttl)))
+    })?;
+    answer.ok_or_else(|| StateError::Backend(format!("update of '{key}' ran no step")))
+}
+
+/// The default [`StateStore::update`](super::StateStore::update): runs `step` on the value
+/// of `key` until its write lands (compare-and-swap against the value it read) or it decides
+/// to write nothing. Fails after [`CAS_TRIES`] lost races.
+pub(crate) fn cas_loop<S>(
+    store: &S,
+    ns: &str,
+    key: &str,
+    step: &mut super::UpdateStep<'_>,
+) -> Result<(), StateError>
+where
+    S: StateStore + ?Sized,
+{
     for _ in 0..CAS_TRIES {
         let current = store.get(ns, key)?;
-        let (answer, write) = step(current.as_deref())?;
-        let Some(write) = write else {
-            return Ok(answer);
+        let Some((value, ttl)) = step(current.as_deref())? else {
+            return Ok(());
         };
-        if store.cas(ns, key, current.as_deref(), Some(&write.value), write.ttl)? {
-            return Ok(answer);
+        if store.cas(ns, key, current.as_deref(), Some(&value), ttl)? {
+            return Ok(());
         }
         // Someone else wrote the key between our read and our swap: let them run, read again.
         std::thread::yield_now();

@@ -354,6 +354,23 @@ impl StateStore for WriteBehindStore {
         })
     }
 
+    /// One step under the key's shard lock: no compare-and-swap retries, however hot the
+    /// key (a limiter every request of a tenant hits).
+    fn update(
+        &self,
+        ns: &str,
+        key: &str,
+        step: &mut super::UpdateStep<'_>,
+    ) -> Result<(), StateError> {
+        let now = now_ms();
+        self.with_entry(ns, key, |e| {
+            if let Some((value, ttl)) = step(e.live(now))? {
+                Self::write(e, Some(value), expiry(ttl, now));
+            }
+            Ok(())
+        })
+    }
+
     fn delete(&self, ns: &str, key: &str) -> Result<bool, StateError> {
         let now = now_ms();
         self.with_entry(ns, key, |e| {
