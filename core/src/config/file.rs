@@ -35,7 +35,8 @@ pub struct FileConfig {
     /// model's own plugins).
     #[serde(default)]
     pub plugins: Vec<crate::plugin::PluginInstanceConfig>,
-    /// `[state]`: where plugin key-value state is kept (sled).
+    /// `[state]`: where keys, usage, spend and plugin key-value state are kept (sled, or
+    /// Redis shared by several instances).
     #[serde(default)]
     pub state: crate::state::StateConfig,
     /// `[prices.MODEL]`: USD per 1M tokens per model (client-facing or upstream name, `"*"`

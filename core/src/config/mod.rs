@@ -267,6 +267,9 @@ impl Config {
                 "must be greater than 0",
             ));
         }
+        file.state
+            .validate()
+            .map_err(|reason| ConfigError::invalid("state", reason))?;
         if file.retry.attempts_per_target == 0 {
             return Err(ConfigError::invalid(
                 "retry.attempts_per_target",

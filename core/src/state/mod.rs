@@ -55,6 +55,7 @@
 
 pub mod memory;
 mod primitives;
+pub mod redis;
 pub mod sled;
 pub mod write_behind;
 
@@ -65,6 +66,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::Deserialize;
 
 pub use self::memory::MemoryStore;
+pub use self::redis::{FailureMode, FailureModes, RedisConfig, RedisStore};
 pub use self::sled::SledStore;
 pub use self::write_behind::WriteBehindStore;
 
@@ -86,6 +88,9 @@ pub enum StateError {
         /// The key.
         key: String,
     },
+    /// The shared store could not be reached in time, and the primitive is fail-closed.
+    #[error("state store unavailable: {0}")]
+    Unavailable(String),
     /// The state directory could not be opened.
     #[error("state: cannot open {path}: {reason}")]
     Open {
@@ -193,6 +198,17 @@ pub trait StateStore: Send + Sync {
     /// Makes every write so far durable (on disk), e.g. at shutdown. Default: nothing to do.
     fn flush(&self) -> Result<(), StateError> {
         Ok(())
+    }
+
+    /// Whether the store is serving: `Err(reason)` while it is not (e.g. the disk is full,
+    /// the shared store is unreachable). `/readyz` answers 503 with the reason meanwhile.
+    fn health(&self) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// The store's own metrics, for the gateway to register. Default: none.
+    fn metrics(&self) -> Vec<Box<dyn prometheus::core::Collector>> {
+        Vec::new()
     }
 
     /// Reads `key` and stores what `step` decides, atomically per key: `step` gets the live
@@ -309,11 +325,30 @@ pub trait StateStore: Send + Sync {
     }
 }
 
+/// Which store holds the shared state (`[state] backend`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// Embedded sled in `path`: one gateway process.
+    #[default]
+    Sled,
+    /// A Redis or Valkey server (`[state.redis]`), shared by several gateways.
+    Redis,
+}
+
 /// `[state]` in `weir.toml`: where durable state lives.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StateConfig {
+    /// `sled` (default) or `redis`.
+    #[serde(default)]
+    pub backend: Backend,
+    /// The Redis server, for `backend = "redis"`.
+    #[serde(default)]
+    pub redis: Option<RedisConfig>,
     /// Directory of the sled database, relative to the config file. Default `weir-state`.
+    /// With `backend = "redis"` it still holds what stays local to one instance (the request
+    /// log).
     #[serde(default = "default_state_path")]
     pub path: String,
     /// Seconds between sweeps that delete expired values. Default 60.
@@ -329,6 +364,8 @@ pub struct StateConfig {
 impl Default for StateConfig {
     fn default() -> Self {
         StateConfig {
+            backend: Backend::Sled,
+            redis: None,
             path: default_state_path(),
             sweep_interval_secs: default_sweep_secs(),
             flush_interval_ms: default_flush_interval_ms(),
@@ -349,6 +386,21 @@ fn default_sweep_secs() -> u64 {
 }
 
 impl StateConfig {
+    /// Checks the section (at config load): `backend = "redis"` needs `[state.redis]`.
+    pub fn validate(&self) -> Result<(), String> {
+        match (self.backend, &self.redis) {
+            (Backend::Redis, None) => {
+                Err("[state] backend = \"redis\" needs a [state.redis] section with url".into())
+            }
+            (Backend::Redis, Some(r)) => r.validate(),
+            (Backend::Sled, Some(_)) => Err(
+                "[state.redis] is set but [state] backend is \"sled\": set backend = \"redis\" or remove the section"
+                    .into(),
+            ),
+            (Backend::Sled, None) => Ok(()),
+        }
+    }
+
     /// The database directory: `path`, relative to the directory of `config_file`.
     pub fn resolve(&self, config_file: &Path) -> PathBuf {
         let base = config_file.parent().unwrap_or_else(|| Path::new("."));
@@ -356,9 +408,52 @@ impl StateConfig {
     }
 }
 
-/// Opens the configured store (sled, behind the write-behind front unless
-/// `flush_interval_ms` is 0) and starts its expiry sweeper and flusher.
+/// The stores a gateway process uses.
+#[derive(Clone)]
+pub struct Stores {
+    /// Keys, usage, spend, limits, the cache, plugin kv: shared by every instance when the
+    /// backend is Redis.
+    pub shared: Arc<dyn StateStore>,
+    /// What stays with one instance (the request log): the sled store of `path`, the same
+    /// store as `shared` when the backend is sled.
+    pub local: Arc<dyn StateStore>,
+}
+
+/// Opens the configured store: sled (behind the write-behind front unless
+/// `flush_interval_ms` is 0, with its expiry sweeper and flusher) or Redis.
 pub fn open(cfg: &StateConfig, config_file: &Path) -> Result<Arc<dyn StateStore>, StateError> {
+    match cfg.backend {
+        Backend::Sled => open_sled(cfg, config_file),
+        Backend::Redis => open_redis(cfg),
+    }
+}
+
+/// Opens the shared store and the local one (see [`Stores`]).
+pub fn open_stores(cfg: &StateConfig, config_file: &Path) -> Result<Stores, StateError> {
+    match cfg.backend {
+        Backend::Sled => {
+            let store = open_sled(cfg, config_file)?;
+            Ok(Stores {
+                shared: store.clone(),
+                local: store,
+            })
+        }
+        Backend::Redis => Ok(Stores {
+            shared: open_redis(cfg)?,
+            local: open_sled(cfg, config_file)?,
+        }),
+    }
+}
+
+fn open_redis(cfg: &StateConfig) -> Result<Arc<dyn StateStore>, StateError> {
+    let redis = cfg.redis.as_ref().ok_or_else(|| StateError::Open {
+        path: "[state.redis]".into(),
+        reason: "backend = \"redis\" needs a [state.redis] section".into(),
+    })?;
+    Ok(Arc::new(RedisStore::connect(redis)?))
+}
+
+fn open_sled(cfg: &StateConfig, config_file: &Path) -> Result<Arc<dyn StateStore>, StateError> {
     let dir = cfg.resolve(config_file);
     let thread_err = |what: &str, e: std::io::Error| StateError::Open {
         path: dir.display().to_string(),
