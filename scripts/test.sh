@@ -6,7 +6,8 @@
 #   scripts/test.sh
 #
 # Needs the Rust toolchain of rust-toolchain.toml and Python 3 with venv; everything else
-# (the wasm32-wasip2 target, plugin builds, the Python packages) it sets up itself.
+# (the wasm32-wasip2 target, redis-server from Debian, plugin builds, the Python packages) it
+# sets up itself.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -29,6 +30,23 @@ if command -v rustup >/dev/null; then
   fi
 else
   echo "rustup not found; assuming the toolchain already has wasm32-wasip2"
+fi
+
+step "redis-server (shared-state tests)"
+if command -v redis-server >/dev/null || [[ -n "${WEIR_REDIS_SERVER:-}" ]]; then
+  redis-server --version 2>/dev/null || echo "WEIR_REDIS_SERVER=$WEIR_REDIS_SERVER"
+else
+  sudo=""
+  if [[ "$(id -u)" != 0 ]]; then
+    command -v sudo >/dev/null || die "redis-server is missing and there is no root or sudo to install it (apt-get install redis-server), or set WEIR_REDIS_SERVER"
+    sudo="sudo -n"
+  fi
+  command -v apt-get >/dev/null || die "redis-server is missing: install Redis 7+ or Valkey, or set WEIR_REDIS_SERVER to its redis-server binary"
+  # The package starts a system service on 6379; the tests start their own servers.
+  $sudo apt-get install -y -qq redis-server >/dev/null 2>&1 ||
+    { $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq redis-server; } ||
+    die "could not install redis-server (apt-get install redis-server)"
+  redis-server --version
 fi
 
 if [[ -f scripts/build-plugins.sh ]]; then

@@ -132,14 +132,19 @@ fn serve(path: PathBuf, listen: Option<SocketAddr>) -> anyhow::Result<()> {
         let metrics = Metrics::new()?;
         let models = config.model_order.len();
         let admin = config.admin.clone();
-        // One state store per process (sled locks its directory).
-        let state = weir::state::open(&config.file.state, &path)?;
+        // One state store per process (sled locks its directory); with Redis, the request
+        // log still stays in a local sled store.
+        let stores = weir::state::open_stores(&config.file.state, &path)?;
+        let state = stores.shared.clone();
+        for collector in state.metrics() {
+            metrics.registry.register(collector)?;
+        }
         let services = Services::new(state.clone(), &metrics)?;
         // Loading plugins compiles WASM and runs `init`: keep it off the async workers.
         let snapshot =
             tokio::task::spawn_blocking(move || Snapshot::build(config, &services)).await??;
         let (gw, reloader) = weir::reload::Reloader::start(snapshot, metrics, state.clone())?;
-        start_lifecycle(&reloader, &admin, state.clone()).await?;
+        start_lifecycle(&reloader, &admin, stores.local.clone()).await?;
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
@@ -153,7 +158,13 @@ fn serve(path: PathBuf, listen: Option<SocketAddr>) -> anyhow::Result<()> {
             tracing::warn!(left, "Stopped with on_log hooks still queued.");
         }
         // State changes live in memory until written behind: write the last ones to disk.
-        if let Err(e) = tokio::task::spawn_blocking(move || state.flush()).await? {
+        let local = stores.local;
+        if let Err(e) = tokio::task::spawn_blocking(move || {
+            state.flush()?;
+            local.flush()
+        })
+        .await?
+        {
             tracing::warn!(error = %e, "State flush at shutdown failed.");
         }
         tracing::info!("Weir stopped.");

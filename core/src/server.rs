@@ -302,6 +302,11 @@ async fn healthz() -> Response {
 
 async fn readyz(State(gw): State<Arc<Gateway>>) -> Response {
     let snap = gw.snapshot();
+    // The state store's health is a flag its own checks keep (no I/O here).
+    if let Err(reason) = snap.services.state.health() {
+        let body = json!({"status": "not ready", "reason": reason});
+        return (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response();
+    }
     axum::Json(json!({"status": "ready", "models": snap.config.model_order.len()})).into_response()
 }
 

@@ -29,4 +29,5 @@ mod policy_redaction;
 mod policy_routing;
 mod reload;
 mod request_log;
+mod shared_state;
 mod streaming;

@@ -92,12 +92,20 @@ pub struct PolicyGateway {
     /// The admin API client.
     pub admin: Admin,
     body: String,
+    /// Extra lines of `[state]` (e.g. `backend = "redis"` and a `[state.redis]` table).
+    state: String,
 }
 
 impl PolicyGateway {
     /// Starts a gateway with `body` (providers, models, plugins) plus `[state]` and
     /// `[admin]` sections pointing at this gateway's directory and a free port.
     pub async fn start(body: &str) -> PolicyGateway {
+        Self::start_with_state(body, "").await
+    }
+
+    /// Like [`PolicyGateway::start`], with `state` appended to the `[state]` section (it may
+    /// open `[state.redis]`).
+    pub async fn start_with_state(body: &str, state: &str) -> PolicyGateway {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut gw = PolicyGateway {
             dir,
@@ -105,6 +113,7 @@ impl PolicyGateway {
             client: Client::new(String::new()),
             admin: Admin::new(String::new()),
             body: body.to_owned(),
+            state: state.to_owned(),
         };
         gw.spawn().await;
         gw
@@ -121,9 +130,10 @@ impl PolicyGateway {
 
     fn write_config(&self, admin: &str) {
         let text = format!(
-            "{}\n[state]\npath = \"{}\"\n\n[admin]\nlisten = \"{admin}\"\ntoken = \"{ADMIN_TOKEN}\"\n",
+            "{}\n[state]\npath = \"{}\"\n{}\n\n[admin]\nlisten = \"{admin}\"\ntoken = \"{ADMIN_TOKEN}\"\n",
             self.body,
-            self.dir.path().join("state").display()
+            self.dir.path().join("state").display(),
+            self.state,
         );
         // Write then rename, as editors do: the watcher must never read half a file.
         let tmp = self.dir.path().join("weir.toml.tmp");

@@ -53,10 +53,13 @@ pub enum GatewayError {
         phase: &'static str,
     },
     /// A plugin with `failure = "closed"` failed.
-    #[error("plugin '{plugin}' failed and is configured to fail closed")]
+    #[error("plugin '{plugin}' failed ({kind}) and is configured to fail closed")]
     PluginFailed {
         /// Plugin instance name.
         plugin: String,
+        /// Why: `trap`, `timeout`, `oom`, `error`, `unavailable`, `circuit_open`, or
+        /// `state_unavailable` (the state store could not be reached).
+        kind: &'static str,
     },
     /// A plugin ended a stream (budget exhausted, policy violation).
     #[error("{message}")]

@@ -535,6 +535,7 @@ fn admit(
                 acct,
                 GatewayError::PluginFailed {
                     plugin: failure.plugin,
+                    kind: failure.kind,
                 },
                 dialect,
             );
@@ -652,6 +653,7 @@ pub async fn chat(gw: &Arc<Gateway>, mut ctx: RequestCtx) -> Response {
                         acct,
                         GatewayError::PluginFailed {
                             plugin: failure.plugin,
+                            kind: failure.kind,
                         },
                         dialect,
                     );

@@ -83,6 +83,25 @@ pub struct Primitives<'a> {
     pub now_ms: u64,
 }
 
+thread_local! {
+    /// Set when a state call of the running hook failed because the store is unavailable
+    /// (fail-closed): the chain then names the failure `state_unavailable`.
+    static STATE_UNAVAILABLE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether a state call on this thread failed as unavailable since the last call; clears it.
+pub(crate) fn take_state_unavailable() -> bool {
+    STATE_UNAVAILABLE.with(|f| f.replace(false))
+}
+
+/// A state error as the contract's string, noting an unavailable store for the chain.
+fn state_error(e: crate::state::StateError) -> String {
+    if matches!(e, crate::state::StateError::Unavailable(_)) {
+        STATE_UNAVAILABLE.with(|f| f.set(true));
+    }
+    e.to_string()
+}
+
 impl Primitives<'_> {
     /// `limit-reserve`.
     pub fn limit_reserve(
@@ -95,7 +114,7 @@ impl Primitives<'_> {
         let out = self
             .store
             .limit_reserve(self.ns, key, rate(limit, window_ms)?, amount, self.now_ms)
-            .map_err(|e| e.to_string())?;
+            .map_err(state_error)?;
         Ok(limit_result(limit, out))
     }
 
@@ -117,7 +136,7 @@ impl Primitives<'_> {
                 used,
                 self.now_ms,
             )
-            .map_err(|e| e.to_string())
+            .map_err(state_error)
     }
 
     /// `ledger-reserve`.
@@ -137,7 +156,7 @@ impl Primitives<'_> {
                 to_micros(amount, "amount")?,
                 ttl(ttl_ms),
             )
-            .map_err(|e| e.to_string())?;
+            .map_err(state_error)?;
         Ok(LedgerResult {
             allowed,
             balance: balance_usd(balance),
@@ -161,7 +180,7 @@ impl Primitives<'_> {
                 ttl(ttl_ms),
             )
             .map(balance_usd)
-            .map_err(|e| e.to_string())
+            .map_err(state_error)
     }
 
     /// `ledger-release`.
@@ -169,7 +188,7 @@ impl Primitives<'_> {
         self.store
             .ledger_release(self.ns, account, to_micros(reserved, "reserved")?)
             .map(balance_usd)
-            .map_err(|e| e.to_string())
+            .map_err(state_error)
     }
 
     /// `ledger-read`.
@@ -177,7 +196,7 @@ impl Primitives<'_> {
         self.store
             .ledger_balance(self.ns, account)
             .map(balance_usd)
-            .map_err(|e| e.to_string())
+            .map_err(state_error)
     }
 }
 
@@ -334,21 +353,19 @@ fn ttl(ms: Option<u64>) -> Option<Duration> {
 
 impl HostApi for GatewayHost {
     fn kv_get(&self, key: &str) -> Result<Option<Vec<u8>>, String> {
-        self.kv()?
-            .get(&self.namespace, key)
-            .map_err(|e| e.to_string())
+        self.kv()?.get(&self.namespace, key).map_err(state_error)
     }
 
     fn kv_set(&self, key: &str, value: &[u8], ttl_ms: Option<u64>) -> Result<(), String> {
         self.kv()?
             .set(&self.namespace, key, value, ttl(ttl_ms))
-            .map_err(|e| e.to_string())
+            .map_err(state_error)
     }
 
     fn kv_incr(&self, key: &str, delta: i64, ttl_ms: Option<u64>) -> Result<i64, String> {
         self.kv()?
             .incr(&self.namespace, key, delta, ttl(ttl_ms))
-            .map_err(|e| e.to_string())
+            .map_err(state_error)
     }
 
     fn kv_cas(
@@ -360,19 +377,17 @@ impl HostApi for GatewayHost {
     ) -> Result<bool, String> {
         self.kv()?
             .cas(&self.namespace, key, expected, value, ttl(ttl_ms))
-            .map_err(|e| e.to_string())
+            .map_err(state_error)
     }
 
     fn kv_delete(&self, key: &str) -> Result<bool, String> {
-        self.kv()?
-            .delete(&self.namespace, key)
-            .map_err(|e| e.to_string())
+        self.kv()?.delete(&self.namespace, key).map_err(state_error)
     }
 
     fn kv_scan(&self, prefix: &str, limit: usize) -> Result<Vec<(String, Vec<u8>)>, String> {
         self.kv()?
             .scan_prefix(&self.namespace, prefix, limit)
-            .map_err(|e| e.to_string())
+            .map_err(state_error)
     }
 
     fn log(&self, level: LogLevel, message: &str) {

@@ -473,6 +473,24 @@ fn open_sled(cfg: &StateConfig, config_file: &Path) -> Result<Arc<dyn StateStore
     Ok(store)
 }
 
+thread_local! {
+    /// Time this thread spent blocked waiting on a networked store since the last
+    /// [`take_blocked`], in ns.
+    static BLOCKED_NS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Records that this thread waited `d` on a networked store (the Redis backend calls it).
+pub(crate) fn note_blocked(d: Duration) {
+    let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+    BLOCKED_NS.with(|b| b.set(b.get().saturating_add(ns)));
+}
+
+/// Time this thread spent blocked on a networked store since the last call, and resets it.
+/// Plugin deadlines are CPU budgets: the hosts move a hook's deadline by this wait.
+pub fn take_blocked() -> Duration {
+    Duration::from_nanos(BLOCKED_NS.with(|b| b.replace(0)))
+}
+
 /// The namespace that holds the state of the plugin called `name`.
 pub fn plugin_namespace(name: &str) -> String {
     format!("plugin/{name}")

@@ -127,13 +127,18 @@ pub enum Refusal {
     Expired,
     /// The key may not use this model.
     ModelNotAllowed,
+    /// The key store could not be read (e.g. the shared state server is down): refused with
+    /// a 503 so clients retry, rather than told their key is wrong.
+    StoreUnavailable,
 }
 
 impl Refusal {
-    /// The HTTP status: 403 for a model the key may not use, 401 otherwise.
+    /// The HTTP status: 403 for a model the key may not use, 503 when the key store is
+    /// unavailable, 401 otherwise.
     pub fn status(self) -> u16 {
         match self {
             Refusal::ModelNotAllowed => 403,
+            Refusal::StoreUnavailable => 503,
             _ => 401,
         }
     }
@@ -146,6 +151,7 @@ impl Refusal {
             Refusal::Revoked => "revoked_api_key",
             Refusal::Expired => "expired_api_key",
             Refusal::ModelNotAllowed => "model_not_allowed",
+            Refusal::StoreUnavailable => "key_store_unavailable",
         }
     }
 
@@ -159,6 +165,9 @@ impl Refusal {
             Refusal::Revoked => "This API key has been revoked.".to_owned(),
             Refusal::Expired => "This API key has expired.".to_owned(),
             Refusal::ModelNotAllowed => format!("This API key may not use the model '{model}'."),
+            Refusal::StoreUnavailable => {
+                "The key store is unavailable; the request was refused. Retry shortly.".to_owned()
+            }
         }
     }
 
@@ -170,14 +179,22 @@ impl Refusal {
             Dialect::Anthropic => serde_json::json!({
                 "type": "error",
                 "error": {
-                    "type": if status == 403 { "permission_error" } else { "authentication_error" },
+                    "type": match status {
+                        403 => "permission_error",
+                        503 => "overloaded_error",
+                        _ => "authentication_error",
+                    },
                     "message": message,
                 }
             }),
             Dialect::Openai => serde_json::json!({
                 "error": {
                     "message": message,
-                    "type": if status == 403 { "permission_error" } else { "invalid_request_error" },
+                    "type": match status {
+                        403 => "permission_error",
+                        503 => "server_error",
+                        _ => "invalid_request_error",
+                    },
                     "param": null,
                     "code": self.code(),
                 }
@@ -186,6 +203,9 @@ impl Refusal {
         let mut reply = Reply::json(status, &body);
         if status == 401 {
             reply = reply.header("www-authenticate", "Bearer");
+        }
+        if status == 503 {
+            reply = reply.header("retry-after", "1");
         }
         reply
     }
@@ -310,9 +330,10 @@ impl Auth {
             Ok(Some(bytes)) => bytes,
             Ok(None) => return Err(Refusal::Unknown),
             Err(e) => {
-                // State unavailable: refuse (fail closed) rather than let anyone in.
+                // State unavailable: refuse (fail closed) rather than let anyone in, and say
+                // so, rather than telling a good key it is wrong.
                 weir_sdk::log::error(&format!("key lookup failed: {e}"));
-                return Err(Refusal::Unknown);
+                return Err(Refusal::StoreUnavailable);
             }
         };
         let record: KeyRecord = serde_json::from_slice(&stored).map_err(|e| {

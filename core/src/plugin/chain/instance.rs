@@ -155,16 +155,31 @@ impl Instance {
             self.on_failure("circuit_open")?;
             return Ok(Guarded::Skipped("circuit_open"));
         };
+        crate::plugin::host::take_state_unavailable();
+        crate::state::take_blocked();
         match run() {
             Ok(value) => {
                 self.record(admission, Ok(()), caller);
                 Ok(Guarded::Done(value))
             }
             Err(e) => {
-                tracing::debug!(plugin = %self.name, hook = hook.as_str(), "Plugin hook failed.");
-                self.record(admission, Err(&e), caller);
-                self.on_failure(e.kind())?;
-                Ok(Guarded::Skipped(e.kind()))
+                tracing::debug!(plugin = %self.name, hook = hook.as_str(), error = %e, "Plugin hook failed.");
+                // A hook that failed after the state store did names the store, not itself,
+                // and is not held against the plugin's breaker: the store has its own
+                // bounded timeouts and failure modes, and a healthy plugin must serve again
+                // the moment the store is back.
+                let kind = if crate::plugin::host::take_state_unavailable() {
+                    self.count_failure("state_unavailable");
+                    self.breaker
+                        .record(admission, true, caller)
+                        .log(&self.name, caller);
+                    "state_unavailable"
+                } else {
+                    self.record(admission, Err(&e), caller);
+                    e.kind()
+                };
+                self.on_failure(kind)?;
+                Ok(Guarded::Skipped(kind))
             }
         }
     }
@@ -179,7 +194,14 @@ impl Instance {
         caller: Option<&str>,
         run: impl FnOnce() -> Result<(), HookError>,
     ) {
+        crate::state::take_blocked();
+        crate::plugin::host::take_state_unavailable();
         let result = run();
+        if result.is_err() && crate::plugin::host::take_state_unavailable() {
+            // As in `guard`: the store failed, not the plugin; its breaker is left alone.
+            self.count_failure("state_unavailable");
+            return;
+        }
         self.record_log(Admission::Allow, result.as_ref().map(|_| ()), caller);
     }
 

@@ -259,6 +259,11 @@ impl Deadline {
         if self.expired.load(Ordering::Relaxed) {
             return true;
         }
+        // Time this thread spent blocked on a shared state store is not CPU time either.
+        let blocked = crate::state::take_blocked();
+        if !blocked.is_zero() {
+            self.extend(blocked);
+        }
         if self.now_ns() >= self.at.load(Ordering::Relaxed) {
             self.expired.store(true, Ordering::Relaxed);
             return true;

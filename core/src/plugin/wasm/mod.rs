@@ -369,6 +369,16 @@ impl Inner {
             StoreState::new(Arc::clone(&self.host), self.limits.memory_bytes),
         );
         store.limiter(|state| state);
+        // At the deadline: time the hook spent blocked on a shared state store (Redis) is
+        // not CPU time, so it moves the deadline; otherwise the hook is interrupted.
+        store.epoch_deadline_callback(|_| {
+            let blocked = crate::state::take_blocked();
+            if blocked.is_zero() {
+                Err(Trap::Interrupt.into())
+            } else {
+                Ok(wasmtime::UpdateDeadline::Continue(ticks(blocked)))
+            }
+        });
         let deadline = self.limits.init_deadline;
         store.set_epoch_deadline(ticks(deadline));
         let plugin = self.pre.instantiate(&mut store).map_err(|e| {

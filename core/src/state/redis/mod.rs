@@ -417,20 +417,28 @@ impl RedisStore {
             .set_response_timeout(Some(timeout))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
-        let conns = runtime.block_on(async {
-            let mut conns = Vec::with_capacity(cfg.connections);
-            for _ in 0..cfg.connections {
-                let c = tokio::time::timeout(
-                    connect_timeout * 2,
-                    client.get_connection_manager_with_config(manager_cfg.clone()),
-                )
-                .await
-                .map_err(|_| format!("no answer within {} ms", cfg.connect_timeout_ms))?
-                .map_err(|e| e.to_string())?;
-                conns.push(c);
-            }
-            Ok::<_, String>(conns)
-        });
+        let connections = cfg.connections;
+        let connect_ms = cfg.connect_timeout_ms;
+        let connecting = client.clone();
+        let conns = wait_on(
+            &runtime.handle().clone(),
+            connect_timeout * 2 + Duration::from_secs(1),
+            async move {
+                let mut conns = Vec::with_capacity(connections);
+                for _ in 0..connections {
+                    let c = tokio::time::timeout(
+                        connect_timeout * 2,
+                        connecting.get_connection_manager_with_config(manager_cfg.clone()),
+                    )
+                    .await
+                    .map_err(|_| format!("no answer within {connect_ms} ms"))?
+                    .map_err(|e| e.to_string())?;
+                    conns.push(c);
+                }
+                Ok::<_, String>(conns)
+            },
+        )
+        .unwrap_or_else(|| Err(format!("no answer within {connect_ms} ms")));
         let conns = conns.map_err(&open_err)?;
         let metrics = Metrics::new().map_err(|e| open_err(e.to_string()))?;
         metrics.healthy.set(1);
@@ -485,25 +493,18 @@ impl RedisStore {
         let inner = &self.inner;
         inner.metrics.round_trips.inc();
         let timeout = inner.timeout;
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        self.handle.spawn(async move {
-            let out = tokio::time::timeout(timeout, fut).await;
-            let _ = tx.send(out);
-        });
-        let wait = || rx.recv_timeout(timeout + Duration::from_millis(500));
-        let received = match tokio::runtime::Handle::try_current() {
-            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-                tokio::task::block_in_place(wait)
-            }
-            _ => wait(),
-        };
+        let received = wait_on(
+            &self.handle,
+            timeout + Duration::from_millis(500),
+            async move { tokio::time::timeout(timeout, fut).await },
+        );
         let failure = match received {
-            Ok(Ok(Ok(v))) => return Ok(v),
-            Ok(Ok(Err(e))) => match script_error(&e) {
+            Some(Ok(Ok(v))) => return Ok(v),
+            Some(Ok(Err(e))) => match script_error(&e) {
                 Some(err) => return Err(err),
                 None => e.to_string(),
             },
-            Ok(Err(_)) | Err(_) => format!("no answer within {} ms", timeout.as_millis()),
+            Some(Err(_)) | None => format!("no answer within {} ms", timeout.as_millis()),
         };
         inner
             .metrics
@@ -666,6 +667,30 @@ impl Inner {
         }
         self.metrics.healthy.set(1);
     }
+}
+
+/// Runs `fut` on `handle`'s runtime and waits for its output, at most `bound` (`None` past
+/// it). Waiting blocks the calling thread: inside `block_in_place` on a multi-thread runtime's
+/// worker (so its other tasks move on), plainly elsewhere (other runtimes, plain threads).
+fn wait_on<T, F>(handle: &tokio::runtime::Handle, bound: Duration, fut: F) -> Option<T>
+where
+    T: Send + 'static,
+    F: Future<Output = T> + Send + 'static,
+{
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    handle.spawn(async move {
+        let _ = tx.send(fut.await);
+    });
+    let wait = || rx.recv_timeout(bound).ok();
+    let started = Instant::now();
+    let out = match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(wait)
+        }
+        _ => wait(),
+    };
+    super::note_blocked(started.elapsed());
+    out
 }
 
 /// The bytes of a bulk or simple string reply.
