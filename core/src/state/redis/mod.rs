@@ -90,9 +90,25 @@ pub struct RedisConfig {
     /// Values larger than this are not cached locally. Default 65536.
     #[serde(default = "default_cache_max_value_bytes")]
     pub local_cache_max_value_bytes: usize,
+    /// Limiter leases: when a reservation is admitted, this many thousandths of the units
+    /// still free are reserved on top for this instance to admit locally (no round trip)
+    /// for `limiter_lease_ms`; unused units go back. 0 turns leases off (one round trip per
+    /// reservation). Default 100 (10%).
+    #[serde(default = "default_lease_permille")]
+    pub limiter_lease_permille: u32,
+    /// How long a limiter lease is used before its unused units go back, ms. Default 250.
+    #[serde(default = "default_lease_ms")]
+    pub limiter_lease_ms: u64,
     /// What each primitive does when the server cannot be reached in time.
     #[serde(default)]
     pub on_error: FailureModes,
+}
+
+fn default_lease_permille() -> u32 {
+    100
+}
+fn default_lease_ms() -> u64 {
+    250
 }
 
 fn default_prefix() -> String {
@@ -184,6 +200,18 @@ impl RedisConfig {
                     "[state.redis] {name} = {v} must be between 1 and 600000"
                 ));
             }
+        }
+        if self.limiter_lease_permille > 500 {
+            return Err(format!(
+                "[state.redis] limiter_lease_permille = {} must be at most 500 (half of what is free)",
+                self.limiter_lease_permille
+            ));
+        }
+        if self.limiter_lease_ms == 0 || self.limiter_lease_ms > 60_000 {
+            return Err(format!(
+                "[state.redis] limiter_lease_ms = {} must be between 1 and 60000",
+                self.limiter_lease_ms
+            ));
         }
         if self.prefix.contains(char::is_whitespace) {
             return Err("[state.redis] prefix must not contain whitespace".into());
@@ -363,6 +391,158 @@ struct Inner {
     health: Health,
     metrics: Metrics,
     throttles: [Throttle; 3],
+    leases: Leases,
+}
+
+/// Limiter units this instance holds (see `limiter_lease_permille`): admitted locally until
+/// used up or `ttl` old, then given back.
+struct Leases {
+    permille: u32,
+    ttl: Duration,
+    map: Mutex<std::collections::HashMap<LeaseKey, Lease>>,
+    /// Recent refusals: a call for at least `amount` before `until` is refused locally (a
+    /// client hammering past its limit costs the server one call per lease TTL, not one per
+    /// request).
+    refused: Mutex<std::collections::HashMap<LeaseKey, Refusal>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Refusal {
+    amount: u64,
+    until: Instant,
+    outcome: LimitOutcome,
+}
+
+/// A lease per limiter: its namespace, key and rate.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct LeaseKey {
+    ns: String,
+    key: String,
+    limit: u64,
+    window: Duration,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Lease {
+    /// Units left to admit locally.
+    left: u64,
+    /// What the server said was free after granting it (for `remaining`).
+    remaining: u64,
+    reset_after: Duration,
+    granted: Instant,
+}
+
+impl Leases {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<LeaseKey, Lease>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Admits `amount` from a live lease, if one holds enough.
+    fn admit(&self, k: &LeaseKey, amount: u64) -> Option<LimitOutcome> {
+        let mut map = self.lock();
+        let lease = map.get_mut(k)?;
+        if lease.granted.elapsed() >= self.ttl || lease.left < amount {
+            return None;
+        }
+        lease.left -= amount;
+        Some(LimitOutcome {
+            allowed: true,
+            remaining: lease.remaining.saturating_add(lease.left),
+            retry_after: Duration::ZERO,
+            reset_after: lease.reset_after,
+        })
+    }
+
+    /// A local refusal of `amount`, while a recent refusal of no more than it holds.
+    fn refused(&self, k: &LeaseKey, amount: u64) -> Option<LimitOutcome> {
+        let mut map = self.refused.lock().unwrap_or_else(|p| p.into_inner());
+        let r = *map.get(k)?;
+        let now = Instant::now();
+        if now >= r.until {
+            map.remove(k);
+            return None;
+        }
+        if amount < r.amount {
+            return None;
+        }
+        let left = r.until.duration_since(now);
+        Some(LimitOutcome {
+            retry_after: r
+                .outcome
+                .retry_after
+                .min(left)
+                .max(Duration::from_millis(1)),
+            ..r.outcome
+        })
+    }
+
+    /// Remembers a refusal of `amount` for up to the lease TTL (never past its retry-after).
+    fn refuse(&self, k: LeaseKey, amount: u64, outcome: LimitOutcome) {
+        let hold = outcome.retry_after.min(self.ttl);
+        if hold.is_zero() {
+            return;
+        }
+        let mut map = self.refused.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() > 100_000 {
+            map.clear();
+        }
+        map.insert(
+            k,
+            Refusal {
+                amount,
+                until: Instant::now() + hold,
+                outcome,
+            },
+        );
+    }
+
+    /// Takes the lease of `k` out (its unused units are to go back).
+    fn take(&self, k: &LeaseKey) -> u64 {
+        self.lock().remove(k).map_or(0, |l| l.left)
+    }
+
+    /// Units a settle gives back join a live lease instead of costing a round trip; `false`
+    /// when there is none.
+    fn give(&self, k: &LeaseKey, units: u64) -> bool {
+        let mut map = self.lock();
+        match map.get_mut(k) {
+            Some(l) if l.granted.elapsed() < self.ttl => {
+                l.left = l.left.saturating_add(units);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// An overrun a settle charges, taken from a live lease when it holds enough.
+    fn charge(&self, k: &LeaseKey, units: u64) -> bool {
+        let mut map = self.lock();
+        match map.get_mut(k) {
+            Some(l) if l.granted.elapsed() < self.ttl && l.left >= units => {
+                l.left -= units;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Removes the leases older than the TTL (all with `all`); returns those with units to
+    /// give back.
+    fn expired(&self, all: bool) -> Vec<(LeaseKey, u64)> {
+        let mut map = self.lock();
+        let mut out = Vec::new();
+        map.retain(|k, l| {
+            if all || l.granted.elapsed() >= self.ttl {
+                if l.left > 0 {
+                    out.push((k.clone(), l.left));
+                }
+                false
+            } else {
+                true
+            }
+        });
+        out
+    }
 }
 
 /// A [`StateStore`] on a Redis (or Valkey) server shared by several gateways. See the module
@@ -462,6 +642,12 @@ impl RedisStore {
             },
             metrics,
             throttles: [throttle(), throttle(), throttle()],
+            leases: Leases {
+                permille: cfg.limiter_lease_permille,
+                ttl: Duration::from_millis(cfg.limiter_lease_ms),
+                map: Mutex::new(std::collections::HashMap::new()),
+                refused: Mutex::new(std::collections::HashMap::new()),
+            },
         });
         let handle = runtime.handle().clone();
         if cfg.local_cache_entries > 0 {
@@ -472,6 +658,12 @@ impl RedisStore {
             Duration::from_millis(cfg.health_interval_ms),
         ));
         runtime.spawn(index_sweeper(inner.clone(), Duration::from_secs(60)));
+        if cfg.limiter_lease_permille > 0 {
+            runtime.spawn(lease_returner(
+                inner.clone(),
+                Duration::from_millis(cfg.limiter_lease_ms),
+            ));
+        }
         Ok(RedisStore {
             inner,
             runtime: Some(runtime),
@@ -601,6 +793,22 @@ impl RedisStore {
         out
     }
 
+    /// Gives `units` of an expired or dropped lease back to the shared limiter.
+    fn return_lease(&self, k: &LeaseKey, units: u64) -> Result<(), StateError> {
+        let rate = Rate {
+            limit: k.limit,
+            window: k.window,
+        };
+        let r: Result<i64, _> = self.write_script(
+            Primitive::Limiter,
+            &scripts::LIMIT_SETTLE,
+            &k.ns,
+            &k.key,
+            settle_args(rate, units, 0, super::now_ms()),
+        );
+        r.map(|_| ())
+    }
+
     /// `GET` and the absolute expiry of one data key, one round trip.
     fn fetch(&self, data: String) -> Result<(Option<Vec<u8>>, i64), StateError> {
         let mut con = self.conn();
@@ -666,6 +874,46 @@ impl Inner {
             tracing::info!(url = %self.url, "Redis state store reachable again.");
         }
         self.metrics.healthy.set(1);
+    }
+}
+
+/// The arguments of the limiter's settle script.
+fn settle_args(rate: Rate, reserved: u64, used: u64, now_ms: u64) -> Vec<Vec<u8>> {
+    vec![
+        rate.limit.to_string().into_bytes(),
+        rate.window.as_nanos().to_string().into_bytes(),
+        reserved.to_string().into_bytes(),
+        used.to_string().into_bytes(),
+        now_ms.to_string().into_bytes(),
+    ]
+}
+
+/// Gives the unused units of expired limiter leases back, every lease TTL, off the request
+/// path (a lease that expires unused costs one round trip here, none on a request).
+async fn lease_returner(inner: Arc<Inner>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        for (k, units) in inner.leases.expired(false) {
+            let rate = Rate {
+                limit: k.limit,
+                window: k.window,
+            };
+            let mut con = inner.conns[0].clone();
+            let mut call = scripts::LIMIT_SETTLE.prepare_invoke();
+            call.key(inner.keys.data(&k.ns, &k.key))
+                .key(inner.keys.index(&k.ns))
+                .key(&inner.keys.namespaces);
+            for a in settle_args(rate, units, 0, super::now_ms()) {
+                call.arg(a);
+            }
+            call.arg(&k.key).arg(&k.ns).arg(&inner.keys.channel);
+            inner.metrics.round_trips.inc();
+            // A lease that cannot go back (the server is down) is forgotten: its units come
+            // back by themselves as the limiter drains.
+            let _ = tokio::time::timeout(inner.timeout, call.invoke_async::<Value>(&mut con)).await;
+        }
     }
 }
 
@@ -923,6 +1171,20 @@ impl StateStore for RedisStore {
         }
     }
 
+    fn flush(&self) -> Result<(), StateError> {
+        // Nothing is written behind; leased limiter units go back to the shared limiter.
+        let leases = &self.inner.leases;
+        leases
+            .refused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        for (k, units) in leases.expired(true) {
+            self.return_lease(&k, units)?;
+        }
+        Ok(())
+    }
+
     fn health(&self) -> Result<(), String> {
         if self.inner.health.up.load(Ordering::Acquire) {
             return Ok(());
@@ -987,6 +1249,25 @@ impl StateStore for RedisStore {
             return Ok(primitives::refuse_all(rate));
         }
         let full = primitives::limiter_key(key);
+        let leases = &self.inner.leases;
+        let lease_key = LeaseKey {
+            ns: ns.to_owned(),
+            key: full.clone(),
+            limit: rate.limit,
+            window: rate.window,
+        };
+        let leasing = leases.permille > 0 && amount > 0;
+        if leasing {
+            if let Some(out) = leases.admit(&lease_key, amount) {
+                return Ok(out);
+            }
+            if let Some(out) = leases.refused(&lease_key, amount) {
+                return Ok(out);
+            }
+        }
+        // To the server: what is left of this instance's lease goes back in the same call.
+        let give_back = if leasing { leases.take(&lease_key) } else { 0 };
+        let permille = if leasing { leases.permille } else { 0 };
         let r: Result<Vec<Vec<u8>>, _> = self.write_script(
             Primitive::Limiter,
             &scripts::LIMIT_RESERVE,
@@ -996,6 +1277,8 @@ impl StateStore for RedisStore {
                 rate.limit.to_string().into_bytes(),
                 rate.window.as_nanos().to_string().into_bytes(),
                 amount.to_string().into_bytes(),
+                give_back.to_string().into_bytes(),
+                permille.to_string().into_bytes(),
                 now_ms.to_string().into_bytes(),
             ],
         );
@@ -1016,16 +1299,32 @@ impl StateStore for RedisStore {
         };
         let get = |i: usize| reply.get(i).map_or(0.0, |v| parse_num(v));
         let retry = get(2);
-        Ok(LimitOutcome {
+        let leased = as_u64(get(4));
+        let outcome = LimitOutcome {
             allowed: get(0) == 1.0,
-            remaining: as_u64(get(1)),
+            remaining: as_u64(get(1)).saturating_add(leased),
             retry_after: if retry < 0.0 {
                 rate.window
             } else {
                 Duration::from_millis(as_u64(retry))
             },
             reset_after: Duration::from_millis(as_u64(get(3))),
-        })
+        };
+        if leasing && !outcome.allowed {
+            leases.refuse(lease_key.clone(), amount, outcome);
+        }
+        if leased > 0 {
+            leases.lock().insert(
+                lease_key,
+                Lease {
+                    left: leased,
+                    remaining: as_u64(get(1)),
+                    reset_after: outcome.reset_after,
+                    granted: Instant::now(),
+                },
+            );
+        }
+        Ok(outcome)
     }
 
     fn limit_settle(
@@ -1041,18 +1340,29 @@ impl StateStore for RedisStore {
             return Ok(());
         }
         let full = primitives::limiter_key(key);
+        let leases = &self.inner.leases;
+        if leases.permille > 0 {
+            let lease_key = LeaseKey {
+                ns: ns.to_owned(),
+                key: full.clone(),
+                limit: rate.limit,
+                window: rate.window,
+            };
+            let settled_locally = if used < reserved {
+                leases.give(&lease_key, reserved - used)
+            } else {
+                leases.charge(&lease_key, used - reserved)
+            };
+            if settled_locally {
+                return Ok(());
+            }
+        }
         let r: Result<i64, _> = self.write_script(
             Primitive::Limiter,
             &scripts::LIMIT_SETTLE,
             ns,
             &full,
-            vec![
-                rate.limit.to_string().into_bytes(),
-                rate.window.as_nanos().to_string().into_bytes(),
-                reserved.to_string().into_bytes(),
-                used.to_string().into_bytes(),
-                now_ms.to_string().into_bytes(),
-            ],
+            settle_args(rate, reserved, used, now_ms),
         );
         match r {
             Ok(_) => Ok(()),

@@ -219,8 +219,11 @@ end
     };
 }
 
-/// GCRA reserve. `ARGV`: limit, window_ns, amount, now_ms, then key, ns, channel. Returns
-/// `allowed (0/1), remaining, retry_after_ms (-1 = the window), reset_after_ms`.
+/// GCRA reserve. `ARGV`: limit, window_ns, amount, give_back, lease_permille, now_ms, then
+/// key, ns, channel. `give_back` units an instance leased and did not use go back first; when
+/// `amount` is admitted, up to `lease_permille`/1000 of the units still free are reserved on
+/// top as a lease for the caller to admit locally. Returns `allowed (0/1), remaining,
+/// retry_after_ms (-1 = the window), reset_after_ms, leased`.
 pub(super) static LIMIT_RESERVE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
         args3!(),
@@ -228,19 +231,34 @@ pub(super) static LIMIT_RESERVE: LazyLock<Script> = LazyLock::new(|| {
         gcra!(),
         r#"
 local amount = tonumber(ARGV[3])
+local give_back = tonumber(ARGV[4])
+local permille = tonumber(ARGV[5])
 local rel = stored_rel()
 if type(rel) == 'table' then return rel end
 local busy = rel or 0
 if busy < 0 then busy = 0 end
+local returned = false
+if give_back > 0 and busy > 0 then
+  busy = busy - cost(give_back)
+  if busy < 0 then busy = 0 end
+  returned = true
+end
 if amount > limit then
-  return {'0', fmt(remaining(busy)), '-1', fmt(ceil_ms(busy))}
+  if returned then write(busy) end
+  return {'0', fmt(remaining(busy)), '-1', fmt(ceil_ms(busy)), '0'}
 end
 local new_busy = busy + cost(amount)
 if new_busy > window then
-  return {'0', fmt(remaining(busy)), fmt(ceil_ms(new_busy - window)), fmt(ceil_ms(busy))}
+  if returned then write(busy) end
+  return {'0', fmt(remaining(busy)), fmt(ceil_ms(new_busy - window)), fmt(ceil_ms(busy)), '0'}
 end
-if amount > 0 then write(new_busy) end
-return {'1', fmt(remaining(new_busy)), '0', fmt(ceil_ms(new_busy))}
+local leased = 0
+if amount > 0 and permille > 0 then
+  leased = math.floor(remaining(new_busy) * permille / 1000)
+  if leased > 0 then new_busy = new_busy + cost(leased) end
+end
+if amount > 0 or returned then write(new_busy) end
+return {'1', fmt(remaining(new_busy)), '0', fmt(ceil_ms(new_busy)), fmt(leased)}
 "#
     ))
 });

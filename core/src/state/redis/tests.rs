@@ -98,6 +98,9 @@ pub(crate) fn config(url: &str, prefix: &str) -> RedisConfig {
         local_cache_entries: 1_000,
         local_cache_ttl_ms: 1_000,
         local_cache_max_value_bytes: 64 * 1024,
+        // The conformance suite checks exact answers; leases have their own tests.
+        limiter_lease_permille: 0,
+        limiter_lease_ms: 250,
         on_error: FailureModes::default(),
     }
 }
@@ -368,4 +371,107 @@ fn config_validation_names_the_problem() {
     assert!(c.validate().unwrap_err().contains("timeout_ms"));
     let c = config("redis://user:secret@127.0.0.1:6379/0", "p:");
     assert_eq!(c.display_url(), "redis://127.0.0.1:6379/0");
+}
+
+fn leasing(server: &Server) -> RedisStore {
+    let mut cfg = config(&server.url(), "t:");
+    cfg.limiter_lease_permille = 100;
+    cfg.limiter_lease_ms = 60_000;
+    RedisStore::connect(&cfg).expect("connect")
+}
+
+#[test]
+fn limiter_leases_admit_locally_and_never_exceed_the_shared_limit() {
+    let server = Server::start();
+    let (a, b) = (leasing(&server), leasing(&server));
+    let rate = Rate {
+        limit: 1_000,
+        window: Duration::from_secs(3_600),
+    };
+    let now = crate::state::now_ms();
+    let trips = a.inner.metrics.round_trips.get() + b.inner.metrics.round_trips.get();
+    // Two instances, alternating, far past the limit: never more than 1000 in all.
+    let mut admitted = 0;
+    for i in 0..1_500 {
+        let s = if i % 2 == 0 { &a } else { &b };
+        if s.limit_reserve("ns", "rl", rate, 1, now).unwrap().allowed {
+            admitted += 1;
+        }
+    }
+    assert!(
+        admitted <= 1_000,
+        "{admitted} admitted past a limit of 1000"
+    );
+    let used = a.inner.metrics.round_trips.get() + b.inner.metrics.round_trips.get() - trips;
+    assert!(
+        used < 1_500 / 4,
+        "{used} round trips for 1500 reservations: leases should serve most locally"
+    );
+    // Leased units still held go back (at shutdown, or when a lease expires); then the
+    // rest of the limit is there to take, and the total is exactly the limit.
+    a.flush().unwrap();
+    b.flush().unwrap();
+    while a.limit_reserve("ns", "rl", rate, 1, now).unwrap().allowed {
+        admitted += 1;
+        assert!(admitted <= 1_000);
+    }
+    a.flush().unwrap();
+    while b.limit_reserve("ns", "rl", rate, 1, now).unwrap().allowed {
+        admitted += 1;
+        assert!(admitted <= 1_000);
+    }
+    b.flush().unwrap();
+    assert_eq!(admitted + a_left(&a, rate, now), 1_000);
+}
+
+/// What the shared limiter still admits, read without leasing.
+fn a_left(s: &RedisStore, rate: Rate, now: u64) -> u64 {
+    s.limit_reserve("ns", "rl", rate, 0, now).unwrap().remaining
+}
+
+#[test]
+fn settles_go_into_the_lease_and_expired_leases_go_back() {
+    let server = Server::start();
+    let mut cfg = config(&server.url(), "t:");
+    cfg.limiter_lease_permille = 100;
+    cfg.limiter_lease_ms = 50;
+    let s = RedisStore::connect(&cfg).unwrap();
+    let plain = store(&server);
+    let rate = Rate {
+        limit: 10_000,
+        window: Duration::from_secs(3_600),
+    };
+    let now = crate::state::now_ms();
+    // Reserve 100 (+ a lease of 10% of the 9900 left = 990), settle using 40: the 60 join
+    // the lease without a round trip.
+    assert!(
+        s.limit_reserve("ns", "tpm", rate, 100, now)
+            .unwrap()
+            .allowed
+    );
+    let trips = s.inner.metrics.round_trips.get();
+    s.limit_settle("ns", "tpm", rate, 100, 40, now).unwrap();
+    assert_eq!(s.inner.metrics.round_trips.get(), trips);
+    let held = 10_000
+        - plain
+            .limit_reserve("ns", "tpm", rate, 0, now)
+            .unwrap()
+            .remaining;
+    assert_eq!(held, 100 + 990);
+    // Once the lease expires its 1050 unused units go back by themselves.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let left = plain
+            .limit_reserve("ns", "tpm", rate, 0, now)
+            .unwrap()
+            .remaining;
+        if left == 10_000 - 40 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "leased units never came back: {left} left"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
