@@ -158,6 +158,8 @@ fn serve(path: PathBuf, listen: Option<SocketAddr>) -> anyhow::Result<()> {
             tracing::warn!(left, "Stopped with on_log hooks still queued.");
         }
         // State changes live in memory until written behind: write the last ones to disk.
+        // A store that cannot (a full disk) is left unclosed rather than panicking in its
+        // destructor, and the exit status says the last changes are lost.
         let local = stores.local;
         if let Err(e) = tokio::task::spawn_blocking(move || {
             state.flush()?;
@@ -165,7 +167,8 @@ fn serve(path: PathBuf, listen: Option<SocketAddr>) -> anyhow::Result<()> {
         })
         .await?
         {
-            tracing::warn!(error = %e, "State flush at shutdown failed.");
+            tracing::error!(error = %e, "State flush at shutdown failed; unsaved changes are lost.");
+            anyhow::bail!("stopped without saving state: {e}");
         }
         tracing::info!("Weir stopped.");
         Ok(())

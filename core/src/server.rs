@@ -300,17 +300,26 @@ async fn healthz() -> Response {
     axum::Json(json!({"status": "ok"})).into_response()
 }
 
+/// Ready unless the state store is failing (a full disk): then 503 with its reason, so a
+/// load balancer sends traffic elsewhere while state writes would be lost.
 async fn readyz(State(gw): State<Arc<Gateway>>) -> Response {
     let snap = gw.snapshot();
-    // The state store's health is a flag its own checks keep (no I/O here).
-    if let Err(reason) = snap.services.state.health() {
-        let body = json!({"status": "not ready", "reason": reason});
-        return (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response();
+    let health = snap.services.state.health();
+    gw.metrics.state_healthy.set(i64::from(health.is_ok()));
+    match health {
+        Ok(()) => axum::Json(json!({"status": "ready", "models": snap.config.model_order.len()}))
+            .into_response(),
+        Err(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({"status": "not ready", "reason": reason})),
+        )
+            .into_response(),
     }
-    axum::Json(json!({"status": "ready", "models": snap.config.model_order.len()})).into_response()
 }
 
 async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
+    let healthy = gw.snapshot().services.state.health().is_ok();
+    gw.metrics.state_healthy.set(i64::from(healthy));
     let mut resp = gw.metrics.render().into_response();
     resp.headers_mut().insert(
         http::header::CONTENT_TYPE,
@@ -384,5 +393,113 @@ async fn shutdown_signal() {
     tokio::select! {
         () = ctrl_c => {}
         () = term => {}
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::path::Path;
+    use std::time::Duration;
+
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::config::Config;
+    use crate::pipeline::{Services, Snapshot};
+    use crate::state::{MemoryStore, StateError, StateStore};
+    use crate::telemetry::Metrics;
+
+    /// A memory store whose health is whatever the test sets.
+    #[derive(Default)]
+    struct Sick {
+        inner: MemoryStore,
+        failure: std::sync::Mutex<Option<String>>,
+    }
+
+    impl StateStore for Sick {
+        fn get(&self, ns: &str, key: &str) -> Result<Option<Vec<u8>>, StateError> {
+            self.inner.get(ns, key)
+        }
+        fn set(&self, ns: &str, k: &str, v: &[u8], t: Option<Duration>) -> Result<(), StateError> {
+            self.inner.set(ns, k, v, t)
+        }
+        fn incr(&self, ns: &str, k: &str, d: i64, t: Option<Duration>) -> Result<i64, StateError> {
+            self.inner.incr(ns, k, d, t)
+        }
+        fn cas(
+            &self,
+            ns: &str,
+            k: &str,
+            e: Option<&[u8]>,
+            n: Option<&[u8]>,
+            t: Option<Duration>,
+        ) -> Result<bool, StateError> {
+            self.inner.cas(ns, k, e, n, t)
+        }
+        fn delete(&self, ns: &str, k: &str) -> Result<bool, StateError> {
+            self.inner.delete(ns, k)
+        }
+        fn scan_prefix(
+            &self,
+            ns: &str,
+            p: &str,
+            l: usize,
+        ) -> Result<Vec<(String, Vec<u8>)>, StateError> {
+            self.inner.scan_prefix(ns, p, l)
+        }
+        fn health(&self) -> Result<(), String> {
+            match self.failure.lock().unwrap().clone() {
+                None => Ok(()),
+                Some(why) => Err(why),
+            }
+        }
+    }
+
+    async fn get(gw: &Arc<Gateway>, path: &str) -> (StatusCode, String) {
+        let req = Request::get(path).body(Body::empty()).unwrap();
+        let resp = router(gw.clone()).oneshot(req).await.unwrap();
+        let status = resp.status();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    #[tokio::test]
+    async fn readyz_is_red_while_the_state_store_fails() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let toml = "[providers.local]\nkind = \"mock\"\n\n[[models]]\nname = \"m\"\ntargets = [{ provider = \"local\" }]\n";
+        let config = Config::from_toml(Path::new("weir.toml"), toml).unwrap();
+        let store = Arc::new(Sick::default());
+        let metrics = Metrics::new().unwrap();
+        let services = Services::new(store.clone(), &metrics).unwrap();
+        let gw = Arc::new(Gateway::new(
+            Snapshot::build(config, &services).unwrap(),
+            metrics,
+        ));
+        assert_eq!(get(&gw, "/readyz").await.0, StatusCode::OK);
+        assert!(
+            get(&gw, "/metrics")
+                .await
+                .1
+                .contains("weir_state_healthy 1")
+        );
+
+        *store.failure.lock().unwrap() = Some("state store failing: disk full".into());
+        let (status, body) = get(&gw, "/readyz").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            body,
+            json!({"status": "not ready", "reason": "state store failing: disk full"})
+        );
+        let metrics = get(&gw, "/metrics").await.1;
+        assert!(metrics.contains("weir_state_healthy 0"), "{metrics}");
+        assert!(
+            metrics.contains("weir_state_write_errors_total"),
+            "{metrics}"
+        );
+
+        *store.failure.lock().unwrap() = None;
+        assert_eq!(get(&gw, "/readyz").await.0, StatusCode::OK);
     }
 }

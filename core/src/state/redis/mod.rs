@@ -799,6 +799,9 @@ impl RedisStore {
         if cached {
             self.inner.cache.invalidate(&self.inner.keys.data(ns, key));
         }
+        if matches!(out, Err(StateError::Unavailable(_))) {
+            super::write_errors().inc();
+        }
         out
     }
 
