@@ -30,3 +30,4 @@ mod policy_routing;
 mod reload;
 mod request_log;
 mod streaming;
+mod upstream_faults;
