@@ -31,3 +31,4 @@ mod reload;
 mod request_log;
 mod shared_state;
 mod streaming;
+mod upstream_faults;

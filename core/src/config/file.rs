@@ -130,6 +130,12 @@ pub struct RetryConfig {
     /// Backoff ceiling, in ms. Default 2000.
     #[serde(default = "default_max_backoff")]
     pub max_backoff_ms: u64,
+    /// Longest upstream `Retry-After` (on a 408, 429 or 5xx) waited out before retrying the
+    /// same target, in ms. A longer ask skips the retries on that target: the next target is
+    /// tried, or the error (with the upstream's `retry-after`) goes back to the client.
+    /// Default 10,000; 0 never waits on `Retry-After`.
+    #[serde(default = "default_max_retry_after")]
+    pub max_retry_after_ms: u64,
 }
 
 impl Default for RetryConfig {
@@ -138,6 +144,7 @@ impl Default for RetryConfig {
             attempts_per_target: default_attempts(),
             backoff_ms: default_backoff(),
             max_backoff_ms: default_max_backoff(),
+            max_retry_after_ms: default_max_retry_after(),
         }
     }
 }
@@ -150,6 +157,9 @@ fn default_backoff() -> u64 {
 }
 fn default_max_backoff() -> u64 {
     2000
+}
+fn default_max_retry_after() -> u64 {
+    10_000
 }
 
 /// `timeouts` of a provider.
@@ -165,6 +175,11 @@ pub struct TimeoutsConfig {
     /// Whole exchange including a stream, ms. Default 600,000.
     #[serde(default = "default_total")]
     pub total_ms: u64,
+    /// Longest silence between two reads of a stream once its first event arrived, ms; a
+    /// stream quiet for longer ends with an error event (a timeout). Bytes of any kind count
+    /// (comments and pings keep a stream alive). Default 60,000; must be greater than 0.
+    #[serde(default = "default_stream_idle")]
+    pub stream_idle_ms: u64,
 }
 
 impl Default for TimeoutsConfig {
@@ -173,6 +188,7 @@ impl Default for TimeoutsConfig {
             connect_ms: default_connect(),
             first_byte_ms: default_first_byte(),
             total_ms: default_total(),
+            stream_idle_ms: default_stream_idle(),
         }
     }
 }
@@ -185,6 +201,17 @@ fn default_first_byte() -> u64 {
 }
 fn default_total() -> u64 {
     600_000
+}
+fn default_stream_idle() -> u64 {
+    60_000
+}
+
+/// Default `max_response_bytes` of a provider: 32 MiB.
+pub const DEFAULT_MAX_RESPONSE_BYTES: u64 = 32 * 1024 * 1024;
+
+/// The default of a provider's `max_response_bytes` (for `#[serde(default = ...)]`).
+pub fn default_max_response_bytes() -> u64 {
+    DEFAULT_MAX_RESPONSE_BYTES
 }
 
 /// `[[models]]`.

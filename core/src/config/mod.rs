@@ -104,15 +104,25 @@ pub struct Timeouts {
     pub first_byte: Duration,
     /// Whole exchange, streams included.
     pub total: Duration,
+    /// Longest silence between two reads of a committed stream.
+    pub stream_idle: Duration,
 }
 
-impl From<&TimeoutsConfig> for Timeouts {
-    fn from(t: &TimeoutsConfig) -> Self {
-        Timeouts {
+impl Timeouts {
+    /// Validated timeouts of provider `provider`.
+    pub fn from_config(provider: &str, t: &TimeoutsConfig) -> Result<Self, ConfigError> {
+        if t.stream_idle_ms == 0 {
+            return Err(ConfigError::invalid(
+                format!("providers.{provider}.timeouts.stream_idle_ms"),
+                "must be greater than 0",
+            ));
+        }
+        Ok(Timeouts {
             connect: Duration::from_millis(t.connect_ms),
             first_byte: Duration::from_millis(t.first_byte_ms),
             total: Duration::from_millis(t.total_ms),
-        }
+            stream_idle: Duration::from_millis(t.stream_idle_ms),
+        })
     }
 }
 
@@ -126,6 +136,9 @@ pub struct ProviderEntry {
     pub imp: provider::ProviderImpl,
     /// Timeouts.
     pub timeouts: Timeouts,
+    /// Largest non-streamed 2xx answer read, in bytes (`max_response_bytes`); a larger one
+    /// is a 502, and is never read past this.
+    pub max_response_bytes: usize,
 }
 
 impl std::fmt::Debug for ProviderEntry {
@@ -165,6 +178,8 @@ pub struct Retry {
     pub backoff: Duration,
     /// Backoff ceiling.
     pub max_backoff: Duration,
+    /// Longest upstream `Retry-After` waited out before a retry on the same target.
+    pub max_retry_after: Duration,
 }
 
 /// The admin API, validated (see [`file::AdminConfig`]).
@@ -379,6 +394,7 @@ impl Config {
                 attempts_per_target: file.retry.attempts_per_target,
                 backoff: Duration::from_millis(file.retry.backoff_ms),
                 max_backoff: Duration::from_millis(file.retry.max_backoff_ms),
+                max_retry_after: Duration::from_millis(file.retry.max_retry_after_ms),
             },
             providers,
             models,
@@ -441,5 +457,48 @@ mod tests {
         assert!(reason.contains("unknown field `cached`"), "{err}");
         let err = load("[prices.m]\noutput = 1\n").unwrap_err();
         assert!(err.to_string().contains("missing field `input`"), "{err}");
+    }
+    fn provider(lines: &str) -> Result<Config, ConfigError> {
+        load(&format!(
+            "[providers.up]\nkind = \"openai\"\nbase_url = \"http://127.0.0.1:9/v1\"\n{lines}\n"
+        ))
+    }
+
+    #[test]
+    fn stream_limits_have_defaults_and_are_validated() {
+        let cfg = provider("").unwrap();
+        let up = &cfg.providers["up"];
+        assert_eq!(up.timeouts.stream_idle, Duration::from_secs(60));
+        assert_eq!(up.max_response_bytes, 32 * 1024 * 1024);
+        assert_eq!(cfg.retry.max_retry_after, Duration::from_secs(10));
+
+        let cfg =
+            provider("max_response_bytes = 1024\ntimeouts = { stream_idle_ms = 1500 }").unwrap();
+        let up = &cfg.providers["up"];
+        assert_eq!(up.timeouts.stream_idle, Duration::from_millis(1500));
+        assert_eq!(
+            up.timeouts.total,
+            Duration::from_secs(600),
+            "others keep defaults"
+        );
+        assert_eq!(up.max_response_bytes, 1024);
+        let cfg = load("[retry]\nmax_retry_after_ms = 0\n").unwrap();
+        assert_eq!(cfg.retry.max_retry_after, Duration::ZERO);
+
+        let err = provider("timeouts = { stream_idle_ms = 0 }").unwrap_err();
+        assert!(
+            err.to_string().starts_with(
+                "weir.toml: providers.up.timeouts.stream_idle_ms: must be greater than 0"
+            ),
+            "{err}"
+        );
+        let err = provider("max_response_bytes = 0").unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("weir.toml: providers.up.max_response_bytes: must be greater than 0"),
+            "{err}"
+        );
+        let err = provider("timeouts = { idle_ms = 5 }").unwrap_err();
+        assert!(err.to_string().contains("unknown field `idle_ms`"), "{err}");
     }
 }

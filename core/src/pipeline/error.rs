@@ -35,6 +35,8 @@ pub enum GatewayError {
         status: StatusCode,
         /// The upstream's message.
         message: String,
+        /// The upstream's `Retry-After`, passed on to the client.
+        retry_after: Option<std::time::Duration>,
     },
     /// The upstream could not be reached or sent something unusable.
     #[error("upstream {provider} failed: {reason}")]
@@ -161,14 +163,30 @@ impl GatewayError {
         }
     }
 
+    /// The `retry-after` for the client: the upstream's, else 1 s on a 429.
+    fn retry_after(&self) -> Option<std::time::Duration> {
+        match self {
+            GatewayError::UpstreamStatus {
+                retry_after: Some(d),
+                ..
+            } => Some(*d),
+            _ if self.status() == StatusCode::TOO_MANY_REQUESTS => {
+                Some(std::time::Duration::from_secs(1))
+            }
+            _ => None,
+        }
+    }
+
     /// The full HTTP response in the client's dialect.
     pub fn into_response_for(self, dialect: Dialect) -> Response {
         let status = self.status();
         let body = self.body(dialect);
         let mut resp = (status, axum::Json(body)).into_response();
-        if status == StatusCode::TOO_MANY_REQUESTS {
+        if let Some(d) = self.retry_after() {
+            // Whole seconds, rounded up: a client must not come back early.
+            let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
             resp.headers_mut()
-                .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+                .insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
         }
         resp
     }
@@ -188,6 +206,32 @@ mod tests {
         let body = e.body(Dialect::OpenAi);
         assert_eq!(body["error"]["param"], "messages[0].role");
         assert_eq!(body["error"]["type"], "invalid_request_error");
+    }
+
+    #[test]
+    fn retry_after_is_the_upstreams_rounded_up_else_one_second_on_a_429() {
+        let limited = |retry_after| GatewayError::UpstreamStatus {
+            provider: "p".into(),
+            status: StatusCode::TOO_MANY_REQUESTS,
+            message: "slow down".into(),
+            retry_after,
+        };
+        let header = |e: GatewayError| {
+            e.into_response_for(Dialect::OpenAi)
+                .headers()
+                .get(http::header::RETRY_AFTER)
+                .map(|v| v.to_str().unwrap_or_default().to_owned())
+        };
+        assert_eq!(
+            header(limited(Some(std::time::Duration::from_millis(2_100)))).as_deref(),
+            Some("3")
+        );
+        assert_eq!(
+            header(limited(Some(std::time::Duration::from_secs(30)))).as_deref(),
+            Some("30")
+        );
+        assert_eq!(header(limited(None)).as_deref(), Some("1"));
+        assert_eq!(header(GatewayError::Internal("x".into())), None);
     }
 
     #[test]

@@ -55,6 +55,10 @@ pub struct GeminiConfig {
     /// Timeouts and connection settings.
     #[serde(default)]
     pub timeouts: TimeoutsConfig,
+    /// Largest non-streamed 2xx answer (chat or embeddings) read from this provider, in
+    /// bytes; a larger one is not read further and the client gets a 502. Default 32 MiB.
+    #[serde(default = "crate::config::file::default_max_response_bytes")]
+    pub max_response_bytes: u64,
 }
 
 fn default_base_url() -> String {
@@ -1148,7 +1152,9 @@ impl StreamDecoder for GeminiDecoder {
     }
 
     fn finish(&mut self) -> Result<Vec<ChatChunk>, ProviderError> {
-        if self.finished.is_empty() {
+        // Gemini has no end marker: a stream is whole when every candidate it started sent
+        // its finish reason.
+        if self.finished.is_empty() || !self.started.is_subset(&self.finished) {
             return Err(ProviderError::InvalidResponse(
                 "stream ended before a finish reason".to_owned(),
             ));
