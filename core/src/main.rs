@@ -129,6 +129,7 @@ fn serve(path: PathBuf, listen: Option<SocketAddr>) -> anyhow::Result<()> {
     runtime.block_on(async move {
         let addr = config.listen;
         let grace = config.shutdown_grace;
+        let limits = config.connections;
         let metrics = Metrics::new()?;
         let models = config.model_order.len();
         let admin = config.admin.clone();
@@ -149,7 +150,7 @@ fn serve(path: PathBuf, listen: Option<SocketAddr>) -> anyhow::Result<()> {
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
         tracing::info!(%addr, models, config = %path.display(), "Weir is serving.");
-        weir::server::serve(listener, gw.clone(), grace).await?;
+        weir::server::serve(listener, gw.clone(), limits, grace).await?;
         // Plugins' on_log settles reservations and usage: let the queue empty first.
         let left = tokio::task::spawn_blocking(move || gw.on_log.drain(Duration::from_secs(5)))
             .await

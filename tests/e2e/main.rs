@@ -15,6 +15,7 @@ mod anthropic_inbound;
 mod anthropic_upstream;
 mod azure_upstream;
 mod check;
+mod connections;
 mod errors;
 mod fallback;
 mod gemini_upstream;

@@ -59,6 +59,28 @@ pub struct ServerConfig {
     /// Default 30.
     #[serde(default = "default_grace")]
     pub shutdown_grace_secs: u64,
+    /// Seconds a client gets to send a whole request head (request line and headers), from
+    /// the connection's start or from the first byte of a request on a kept-alive
+    /// connection; past it the connection is closed. Like nginx's `client_header_timeout`.
+    /// Default 60. Read at startup.
+    #[serde(default = "default_header_read_timeout")]
+    pub header_read_timeout_secs: u64,
+    /// Longest pause, in seconds, between two reads of a request body (not the whole body,
+    /// like nginx's `client_body_timeout`); past it the request gets a 408 and the
+    /// connection is closed. Default 60.
+    #[serde(default = "default_body_read_timeout")]
+    pub body_read_timeout_secs: u64,
+    /// Seconds a kept-alive connection may sit idle between requests before it is closed.
+    /// Like nginx's `keepalive_timeout`. Default 75. Read at startup.
+    #[serde(default = "default_keepalive_timeout")]
+    pub keepalive_timeout_secs: u64,
+    /// Client connections open at once. At the cap the gateway stops accepting (new
+    /// connections wait in the kernel's backlog) until one closes, and logs a warning at
+    /// most once every 10 s. Default: 10,000, or half the open-file limit (`ulimit -n`) if
+    /// that is lower, so upstream connections and files still get descriptors. Read at
+    /// startup.
+    #[serde(default)]
+    pub max_connections: Option<u64>,
 }
 
 impl Default for ServerConfig {
@@ -67,6 +89,10 @@ impl Default for ServerConfig {
             listen: default_listen(),
             max_body_bytes: default_max_body(),
             shutdown_grace_secs: default_grace(),
+            header_read_timeout_secs: default_header_read_timeout(),
+            body_read_timeout_secs: default_body_read_timeout(),
+            keepalive_timeout_secs: default_keepalive_timeout(),
+            max_connections: None,
         }
     }
 }
@@ -79,6 +105,15 @@ fn default_max_body() -> u64 {
 }
 fn default_grace() -> u64 {
     30
+}
+fn default_header_read_timeout() -> u64 {
+    60
+}
+fn default_body_read_timeout() -> u64 {
+    60
+}
+fn default_keepalive_timeout() -> u64 {
+    75
 }
 
 /// `[log]`.

@@ -202,6 +202,32 @@ pub struct Reload {
     pub keep_generations: usize,
 }
 
+/// Client connection limits (see [`file::ServerConfig`]), read at startup.
+#[derive(Debug, Clone, Copy)]
+pub struct Connections {
+    /// Time to send a whole request head.
+    pub header_read_timeout: Duration,
+    /// Idle time allowed between requests on a kept-alive connection.
+    pub keepalive_timeout: Duration,
+    /// Client connections open at once.
+    pub max_connections: usize,
+}
+
+/// The default `server.max_connections`: 10,000, or half the open-file limit if that is
+/// lower (the other half is for upstream connections, state files and plugins).
+fn default_max_connections() -> usize {
+    const DEFAULT: usize = 10_000;
+    #[cfg(unix)]
+    {
+        let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+        if let Some(soft) = limit.current {
+            let half = usize::try_from(soft / 2).unwrap_or(usize::MAX);
+            return DEFAULT.min(half).max(1);
+        }
+    }
+    DEFAULT
+}
+
 /// The validated, runtime configuration.
 #[derive(Debug)]
 pub struct Config {
@@ -211,8 +237,12 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Largest request body accepted.
     pub max_body_bytes: usize,
+    /// Longest pause between two reads of a request body.
+    pub body_read_timeout: Duration,
     /// How long in-flight requests may run after a shutdown signal.
     pub shutdown_grace: Duration,
+    /// Client connection limits.
+    pub connections: Connections,
     /// Log format.
     pub log_format: LogFormat,
     /// Log filter (`info`, `weir=debug`, ...).
@@ -285,6 +315,39 @@ impl Config {
         file.state
             .validate()
             .map_err(|reason| ConfigError::invalid("state", reason))?;
+        for (key, secs) in [
+            (
+                "server.header_read_timeout_secs",
+                file.server.header_read_timeout_secs,
+            ),
+            (
+                "server.body_read_timeout_secs",
+                file.server.body_read_timeout_secs,
+            ),
+            (
+                "server.keepalive_timeout_secs",
+                file.server.keepalive_timeout_secs,
+            ),
+        ] {
+            if secs == 0 {
+                return Err(ConfigError::invalid(key, "must be at least 1"));
+            }
+        }
+        let max_connections = match file.server.max_connections {
+            Some(0) => {
+                return Err(ConfigError::invalid(
+                    "server.max_connections",
+                    "must be at least 1",
+                ));
+            }
+            Some(n) => usize::try_from(n).unwrap_or(usize::MAX),
+            None => default_max_connections(),
+        };
+        let connections = Connections {
+            header_read_timeout: Duration::from_secs(file.server.header_read_timeout_secs),
+            keepalive_timeout: Duration::from_secs(file.server.keepalive_timeout_secs),
+            max_connections,
+        };
         if file.retry.attempts_per_target == 0 {
             return Err(ConfigError::invalid(
                 "retry.attempts_per_target",
@@ -387,7 +450,9 @@ impl Config {
             path: path.to_owned(),
             listen,
             max_body_bytes: usize::try_from(file.server.max_body_bytes).unwrap_or(usize::MAX),
+            body_read_timeout: Duration::from_secs(file.server.body_read_timeout_secs),
             shutdown_grace: Duration::from_secs(file.server.shutdown_grace_secs),
+            connections,
             log_format: file.log.format,
             log_level: file.log.level.clone(),
             retry: Retry {
@@ -433,6 +498,36 @@ mod tests {
             (1.0, 4.0, 1.0, 1.0)
         );
         assert!(load("").unwrap().prices.is_empty());
+    }
+
+    #[test]
+    fn server_timeouts_and_connection_cap_are_validated() {
+        let cfg = load("").unwrap();
+        assert_eq!(cfg.connections.header_read_timeout, Duration::from_secs(60));
+        assert_eq!(cfg.body_read_timeout, Duration::from_secs(60));
+        assert_eq!(cfg.connections.keepalive_timeout, Duration::from_secs(75));
+        assert!((1..=10_000).contains(&cfg.connections.max_connections));
+        let cfg = load("[server]\nheader_read_timeout_secs = 2\nbody_read_timeout_secs = 3\nkeepalive_timeout_secs = 4\nmax_connections = 5\n").unwrap();
+        assert_eq!(cfg.connections.header_read_timeout, Duration::from_secs(2));
+        assert_eq!(cfg.body_read_timeout, Duration::from_secs(3));
+        assert_eq!(cfg.connections.keepalive_timeout, Duration::from_secs(4));
+        assert_eq!(cfg.connections.max_connections, 5);
+        for bad in [
+            "header_read_timeout_secs = 0",
+            "body_read_timeout_secs = 0",
+            "keepalive_timeout_secs = 0",
+            "max_connections = 0",
+        ] {
+            let err = load(&format!("[server]\n{bad}\n")).unwrap_err();
+            let key = bad.split(' ').next().unwrap();
+            assert!(
+                err.to_string()
+                    .contains(&format!("server.{key}: must be at least 1")),
+                "{err}"
+            );
+        }
+        let err = load("[server]\nidle_timeout_secs = 5\n").unwrap_err();
+        assert!(err.to_string().contains("unknown field"), "{err}");
     }
 
     #[test]

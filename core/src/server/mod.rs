@@ -1,6 +1,9 @@
 //! HTTP surface: the axum router, body reading, request ids, and graceful shutdown. Nothing
 //! here knows about providers or policies; handlers parse the body once and hand over to
-//! [`crate::pipeline`].
+//! [`crate::pipeline`]. Connections (accepting, the connection cap, header and keep-alive
+//! timeouts) are in [`conn`].
+
+mod conn;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -36,6 +39,7 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(gw)
 }
 
@@ -56,18 +60,67 @@ fn with_request_id(mut resp: Response, id: &str) -> Response {
     resp
 }
 
-/// Reads the body up to the configured limit.
-async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, GatewayError> {
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            Err(GatewayError::PayloadTooLarge(limit))
-        }
-        Err(e) => Err(GatewayError::BadRequest(BadRequest {
-            field: None,
-            message: format!("cannot read body: {e}"),
-        })),
+/// Checks that a POST body is declared as JSON: `application/json` or any `+json` type,
+/// parameters allowed. Anything else (notably the `text/plain` a browser page may send
+/// across origins without a preflight) is refused before the body is read.
+fn require_json(headers: &HeaderMap) -> Result<(), GatewayError> {
+    let value = headers
+        .get(http::header::CONTENT_TYPE)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    let is_json = value.as_deref().is_some_and(|v| {
+        let essence = v.split(';').next().unwrap_or_default().trim();
+        let (kind, subtype) = essence.split_once('/').unwrap_or_default();
+        kind.eq_ignore_ascii_case("application")
+            && (subtype.eq_ignore_ascii_case("json")
+                || subtype.to_ascii_lowercase().ends_with("+json"))
+    });
+    if is_json {
+        return Ok(());
     }
+    Err(GatewayError::UnsupportedMediaType(match value {
+        Some(v) => format!("'{}'", v.chars().take(100).collect::<String>()),
+        None => "no content-type".to_owned(),
+    }))
+}
+
+/// Reads the body up to `limit` bytes, allowing at most `pause` between two reads.
+async fn read_body(
+    body: Body,
+    limit: usize,
+    pause: Duration,
+) -> Result<bytes::Bytes, GatewayError> {
+    let mut body = Limited::new(body, limit);
+    let mut chunks: Vec<bytes::Bytes> = Vec::new();
+    loop {
+        let frame = match tokio::time::timeout(pause, body.frame()).await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => break,
+            Err(_) => return Err(GatewayError::BodyTimeout(pause.as_secs())),
+        };
+        match frame {
+            Ok(frame) => {
+                if let Ok(data) = frame.into_data()
+                    && !data.is_empty()
+                {
+                    chunks.push(data);
+                }
+            }
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                return Err(GatewayError::PayloadTooLarge(limit));
+            }
+            Err(e) => {
+                return Err(GatewayError::BadRequest(BadRequest {
+                    field: None,
+                    message: format!("cannot read body: {e}"),
+                }));
+            }
+        }
+    }
+    Ok(match chunks.len() {
+        0 => bytes::Bytes::new(),
+        1 => chunks.swap_remove(0),
+        _ => chunks.concat().into(),
+    })
 }
 
 /// Parses JSON into `T`, naming the offending field on type errors.
@@ -148,8 +201,15 @@ async fn prologue(
 ) -> Result<(String, HeaderMap, bytes::Bytes), (String, Response)> {
     let (parts, body) = req.into_parts();
     let id = request_id(&parts.headers);
-    let limit = gw.snapshot().config.max_body_bytes;
-    match read_body(body, limit).await {
+    let (limit, pause) = {
+        let snap = gw.snapshot();
+        (snap.config.max_body_bytes, snap.config.body_read_timeout)
+    };
+    let read = match require_json(&parts.headers) {
+        Ok(()) => read_body(body, limit, pause).await,
+        Err(e) => Err(e),
+    };
+    match read {
         Ok(bytes) => Ok((id, parts.headers, bytes)),
         Err(e) => {
             tracing::info!(error = e.reason(), "Request rejected.");
@@ -328,6 +388,16 @@ async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
     resp
 }
 
+async fn method_not_allowed(req: Request) -> Response {
+    let path = req.uri().path();
+    let e = GatewayError::MethodNotAllowed {
+        method: req.method().to_string(),
+        path: path.to_owned(),
+    };
+    tracing::info!(error = e.reason(), path, "Request rejected.");
+    e.into_response_for(Dialect::for_path(path))
+}
+
 async fn not_found(req: Request) -> Response {
     let body = json!({"error": {"message": format!("no route for {} {}", req.method(), req.uri().path()),
         "type": "invalid_request_error", "param": null, "code": "not_found"}});
@@ -339,38 +409,30 @@ async fn not_found(req: Request) -> Response {
 pub async fn serve(
     listener: tokio::net::TcpListener,
     gw: Arc<Gateway>,
+    limits: crate::config::Connections,
     grace: Duration,
 ) -> std::io::Result<()> {
-    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
-    let app = router(gw);
-    // Streams are written as many small frames: without TCP_NODELAY, Nagle's algorithm and
-    // the client's delayed ACK hold frames back (~40 ms per stream, measured in bench/).
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "Cannot set TCP_NODELAY.");
-        }
-    });
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-        let _ = stop_rx.wait_for(|stop| *stop).await;
-    });
-    let mut server = tokio::spawn(server.into_future());
-    tokio::select! {
-        res = &mut server => return res.map_err(std::io::Error::other)?,
-        () = shutdown_signal() => {}
-    }
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let accepting = tokio::spawn(conn::accept_loop(listener, router(gw), limits, stop_rx));
+    shutdown_signal().await;
     tracing::info!(
         grace_secs = grace.as_secs(),
         "Shutdown signal received; draining in-flight requests."
     );
     let _ = stop_tx.send(true);
-    match tokio::time::timeout(grace, &mut server).await {
-        Ok(res) => res.map_err(std::io::Error::other)?,
-        Err(_) => {
-            tracing::warn!("Grace period over; closing the remaining connections.");
-            server.abort();
-            Ok(())
-        }
+    // The accept loop returns (closing the listener) with the connections still open, each
+    // already told to finish its requests and close.
+    let mut open = accepting.await.map_err(std::io::Error::other)?;
+    let drained =
+        tokio::time::timeout(grace, async { while open.join_next().await.is_some() {} }).await;
+    if drained.is_err() {
+        tracing::warn!(
+            left = open.len(),
+            "Grace period over; closing the remaining connections."
+        );
+        open.abort_all();
     }
+    Ok(())
 }
 
 async fn shutdown_signal() {
