@@ -1,11 +1,11 @@
 //! Bounded fuzzing of everything that reads bytes from outside: the event-stream parser,
 //! both inbound dialects, and every provider's response and stream translation. The
-//! properties are in [`props`] (shared with the libFuzzer targets of `fuzz/`), the inputs in
+//! properties are in [`props`] (written against the public API only, so that a libFuzzer crate can share them), the inputs in
 //! [`inputs`] (golden fixtures edited at random, and made-up JSON).
 //!
 //! Run: `cargo test -p weir --test fuzz` (a few hundred cases per target, a few seconds).
 //! Longer: `PROPTEST_CASES=100000 cargo test --release -p weir --test fuzz`; see
-//! `fuzz/README.md` for that and for coverage-guided runs with `cargo fuzz`.
+//! `tests/fuzz/README.md`.
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
