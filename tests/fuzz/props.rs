@@ -1,5 +1,5 @@
 //! The properties every fuzz target checks, on Weir's public API only, so that the bounded
-//! proptest drivers (`main.rs`) and the libFuzzer targets (`fuzz/fuzz_targets/`) share them.
+//! proptest drivers (`main.rs`) and a coverage-guided harness can share them.
 //!
 //! Each function takes one input and panics when a property fails:
 //! - nothing panics, whatever the bytes;
