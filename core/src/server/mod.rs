@@ -510,6 +510,20 @@ mod tests {
         ) -> Result<Vec<(String, Vec<u8>)>, StateError> {
             self.inner.scan_prefix(ns, p, l)
         }
+        fn namespaces(&self) -> Result<Vec<String>, StateError> {
+            self.inner.namespaces()
+        }
+        fn entries(
+            &self,
+            ns: &str,
+            after: Option<&str>,
+            l: usize,
+        ) -> Result<Vec<crate::state::Entry>, StateError> {
+            self.inner.entries(ns, after, l)
+        }
+        fn put_entry(&self, ns: &str, entry: &crate::state::Entry) -> Result<(), StateError> {
+            self.inner.put_entry(ns, entry)
+        }
         fn health(&self) -> Result<(), String> {
             match self.failure.lock().unwrap().clone() {
                 None => Ok(()),

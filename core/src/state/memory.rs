@@ -1,10 +1,12 @@
 //! [`MemoryStore`]: a process-local [`StateStore`] for tests and the offline plugin harness.
 
 use std::collections::{BTreeMap, HashMap};
+use std::ops::Bound;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
-use super::{StateError, StateStore, add_to_counter, now_ms};
+use super::primitives::{AccountForm, import_account};
+use super::{Entry, StateError, StateStore, add_to_counter, now_ms};
 
 /// Entries of one namespace: key -> (expiry ms since the epoch, 0 = never; value).
 type Entries = BTreeMap<String, (u64, Vec<u8>)>;
@@ -136,6 +138,60 @@ impl StateStore for MemoryStore {
             .map(|(k, (_, v))| (k.clone(), v.clone()))
             .collect())
     }
+
+    fn namespaces(&self) -> Result<Vec<String>, StateError> {
+        let now = now_ms();
+        let mut out: Vec<String> = self
+            .lock()
+            .iter()
+            .filter(|(_, entries)| entries.values().any(|(exp, _)| *exp == 0 || *exp > now))
+            .map(|(ns, _)| ns.clone())
+            .collect();
+        out.sort_unstable();
+        Ok(out)
+    }
+
+    fn entries(
+        &self,
+        ns: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Entry>, StateError> {
+        let now = now_ms();
+        let map = self.lock();
+        let Some(entries) = map.get(ns) else {
+            return Ok(Vec::new());
+        };
+        let start = after.map_or(Bound::Unbounded, |a| Bound::Excluded(a.to_owned()));
+        Ok(entries
+            .range((start, Bound::Unbounded))
+            .filter(|(_, (exp, _))| *exp == 0 || *exp > now)
+            .take(limit)
+            .map(|(k, (exp, v))| Entry {
+                key: k.clone(),
+                value: v.clone(),
+                expires_ms: (*exp != 0).then_some(*exp),
+            })
+            .collect())
+    }
+
+    fn put_entry(&self, ns: &str, entry: &Entry) -> Result<(), StateError> {
+        let (value, expires) = import_account(
+            &entry.key,
+            &entry.value,
+            entry.expires_ms,
+            AccountForm::ExpiryInValue,
+        )
+        .unwrap_or_else(|| (entry.value.clone(), entry.expires_ms));
+        if expires.is_some_and(|e| e <= now_ms()) {
+            return Ok(());
+        }
+        self.lock()
+            .entry(ns.to_owned())
+            .or_default()
+            .insert(entry.key.clone(), (expires.unwrap_or(0), value));
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -212,5 +268,10 @@ mod tests {
     #[test]
     fn concurrent_ledger_never_reserves_more_than_the_limit() {
         shared::concurrent_ledger(Arc::new(MemoryStore::new()));
+    }
+
+    #[test]
+    fn export_entries() {
+        shared::export_entries(&MemoryStore::new());
     }
 }

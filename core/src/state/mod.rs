@@ -91,6 +91,12 @@ pub enum StateError {
     /// The shared store could not be reached in time, and the primitive is fail-closed.
     #[error("state store unavailable: {0}")]
     Unavailable(String),
+    /// The sled directory is locked by another process: a gateway is running on it.
+    #[error("state: {path} is in use by another process (a running gateway holds its lock)")]
+    Locked {
+        /// The directory.
+        path: String,
+    },
     /// The state directory could not be opened.
     #[error("state: cannot open {path}: {reason}")]
     Open {
@@ -139,6 +145,21 @@ pub struct Balance {
 /// What a [`StateStore::update`] step decides: the value to store and its time-to-live, or
 /// `None` to leave the key as it is.
 pub type Update = Option<(Vec<u8>, Option<Duration>)>;
+
+/// One stored entry with its absolute expiry, for export and import
+/// ([`StateStore::entries`], [`StateStore::put_entry`], [`migrate`]).
+///
+/// A ledger account (`led/...`) may come in either of its two stored forms (see
+/// [`StateStore::put_entry`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// The key.
+    pub key: String,
+    /// The value, as [`StateStore::get`] returns it.
+    pub value: Vec<u8>,
+    /// ms since the Unix epoch; None = never
+    pub expires_ms: Option<u64>,
+}
 
 /// A step of [`StateStore::update`]: given the live value of the key (or `None`), what to
 /// store.
@@ -194,6 +215,30 @@ pub trait StateStore: Send + Sync {
         prefix: &str,
         limit: usize,
     ) -> Result<Vec<(String, Vec<u8>)>, StateError>;
+
+    /// Every namespace that holds at least one entry, sorted.
+    fn namespaces(&self) -> Result<Vec<String>, StateError>;
+
+    /// Up to `limit` live entries of `ns` with keys after `after` (exclusive; None = from the start), in key order.
+    ///
+    /// A ledger account (`led/<account>`) comes as its backend stores it: `"<spent>
+    /// <reserved>"`, plus ` <expires_ms>` on sled and memory when it has a TTL (Redis keeps
+    /// the TTL natively and the value in two fields). `expires_ms` is set either way.
+    fn entries(
+        &self,
+        ns: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Entry>, StateError>;
+
+    /// Stores an entry with an absolute expiry (an already expired one is skipped).
+    ///
+    /// Replaces what `entry.key` holds. A ledger account (`led/...` whose value is an
+    /// account, in either form) is stored in this backend's own form: sled and memory write
+    /// `"<spent> <reserved> <expires_ms>"` when it expires (their primitives keep the expiry
+    /// only through the value), Redis writes `"<spent> <reserved>"` with a native expiry. The
+    /// earlier of the value's expiry and `entry.expires_ms` applies.
+    fn put_entry(&self, ns: &str, entry: &Entry) -> Result<(), StateError>;
 
     /// Makes every write so far durable (on disk), e.g. at shutdown. Default: nothing to do.
     fn flush(&self) -> Result<(), StateError> {
@@ -334,6 +379,16 @@ pub enum Backend {
     Sled,
     /// A Redis or Valkey server (`[state.redis]`), shared by several gateways.
     Redis,
+}
+
+impl Backend {
+    /// The name in the config (`sled`, `redis`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Sled => "sled",
+            Backend::Redis => "redis",
+        }
+    }
 }
 
 /// `[state]` in `weir.toml`: where durable state lives.
@@ -1122,6 +1177,144 @@ pub(crate) mod tests {
         let admitted: usize = handles.into_iter().map(|h| h.join().unwrap()).sum();
         assert_eq!(admitted, 100);
         assert_eq!(store.ledger_balance("cb", "a").unwrap(), bal(0, 1_000));
+    }
+
+    /// Export and import: `namespaces`, `entries` (paging, expiry, live entries only) and
+    /// `put_entry` (absolute expiry, expired entries skipped, ledger accounts in the
+    /// backend's own form). Expects a store with nothing in it.
+    pub fn export_entries(store: &dyn StateStore) {
+        let hour = Some(Duration::from_secs(3_600));
+        assert_eq!(store.namespaces().unwrap(), Vec::<String>::new());
+        let before = now_ms();
+        store.set("x/a", "k1", b"v1", None).unwrap();
+        store.set("x/a", "k2", b"v2", hour).unwrap();
+        store.set("x/a", "k3", b"", None).unwrap();
+        store.incr("x/c", "n", 7, None).unwrap();
+        store.set("x/b", "gone", b"x", None).unwrap();
+        assert!(store.delete("x/b", "gone").unwrap());
+        store
+            .set("x/d", "short", b"x", Some(Duration::from_millis(1)))
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        // Only namespaces with a live entry, sorted.
+        assert_eq!(store.namespaces().unwrap(), ["x/a", "x/c"]);
+
+        // Pages in key order, `after` exclusive.
+        let page = store.entries("x/a", None, 2).unwrap();
+        let keys: Vec<&str> = page.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(keys, ["k1", "k2"]);
+        assert_eq!(page[0].value, b"v1");
+        assert_eq!(page[0].expires_ms, None);
+        let exp = page[1].expires_ms.expect("k2 expires");
+        assert!(
+            (before + 3_599_000..=now_ms() + 3_600_000).contains(&exp),
+            "k2 expires at {exp}, about an hour after {before}"
+        );
+        let rest = store.entries("x/a", Some("k2"), 10).unwrap();
+        assert_eq!(
+            rest,
+            [Entry {
+                key: "k3".into(),
+                value: Vec::new(),
+                expires_ms: None
+            }]
+        );
+        assert!(store.entries("x/a", Some("k3"), 10).unwrap().is_empty());
+        assert!(store.entries("x/a", None, 0).unwrap().is_empty());
+        assert!(store.entries("x/none", None, 10).unwrap().is_empty());
+        assert!(store.entries("x/d", None, 10).unwrap().is_empty());
+        assert_eq!(store.entries("x/c", None, 10).unwrap()[0].value, b"7");
+
+        // Round trip into another namespace: the same entries, expiry included.
+        for e in store.entries("x/a", None, usize::MAX).unwrap() {
+            store.put_entry("y/a", &e).unwrap();
+        }
+        assert_eq!(
+            store.entries("y/a", None, usize::MAX).unwrap(),
+            store.entries("x/a", None, usize::MAX).unwrap()
+        );
+        assert_eq!(store.get("y/a", "k2").unwrap().as_deref(), Some(&b"v2"[..]));
+        // put_entry replaces; an expired entry is skipped and changes nothing.
+        let at = now_ms() + 60_000;
+        let entry = |key: &str, value: &[u8], expires_ms| Entry {
+            key: key.into(),
+            value: value.to_vec(),
+            expires_ms,
+        };
+        store
+            .put_entry("y/a", &entry("k1", b"new", Some(at)))
+            .unwrap();
+        assert_eq!(
+            store.entries("y/a", None, 1).unwrap(),
+            [entry("k1", b"new", Some(at))]
+        );
+        store
+            .put_entry("y/a", &entry("k1", b"old", Some(now_ms() - 1)))
+            .unwrap();
+        store
+            .put_entry("y/a", &entry("dead", b"x", Some(1)))
+            .unwrap();
+        assert_eq!(
+            store.get("y/a", "k1").unwrap().as_deref(),
+            Some(&b"new"[..])
+        );
+        assert_eq!(store.get("y/a", "dead").unwrap(), None);
+        // An entry's expiry applies.
+        store
+            .put_entry("y/e", &entry("soon", b"x", Some(now_ms() + 40)))
+            .unwrap();
+        assert!(store.get("y/e", "soon").unwrap().is_some());
+
+        // Ledger accounts, in either form, become accounts of this backend that keep their
+        // expiry through later updates.
+        let soon = now_ms() + 150;
+        store
+            .put_entry("y/l", &entry("led/two", b"500 0", Some(soon)))
+            .unwrap();
+        store
+            .put_entry(
+                "y/l",
+                &entry("led/three", format!("40 3 {soon}").as_bytes(), Some(soon)),
+            )
+            .unwrap();
+        store
+            .put_entry("y/l", &entry("led/forever", b"9 0", None))
+            .unwrap();
+        assert_eq!(store.ledger_balance("y/l", "two").unwrap(), bal(500, 0));
+        assert_eq!(store.ledger_balance("y/l", "three").unwrap(), bal(40, 3));
+        assert_eq!(
+            store.ledger_settle("y/l", "two", 0, 5, None).unwrap(),
+            bal(505, 0)
+        );
+        assert_eq!(store.ledger_release("y/l", "three", 3).unwrap(), bal(40, 0));
+        for e in store.entries("y/l", None, 10).unwrap() {
+            if e.key == "led/forever" {
+                assert_eq!(e.expires_ms, None);
+                assert_eq!(e.value, b"9 0");
+                continue;
+            }
+            let exp = e.expires_ms.expect("the account keeps its expiry");
+            // (A millisecond may pass between the clock reads of one update.)
+            assert!(
+                exp.abs_diff(soon) <= 2,
+                "{} expires at {exp}, not {soon}",
+                e.key
+            );
+            let text = String::from_utf8(e.value).unwrap();
+            let fields: Vec<&str> = text.split(' ').collect();
+            let in_value = fields.get(2).map(|f| f.parse::<u64>().unwrap());
+            assert!(
+                fields.len() == 2 || (fields.len() == 3 && in_value == Some(soon)),
+                "{}: '{text}'",
+                e.key
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(store.get("y/e", "soon").unwrap(), None);
+        assert_eq!(store.ledger_balance("y/l", "two").unwrap(), bal(0, 0));
+        assert_eq!(store.ledger_balance("y/l", "three").unwrap(), bal(0, 0));
+        assert_eq!(store.ledger_balance("y/l", "forever").unwrap(), bal(9, 0));
+        assert_eq!(store.namespaces().unwrap(), ["x/a", "x/c", "y/a", "y/l"]);
     }
 
     #[test]

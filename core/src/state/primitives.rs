@@ -412,6 +412,83 @@ fn release(reserved: i64, amount: i64) -> i64 {
     reserved.saturating_sub(amount.max(0)).max(0)
 }
 
+// ---------------------------------------------------------------------------------------------
+// Export and import of ledger accounts
+// ---------------------------------------------------------------------------------------------
+
+/// Where a backend keeps a ledger account's expiry, for [`import_account`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AccountForm {
+    /// In the value too (`"<spent> <reserved> <expires_ms>"`): sled and memory, whose
+    /// primitives read it back on every update (a value without it would lose its expiry at
+    /// the next update).
+    ExpiryInValue,
+    /// Only as the key's native expiry (`"<spent> <reserved>"`): Redis.
+    NativeExpiry,
+}
+
+/// The fields of an account value: spent, reserved, and the expiry of the 3-field form
+/// (0 = none). `None` when the value is not an account.
+fn account_fields(value: &[u8]) -> Option<(i64, i64, u64)> {
+    let text = std::str::from_utf8(value).ok()?;
+    let mut fields = text.split_ascii_whitespace();
+    let spent = fields.next()?.parse::<i64>().ok()?;
+    let reserved = fields.next()?.parse::<i64>().ok()?;
+    let expires = match fields.next() {
+        None => 0,
+        Some(e) => e.parse::<u64>().ok()?,
+    };
+    fields
+        .next()
+        .is_none()
+        .then_some((spent, reserved, expires))
+}
+
+/// Whether `key` names a ledger account (`led/<account>`).
+pub(crate) fn is_ledger_key(key: &str) -> bool {
+    key.starts_with("led/")
+}
+
+/// An exported ledger entry (`key` is `led/...`) in the form `form` stores, and its effective
+/// expiry. An export may carry either form whatever its source: `"<spent> <reserved>"` with
+/// the expiry only in `expires_ms` (from Redis), or `"<spent> <reserved> <expires_ms>"` (from
+/// sled and memory). The earlier of the two expiries wins (they differ by a millisecond or
+/// so when both are set). `None` when the key is not a ledger account's or the value is not
+/// an account: the caller stores it as it is.
+pub(crate) fn import_account(
+    key: &str,
+    value: &[u8],
+    expires_ms: Option<u64>,
+    form: AccountForm,
+) -> Option<(Vec<u8>, Option<u64>)> {
+    if !is_ledger_key(key) {
+        return None;
+    }
+    let (spent, reserved, in_value) = account_fields(value)?;
+    let expires = [expires_ms.unwrap_or(0), in_value]
+        .into_iter()
+        .filter(|&e| e != 0)
+        .min();
+    let value = match (form, expires) {
+        (AccountForm::ExpiryInValue, Some(e)) => format!("{spent} {reserved} {e}"),
+        _ => format!("{spent} {reserved}"),
+    };
+    Some((value.into_bytes(), expires))
+}
+
+/// An account value with its reserved amount set to 0 (the rest, the form included, kept),
+/// for an export: reservations belong to requests in flight on the source, which will never
+/// settle them on the target. `None` when the value is not an account.
+pub(crate) fn account_without_reserved(value: &[u8]) -> Option<Vec<u8>> {
+    let (spent, _, expires) = account_fields(value)?;
+    let out = if expires == 0 {
+        format!("{spent} 0")
+    } else {
+        format!("{spent} 0 {expires}")
+    };
+    Some(out.into_bytes())
+}
+
 #[cfg(test)]
 mod tests {
     //! The arithmetic alone; the behaviour through each backend is in `super::super::tests`.
@@ -508,5 +585,38 @@ mod tests {
         let (b, _) = ledger_settle_step("a", Some(b"0 5"), -1, -7, None).unwrap();
         assert_eq!(b.spent_micros, 0);
         assert_eq!(b.reserved_micros, 5);
+    }
+
+    #[test]
+    fn imported_accounts_take_the_form_of_their_backend() {
+        use AccountForm::{ExpiryInValue, NativeExpiry};
+        // From Redis (expiry beside the value) into sled: the expiry goes into the value.
+        assert_eq!(
+            import_account("led/a", b"5 2", Some(9_000), ExpiryInValue),
+            Some((b"5 2 9000".to_vec(), Some(9_000)))
+        );
+        // From sled into Redis: the value loses its third field, the expiry stays native.
+        assert_eq!(
+            import_account("led/a", b"5 2 9000", Some(9_001), NativeExpiry),
+            Some((b"5 2".to_vec(), Some(9_000)))
+        );
+        // The earlier expiry wins; one carried only in the value still counts.
+        assert_eq!(
+            import_account("led/a", b"5 2 9000", None, ExpiryInValue),
+            Some((b"5 2 9000".to_vec(), Some(9_000)))
+        );
+        assert_eq!(
+            import_account("led/a", b"5 2", None, ExpiryInValue),
+            Some((b"5 2".to_vec(), None))
+        );
+        // Not an account, or not a ledger key: stored as it is.
+        assert_eq!(import_account("led/a", b"lots", None, ExpiryInValue), None);
+        assert_eq!(import_account("k", b"5 2", Some(1), ExpiryInValue), None);
+        assert_eq!(
+            account_without_reserved(b"5 2 9000"),
+            Some(b"5 0 9000".to_vec())
+        );
+        assert_eq!(account_without_reserved(b"5 2"), Some(b"5 0".to_vec()));
+        assert_eq!(account_without_reserved(b"5 2 x"), None);
     }
 }

@@ -21,7 +21,10 @@ use std::time::{Duration, Instant};
 use ::sled::transaction::{TransactionError, Transactional};
 use ::sled::{Db, IVec, Tree};
 
-use super::{StateError, StateStore, add_to_counter, decode_live, encode, encode_at, now_ms};
+use super::primitives::{AccountForm, import_account};
+use super::{
+    Entry, StateError, StateStore, add_to_counter, decode_live, encode, encode_at, now_ms,
+};
 
 /// One write of [`SledStore::write_batch`]: `value` is the stored form ([`encode_at`]:
 /// expiry, then bytes), `None` removes.
@@ -121,10 +124,7 @@ fn open_db(path: &Path) -> Result<Db, StateError> {
     ::sled::Config::new()
         .path(path)
         .open()
-        .map_err(|e| StateError::Open {
-            path: path.display().to_string(),
-            reason: e.to_string(),
-        })
+        .map_err(|e| open_error(path, &e))
 }
 
 /// Closes `db`, or leaks it when closing panics (sled's close fsyncs with `unwrap`).
@@ -440,6 +440,81 @@ impl SledStore {
     }
 }
 
+/// sled's name for the tree every database has; it holds none of our namespaces.
+const DEFAULT_TREE: &[u8] = b"__sled__default";
+
+/// The error of opening `path`: [`StateError::Locked`] when another process holds the lock
+/// (sled 0.34 reports that only as an I/O error with this message).
+fn open_error(path: &Path, e: &::sled::Error) -> StateError {
+    let path = path.display().to_string();
+    match e {
+        ::sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
+            StateError::Locked { path }
+        }
+        _ => StateError::Open {
+            path,
+            reason: e.to_string(),
+        },
+    }
+}
+
+impl SledStore {
+    /// The names of the trees that may hold namespaces (some may be empty).
+    pub(crate) fn tree_namespaces(&self) -> Result<Vec<String>, StateError> {
+        self.with_db(Op::Read, |db| {
+            Ok(db
+                .tree_names()
+                .into_iter()
+                .filter(|name| &name[..] != DEFAULT_TREE)
+                .map(|name| String::from_utf8_lossy(&name).into_owned())
+                .collect())
+        })
+    }
+
+    /// The live entries of `ns` with keys after `after` (exclusive), in key order, read
+    /// lazily.
+    pub(crate) fn entries_after(
+        &self,
+        ns: &str,
+        after: Option<&str>,
+    ) -> Result<impl Iterator<Item = Result<Entry, StateError>> + use<>, StateError> {
+        let tree = self.with_tree(ns, Op::Read, |tree| Ok(tree.clone()))?;
+        let now = now_ms();
+        let start = match after {
+            Some(a) => std::ops::Bound::Excluded(IVec::from(a.as_bytes())),
+            None => std::ops::Bound::Unbounded,
+        };
+        let iter = tree.range::<IVec, _>((start, std::ops::Bound::Unbounded));
+        Ok(iter.filter_map(move |item| match item {
+            Err(e) => Some(Err(StateError::Backend(e.to_string()))),
+            Ok((key, raw)) => decode_live(&raw, now).map(|(expires, value)| {
+                Ok(Entry {
+                    key: String::from_utf8_lossy(&key).into_owned(),
+                    value: value.to_vec(),
+                    expires_ms: (expires != 0).then_some(expires),
+                })
+            }),
+        }))
+    }
+
+    /// The stored form of an imported entry: its value (a ledger account in the form with
+    /// its expiry, see [`StateStore::put_entry`]) behind its absolute expiry; `None` when it
+    /// has already expired.
+    pub(crate) fn stored_entry(entry: &Entry) -> Option<(u64, Vec<u8>)> {
+        let (value, expires) = import_account(
+            &entry.key,
+            &entry.value,
+            entry.expires_ms,
+            AccountForm::ExpiryInValue,
+        )
+        .unwrap_or_else(|| (entry.value.clone(), entry.expires_ms));
+        if expires.is_some_and(|e| e <= now_ms()) {
+            return None;
+        }
+        Some((expires.unwrap_or(0), value))
+    }
+}
+
 impl Drop for SledStore {
     fn drop(&mut self) {
         let Some(db) = self
@@ -600,6 +675,37 @@ impl StateStore for SledStore {
             Some(why) => Err(format!("state store failing: {why}")),
         }
     }
+
+    fn namespaces(&self) -> Result<Vec<String>, StateError> {
+        let mut out = Vec::new();
+        for ns in self.tree_namespaces()? {
+            if self.entries_after(&ns, None)?.next().transpose()?.is_some() {
+                out.push(ns);
+            }
+        }
+        out.sort_unstable();
+        Ok(out)
+    }
+
+    fn entries(
+        &self,
+        ns: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Entry>, StateError> {
+        self.entries_after(ns, after)?.take(limit).collect()
+    }
+
+    fn put_entry(&self, ns: &str, entry: &Entry) -> Result<(), StateError> {
+        let Some((expires, value)) = SledStore::stored_entry(entry) else {
+            return Ok(());
+        };
+        self.with_tree(ns, Op::Write, |tree| {
+            tree.insert(entry.key.as_bytes(), encode_at(&value, expires))
+                .map_err(|e| self.failed(e, Op::Write))?;
+            Ok(())
+        })
+    }
 }
 
 #[cfg(test)]
@@ -684,6 +790,22 @@ mod tests {
     fn concurrent_ledger_never_reserves_more_than_the_limit() {
         let (_dir, store) = store();
         shared::concurrent_ledger(Arc::new(store));
+    }
+
+    #[test]
+    fn export_entries() {
+        shared::export_entries(&store().1);
+    }
+
+    #[test]
+    fn a_second_open_reports_the_lock() {
+        let (dir, _held) = store();
+        let err = SledStore::open(dir.path()).unwrap_err();
+        assert!(matches!(err, StateError::Locked { .. }), "{err}");
+        assert!(
+            err.to_string().contains("in use by another process"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -16,7 +16,9 @@
 //! the keys it holds, and each operation runs under its key's shard lock, so `incr` and `cas`
 //! stay atomic per key and TTLs keep their meaning (expiry is absolute wall-clock time,
 //! written to sled with the value). [`StateStore::scan_prefix`] flushes first, then scans
-//! sled, so it sees every write that happened before it.
+//! sled, so it sees every write that happened before it. [`StateStore::entries`] (export)
+//! writes nothing: it merges the map's unflushed changes into a read of sled, so it works
+//! while sled cannot be written (a full disk).
 //!
 //! # Durability
 //! Each flush is one instant of the map (every shard locked while it is copied), written as
@@ -44,8 +46,8 @@
 //! intervals: a flush drops the clean entries nobody touched since the previous flush. So
 //! memory follows the working set of the last ~200 ms, not the size of the database.
 
-use std::collections::HashMap;
 use std::collections::hash_map::DefaultHasher;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
@@ -258,6 +260,87 @@ impl WriteBehindStore {
     }
 }
 
+/// What the map holds for the keys of one namespace after some key: `None` for a key that is
+/// absent (deleted, expired) whatever sled still holds.
+type Overlay = BTreeMap<String, Option<(u64, Vec<u8>)>>;
+
+impl WriteBehindStore {
+    /// The unflushed changes to `ns` after `after` (exclusive), one shard at a time: the
+    /// entries sled may not have yet (clean entries are what sled holds).
+    fn overlay(&self, ns: &str, after: Option<&str>, now: u64) -> Overlay {
+        let mut out = Overlay::new();
+        for shard in self.shards.iter() {
+            let shard = lock(shard);
+            let Some(keys) = shard.get(ns) else {
+                continue;
+            };
+            for (key, e) in keys {
+                if e.dirty && after.is_none_or(|a| key.as_str() > a) {
+                    let live = e.live(now).map(|v| (e.expires, v.to_vec()));
+                    out.insert(key.clone(), live);
+                }
+            }
+        }
+        out
+    }
+
+    /// The namespaces the map holds changes for (some may hold no live entry).
+    fn overlay_namespaces(&self) -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        for shard in self.shards.iter() {
+            out.extend(lock(shard).keys().cloned());
+        }
+        out
+    }
+
+    /// Sled's live entries of `ns` after `after`, with the map's unflushed changes merged in,
+    /// in key order; at most `limit`.
+    fn merged_entries(
+        &self,
+        ns: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<super::Entry>, StateError> {
+        let now = now_ms();
+        let mut overlay = self.overlay(ns, after, now).into_iter();
+        let mut disk = self.sled.entries_after(ns, after)?;
+        let mut next_map = overlay.next();
+        let mut next_disk = disk.next().transpose()?;
+        let mut out = Vec::new();
+        while out.len() < limit {
+            let map_first = match (&next_disk, &next_map) {
+                (None, None) => break,
+                (Some(_), None) => false,
+                (None, Some(_)) => true,
+                (Some(d), Some((key, _))) => *key <= d.key,
+            };
+            if !map_first {
+                if let Some(entry) = next_disk.take() {
+                    out.push(entry);
+                }
+                next_disk = disk.next().transpose()?;
+                continue;
+            }
+            let Some((key, live)) = next_map.take() else {
+                break;
+            };
+            next_map = overlay.next();
+            if next_disk.as_ref().is_some_and(|d| d.key == key) {
+                // The map's version replaces sled's.
+                next_disk = disk.next().transpose()?;
+            }
+            if let Some((expires, value)) = live {
+                out.push(super::Entry {
+                    key,
+                    value,
+                    expires_ms: (expires != 0).then_some(expires),
+                });
+            }
+        }
+        Ok(out)
+    }
+}
+
 /// A thread that runs `task` every `every` while `store` lives.
 fn periodic(
     store: &Arc<WriteBehindStore>,
@@ -421,6 +504,49 @@ impl StateStore for WriteBehindStore {
     fn health(&self) -> Result<(), String> {
         self.sled.health()
     }
+
+    fn namespaces(&self) -> Result<Vec<String>, StateError> {
+        let mut candidates = self.overlay_namespaces();
+        candidates.extend(self.sled.tree_namespaces()?);
+        let mut out = Vec::new();
+        for ns in candidates {
+            if !self.merged_entries(&ns, None, 1)?.is_empty() {
+                out.push(ns);
+            }
+        }
+        Ok(out)
+    }
+
+    fn entries(
+        &self,
+        ns: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<super::Entry>, StateError> {
+        self.merged_entries(ns, after, limit)
+    }
+
+    fn put_entry(&self, ns: &str, entry: &super::Entry) -> Result<(), StateError> {
+        let Some((expires, value)) = SledStore::stored_entry(entry) else {
+            return Ok(());
+        };
+        // Like `set`, with the entry's own absolute expiry.
+        let mut shard = self.shard(ns, &entry.key);
+        let keys = match shard.get_mut(ns) {
+            Some(keys) => keys,
+            None => shard.entry(ns.to_owned()).or_default(),
+        };
+        let e = keys.entry(entry.key.clone()).or_insert(Entry {
+            value: None,
+            expires: 0,
+            dirty: false,
+            touched: true,
+            version: 0,
+        });
+        e.touched = true;
+        Self::write(e, Some(value), expires);
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -505,6 +631,71 @@ mod tests {
     fn concurrent_ledger_never_reserves_more_than_the_limit() {
         let (_dir, store) = store();
         shared::concurrent_ledger(Arc::new(store));
+    }
+
+    #[test]
+    fn export_entries() {
+        shared::export_entries(&store().1);
+    }
+
+    #[test]
+    fn entries_merge_unflushed_changes_into_sled_without_writing() {
+        let (_dir, store) = store();
+        for k in ["a", "b", "c", "d"] {
+            store.set("m", k, k.as_bytes(), None).unwrap();
+        }
+        store.set("gone", "k", b"x", None).unwrap();
+        store.flush().unwrap();
+        // Unflushed: b changed, c deleted, e and 0 new, a whole namespace deleted, a new one.
+        store.set("m", "b", b"B", None).unwrap();
+        store.delete("m", "c").unwrap();
+        store.set("m", "e", b"e", None).unwrap();
+        store.set("m", "0", b"0", None).unwrap();
+        store.delete("gone", "k").unwrap();
+        store.set("new", "k", b"n", None).unwrap();
+        let all: Vec<(String, Vec<u8>)> = store
+            .entries("m", None, usize::MAX)
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.key, e.value))
+            .collect();
+        let want: Vec<(String, Vec<u8>)> =
+            [("0", "0"), ("a", "a"), ("b", "B"), ("d", "d"), ("e", "e")]
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), v.as_bytes().to_vec()))
+                .collect();
+        assert_eq!(all, want);
+        // Pages across the merge.
+        let mut paged = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = store.entries("m", after.as_deref(), 2).unwrap();
+            let Some(last) = page.last() else { break };
+            after = Some(last.key.clone());
+            paged.extend(page.into_iter().map(|e| (e.key, e.value)));
+        }
+        assert_eq!(paged, want);
+        assert_eq!(store.namespaces().unwrap(), ["m", "new"]);
+        // Nothing was written behind to answer that.
+        assert_eq!(
+            store.sled().get("m", "b").unwrap().as_deref(),
+            Some(&b"b"[..])
+        );
+        assert_eq!(store.sled().get("m", "e").unwrap(), None);
+        assert_eq!(store.sled().namespaces().unwrap(), ["gone", "m"]);
+        // put_entry is written behind like any write.
+        let entry = crate::state::Entry {
+            key: "p".into(),
+            value: b"v".to_vec(),
+            expires_ms: None,
+        };
+        store.put_entry("m", &entry).unwrap();
+        assert_eq!(store.sled().get("m", "p").unwrap(), None);
+        store.flush().unwrap();
+        assert_eq!(
+            store.sled().get("m", "p").unwrap().as_deref(),
+            Some(&b"v"[..])
+        );
     }
 
     #[test]

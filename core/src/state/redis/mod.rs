@@ -51,7 +51,8 @@ use redis::{IntoConnectionInfo, RedisError, Value};
 use serde::Deserialize;
 
 use self::cache::LocalCache;
-use super::{Balance, LimitOutcome, Rate, StateError, StateStore, primitives};
+use super::primitives::{AccountForm, import_account};
+use super::{Balance, Entry, LimitOutcome, Rate, StateError, StateStore, primitives};
 
 /// `[state.redis]` in `weir.toml`.
 #[derive(Debug, Clone, Deserialize)]
@@ -1194,6 +1195,73 @@ impl StateStore for RedisStore {
         for (k, units) in leases.expired(true) {
             self.return_lease(&k, units)?;
         }
+        Ok(())
+    }
+
+    /// Export reads ignore the failure modes: an export that fails open would be silently
+    /// incomplete.
+    fn namespaces(&self) -> Result<Vec<String>, StateError> {
+        let set = self.inner.keys.namespaces.clone();
+        let mut con = self.conn();
+        let mut all: Vec<String> = self.run(Primitive::Kv, async move {
+            redis::cmd("SMEMBERS")
+                .arg(set)
+                .query_async::<Vec<String>>(&mut con)
+                .await
+        })?;
+        all.sort_unstable();
+        let mut out = Vec::with_capacity(all.len());
+        for ns in all {
+            if !self.entries(&ns, None, 1)?.is_empty() {
+                out.push(ns);
+            }
+        }
+        Ok(out)
+    }
+
+    fn entries(
+        &self,
+        ns: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Entry>, StateError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let min = after.map_or_else(|| "-".to_owned(), |a| format!("({a}"));
+        let rows = self.range(ns, min, "+".to_owned(), limit)?;
+        Ok(rows
+            .into_iter()
+            .map(|(key, value, expires)| Entry {
+                key,
+                value,
+                expires_ms: u64::try_from(expires).ok().filter(|&e| e > 0),
+            })
+            .collect())
+    }
+
+    fn put_entry(&self, ns: &str, entry: &Entry) -> Result<(), StateError> {
+        let (value, expires) = import_account(
+            &entry.key,
+            &entry.value,
+            entry.expires_ms,
+            AccountForm::NativeExpiry,
+        )
+        .unwrap_or_else(|| (entry.value.clone(), entry.expires_ms));
+        if expires.is_some_and(|e| e <= super::now_ms()) {
+            return Ok(());
+        }
+        let _: i64 = self.write_script(
+            Primitive::Kv,
+            &scripts::PUT_ENTRY,
+            ns,
+            &entry.key,
+            vec![
+                value,
+                expires.unwrap_or(0).to_string().into_bytes(),
+                b"1".to_vec(),
+            ],
+        )?;
         Ok(())
     }
 

@@ -140,7 +140,8 @@ conformance!(
     limiter_edges,
     limiter_expires,
     ledger,
-    ledger_ttl
+    ledger_ttl,
+    export_entries
 );
 
 macro_rules! conformance_arc {
