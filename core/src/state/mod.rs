@@ -54,6 +54,7 @@
 //! makes it expire, and later updates keep that expiry.
 
 pub mod memory;
+pub mod migrate;
 mod primitives;
 pub mod redis;
 pub mod sled;
