@@ -47,6 +47,8 @@ enum Command {
     Usage(weir::admin::usage::UsageArgs),
     /// Plugin tools: `test PATH` runs a plugin against its fixtures, `new` scaffolds one.
     Plugin(weir::plugin::cli::PluginArgs),
+    /// Export and import state (keys, spend, plugin kv), e.g. to move from sled to Redis.
+    State(weir::state::cli::StateArgs),
 }
 
 fn main() -> ExitCode {
@@ -57,6 +59,7 @@ fn main() -> ExitCode {
         Command::Keys(args) => weir::admin::keys::run(args),
         Command::Usage(args) => weir::admin::usage::run(args),
         Command::Plugin(args) => weir::plugin::cli::run(args),
+        Command::State(args) => weir::state::cli::run(args),
         Command::Serve { config, listen } => match serve(config, listen) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

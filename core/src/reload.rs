@@ -628,6 +628,12 @@ impl Reloader {
         &self.gw
     }
 
+    /// The state store the gateway shares (keys, spend, plugin kv): what
+    /// `GET /admin/state/export` reads.
+    pub fn store(&self) -> &Arc<dyn StateStore> {
+        &self.store
+    }
+
     /// The config file.
     pub fn config_path(&self) -> &Path {
         &self.config_path

@@ -16,10 +16,12 @@
 //! | `GET /admin/plugins` | plugin failure and shadow-decision counters |
 //! | `GET /admin/logs?limit=N&after=SEQ` | request-log records; `&follow=true` streams them (SSE) |
 //! | `* /admin/plugins/{instance}/{path}` | the plugin instance's own admin endpoint (hook `admin`) |
+//! | `GET /admin/state/export?namespaces=a,b&keep_reserved=true` | the live state store as JSON Lines ([`state`]) |
 
 pub mod auth;
 pub mod cli;
 pub mod keys;
+mod state;
 pub mod usage;
 
 use std::collections::BTreeMap;
@@ -66,6 +68,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/admin/generations", get(generations))
         .route("/admin/plugins", get(plugins))
         .route("/admin/logs", get(logs))
+        .route("/admin/state/export", get(state::export))
         .route(
             "/admin/plugins/{instance}/{*path}",
             axum::routing::any(plugin_admin),

@@ -53,6 +53,7 @@
 //! A budget period is part of the account name; the TTL given when the account is created
 //! makes it expire, and later updates keep that expiry.
 
+pub mod cli;
 pub mod memory;
 pub mod migrate;
 mod primitives;
