@@ -31,5 +31,6 @@ mod policy_routing;
 mod reload;
 mod request_log;
 mod shared_state;
+mod state_export;
 mod streaming;
 mod upstream_faults;

@@ -119,7 +119,34 @@ impl PolicyGateway {
         gw
     }
 
-    fn config_path(&self) -> PathBuf {
+    /// A gateway not started yet, its config written (state in its own directory), so a
+    /// test can prepare that state first (`weir state import`); [`PolicyGateway::launch`]
+    /// starts it.
+    pub fn unstarted(body: &str) -> PolicyGateway {
+        Self::unstarted_with_state(body, "")
+    }
+
+    /// Like [`PolicyGateway::unstarted`], with `state` appended to the `[state]` section.
+    pub fn unstarted_with_state(body: &str, state: &str) -> PolicyGateway {
+        let gw = PolicyGateway {
+            dir: tempfile::tempdir().expect("tempdir"),
+            child: None,
+            client: Client::new(String::new()),
+            admin: Admin::new(String::new()),
+            body: body.to_owned(),
+            state: state.to_owned(),
+        };
+        gw.write_config(&free_addr().to_string());
+        gw
+    }
+
+    /// Starts a gateway made by [`PolicyGateway::unstarted`].
+    pub async fn launch(&mut self) {
+        self.spawn().await;
+    }
+
+    /// The config file (its `[state]` names this gateway's directory).
+    pub fn config_path(&self) -> PathBuf {
         self.dir.path().join("weir.toml")
     }
 
