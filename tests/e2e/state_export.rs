@@ -200,3 +200,95 @@ async fn keys_and_spend_move_to_a_new_store_through_the_admin_export() {
     })
     .await;
 }
+
+/// Counts from the `total` line of an import report: imported, overwritten, skipped.
+fn totals(report: &str) -> Vec<u64> {
+    report
+        .lines()
+        .find(|l| l.trim_start().starts_with("total"))
+        .map(|l| {
+            l.split_whitespace()
+                .filter_map(|w| w.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_node_moves_to_redis_and_back() {
+    bounded(async {
+        let redis = crate::shared_state::RedisServer::start();
+        let src = PolicyGateway::start(&config()).await;
+        let (id, secret) = src
+            .create_key(json!({"name": "mover", "budget_usd": 0.5, "budget_period": "total"}))
+            .await;
+        assert_eq!(src.chat(&secret, &ask(20)).await.status, 200);
+        let before = spend(&src, &id, 1).await;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("sled.jsonl");
+        let out = weir_state(&[
+            "export",
+            "--admin",
+            src.admin.addr(),
+            "--out",
+            path_str(&file),
+        ]);
+        assert!(out.status.success(), "{}", text(&out));
+
+        // sled -> Redis, imported while nothing runs on it, then two gateways on Redis.
+        let mut on_redis = PolicyGateway::unstarted_with_state(&config(), &redis.state(""));
+        let out = weir_state(&[
+            "import",
+            "--config",
+            path_str(&on_redis.config_path()),
+            "--in",
+            path_str(&file),
+        ]);
+        assert!(out.status.success(), "{}", text(&out));
+        assert!(totals(&text(&out))[0] > 0, "{}", text(&out));
+        on_redis.launch().await;
+        let second = PolicyGateway::start_with_state(&config(), &redis.state("")).await;
+        for gw in [&on_redis, &second] {
+            let line = spend(gw, &id, 1).await;
+            assert_eq!(line["spend_usd"], before["spend_usd"], "{line}");
+        }
+        for gw in [&on_redis, &second] {
+            assert_eq!(gw.chat(&secret, &ask(5)).await.status, 200);
+        }
+        let moved = spend(&second, &id, 3).await;
+
+        // Redis is not locked: export straight from its config, back into a fresh sled.
+        let back = dir.path().join("redis.jsonl");
+        let out = weir_state(&[
+            "export",
+            "--config",
+            path_str(&on_redis.config_path()),
+            "--out",
+            path_str(&back),
+        ]);
+        assert!(out.status.success(), "{}", text(&out));
+        let header: Value = serde_json::from_str(
+            std::fs::read_to_string(&back)
+                .unwrap()
+                .lines()
+                .next()
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(header["source_backend"], "redis");
+        let mut on_sled = PolicyGateway::unstarted(&config());
+        let out = weir_state(&[
+            "import",
+            "--config",
+            path_str(&on_sled.config_path()),
+            "--in",
+            path_str(&back),
+        ]);
+        assert!(out.status.success(), "{}", text(&out));
+        on_sled.launch().await;
+        let line = spend(&on_sled, &id, 3).await;
+        assert_eq!(line["spend_usd"], moved["spend_usd"], "{line}");
+        assert_eq!(on_sled.chat(&secret, &ask(5)).await.status, 200);
+    })
+    .await;
+}
