@@ -129,6 +129,7 @@ fn serve(path: PathBuf, listen: Option<SocketAddr>) -> anyhow::Result<()> {
     runtime.block_on(async move {
         let addr = config.listen;
         let grace = config.shutdown_grace;
+        let limits = config.connections;
         let metrics = Metrics::new()?;
         let models = config.model_order.len();
         let admin = config.admin.clone();
@@ -149,7 +150,7 @@ fn serve(path: PathBuf, listen: Option<SocketAddr>) -> anyhow::Result<()> {
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
         tracing::info!(%addr, models, config = %path.display(), "Weir is serving.");
-        weir::server::serve(listener, gw.clone(), grace).await?;
+        weir::server::serve(listener, gw.clone(), limits, grace).await?;
         // Plugins' on_log settles reservations and usage: let the queue empty first.
         let left = tokio::task::spawn_blocking(move || gw.on_log.drain(Duration::from_secs(5)))
             .await
@@ -158,6 +159,8 @@ fn serve(path: PathBuf, listen: Option<SocketAddr>) -> anyhow::Result<()> {
             tracing::warn!(left, "Stopped with on_log hooks still queued.");
         }
         // State changes live in memory until written behind: write the last ones to disk.
+        // A store that cannot (a full disk) is left unclosed rather than panicking in its
+        // destructor, and the exit status says the last changes are lost.
         let local = stores.local;
         if let Err(e) = tokio::task::spawn_blocking(move || {
             state.flush()?;
@@ -165,7 +168,8 @@ fn serve(path: PathBuf, listen: Option<SocketAddr>) -> anyhow::Result<()> {
         })
         .await?
         {
-            tracing::warn!(error = %e, "State flush at shutdown failed.");
+            tracing::error!(error = %e, "State flush at shutdown failed; unsaved changes are lost.");
+            anyhow::bail!("stopped without saving state: {e}");
         }
         tracing::info!("Weir stopped.");
         Ok(())

@@ -28,6 +28,19 @@ impl Dialect {
             Dialect::Anthropic => "anthropic",
         }
     }
+
+    /// The dialect of errors for a request path: Anthropic's under `/v1/messages`, OpenAI's
+    /// everywhere else.
+    pub fn for_path(path: &str) -> Dialect {
+        let anthropic = path
+            .strip_prefix("/v1/messages")
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with(['/', '?']));
+        if anthropic {
+            Dialect::Anthropic
+        } else {
+            Dialect::OpenAi
+        }
+    }
 }
 
 /// The request body, parsed once into the canonical form.

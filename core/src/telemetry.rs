@@ -2,7 +2,8 @@
 //! with the gateway's own metrics.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::field::MakeExt;
@@ -79,6 +80,10 @@ pub struct Metrics {
     pub attempts: IntCounterVec,
     /// `weir_active_streams{model}`: streams in flight.
     pub active_streams: IntGaugeVec,
+    /// `weir_state_healthy`: 1 while the state store serves, 0 while it fails (a full
+    /// disk); set from [`crate::state::StateStore::health`] at every scrape and `/readyz`.
+    /// Its companion `weir_state_write_errors_total` is [`crate::state::write_errors`].
+    pub state_healthy: IntGauge,
 }
 
 impl Metrics {
@@ -140,6 +145,11 @@ impl Metrics {
             Opts::new("weir_active_streams", "Streams in flight, by model."),
             &["model"],
         )?;
+        let state_healthy = IntGauge::new(
+            "weir_state_healthy",
+            "1 while the state store serves, 0 while it is failing (e.g. a full disk).",
+        )?;
+        state_healthy.set(1);
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(request_duration.clone()))?;
         registry.register(Box::new(upstream_duration.clone()))?;
@@ -148,6 +158,8 @@ impl Metrics {
         registry.register(Box::new(tokens.clone()))?;
         registry.register(Box::new(attempts.clone()))?;
         registry.register(Box::new(active_streams.clone()))?;
+        registry.register(Box::new(state_healthy.clone()))?;
+        registry.register(Box::new(crate::state::write_errors().clone()))?;
         Ok(Metrics {
             registry,
             requests,
@@ -158,6 +170,7 @@ impl Metrics {
             tokens,
             attempts,
             active_streams,
+            state_healthy,
         })
     }
 

@@ -1,7 +1,8 @@
 //! Every error surface: bad input (400 naming the field), unknown model (404), oversized
 //! body (413), upstream failure (502), upstream timeout (504), upstream garbage, broken
-//! streams, upstream 4xx passed through, Anthropic-shaped errors on `/v1/messages`, and no
-//! input that takes the process down.
+//! streams, upstream 4xx passed through, Anthropic-shaped errors on `/v1/messages`, errors of
+//! the HTTP layer itself (405, 414, 431, malformed requests) and non-JSON content types
+//! (415) in the route's dialect, and no input that takes the process down.
 
 use std::time::{Duration, Instant};
 
@@ -9,8 +10,8 @@ use serde_json::{Value, json};
 
 use crate::support::dialect::openai;
 use crate::support::{
-    ConfigBuilder, Frame, MockUpstream, Reply, TestGateway, Timeouts, anthropic_error, bounded,
-    chat_body, openai_error,
+    ConfigBuilder, Frame, MockUpstream, RawConn, Reply, Resp, TestGateway, Timeouts,
+    anthropic_error, bounded, chat_body, openai_error,
 };
 
 async fn gateway_for(up: &MockUpstream, timeouts: Option<Timeouts>) -> TestGateway {
@@ -425,6 +426,144 @@ async fn no_input_takes_the_process_down() {
             "a handler panicked:\n{}",
             gw.logs()
         );
+    })
+    .await;
+}
+
+/// Sends raw bytes and reads the gateway's answer up to the close, as a [`Resp`].
+async fn raw_exchange(gw: &TestGateway, request: &[u8]) -> Resp {
+    let mut conn = RawConn::connect(gw.addr()).await;
+    // The gateway may answer (and close) before it has read everything: ignore send errors.
+    let _ = conn.try_send(request).await;
+    let ending = conn.read_to_close(Duration::from_secs(10)).await;
+    assert!(ending.closed, "the connection stayed open: {ending:?}");
+    let status = ending
+        .status()
+        .unwrap_or_else(|| panic!("no HTTP response: {ending:?}"));
+    let text = String::from_utf8_lossy(&ending.bytes).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: application/json"),
+        "not JSON: {head}"
+    );
+    Resp {
+        status,
+        headers: Default::default(),
+        text: body.to_owned(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_layer_errors_carry_a_json_body_in_the_routes_dialect() {
+    bounded(async {
+        let up = MockUpstream::start().await;
+        let gw = gateway_for(&up, None).await;
+
+        // 405: a known path with the wrong method.
+        let err = openai_error(&gw.client.get("/v1/chat/completions").await, 405);
+        assert_eq!(err["code"], "method_not_allowed");
+        anthropic_error(&gw.client.get("/v1/messages").await, 405);
+        let resp = gw
+            .client
+            .http()
+            .delete(gw.client.url("/v1/embeddings"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 405);
+        assert!(resp.text().await.unwrap().contains("method_not_allowed"));
+
+        // 400: a head hyper cannot parse.
+        let bad_header =
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: weir\r\nno colon here\r\n\r\n";
+        let err = openai_error(&raw_exchange(&gw, bad_header).await, 400);
+        assert_eq!(err["code"], "malformed_request");
+        let bad_header = b"POST /v1/messages HTTP/1.1\r\nhost: weir\r\nno colon here\r\n\r\n";
+        anthropic_error(&raw_exchange(&gw, bad_header).await, 400);
+        let garbage = b"\x16\x03\x01\x02\x00 not http at all\r\n\r\n";
+        openai_error(&raw_exchange(&gw, garbage).await, 400);
+
+        // 414: a request target past hyper's limit.
+        let long = format!(
+            "GET /v1/messages?q={} HTTP/1.1\r\nhost: weir\r\n\r\n",
+            "a".repeat(70_000)
+        );
+        let err = anthropic_error(&raw_exchange(&gw, long.as_bytes()).await, 414);
+        assert_eq!(err["type"], "invalid_request_error");
+        let long = long.replace("/v1/messages", "/v1/chat/completions");
+        let err = openai_error(&raw_exchange(&gw, long.as_bytes()).await, 414);
+        assert_eq!(err["code"], "uri_too_long");
+
+        // 431: more headers than hyper accepts.
+        let many: String = (0..150).map(|i| format!("x-h{i}: v\r\n")).collect();
+        let req = format!("POST /v1/chat/completions HTTP/1.1\r\nhost: weir\r\n{many}\r\n");
+        let err = openai_error(&raw_exchange(&gw, req.as_bytes()).await, 431);
+        assert_eq!(err["code"], "headers_too_large");
+        let req = req.replace("/v1/chat/completions", "/v1/messages");
+        anthropic_error(&raw_exchange(&gw, req.as_bytes()).await, 431);
+
+        assert_eq!(up.hits(), 0);
+        assert_eq!(gw.client.get("/healthz").await.status, 200);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_posts_need_a_json_content_type() {
+    bounded(async {
+        let up = MockUpstream::start().await;
+        let gw = gateway_for(&up, None).await;
+        let body = chat_body("m", "hi").to_string();
+        let post = |path: &str, content_type: Option<&str>| {
+            let mut req = gw
+                .client
+                .http()
+                .post(gw.client.url(path))
+                .body(body.clone());
+            if let Some(ct) = content_type {
+                req = req.header("content-type", ct);
+            }
+            async move {
+                let resp = req.send().await.unwrap();
+                let status = resp.status().as_u16();
+                let headers = resp.headers().clone();
+                let text = resp.text().await.unwrap();
+                Resp {
+                    status,
+                    headers,
+                    text,
+                }
+            }
+        };
+        // What a page in a browser can send across origins without a preflight.
+        let err = openai_error(&post("/v1/chat/completions", Some("text/plain")).await, 415);
+        assert_eq!(err["code"], "unsupported_media_type");
+        openai_error(
+            &post("/v1/embeddings", Some("application/x-www-form-urlencoded")).await,
+            415,
+        );
+        anthropic_error(
+            &post("/v1/messages", Some("multipart/form-data; boundary=x")).await,
+            415,
+        );
+        anthropic_error(&post("/v1/messages", None).await, 415);
+        openai_error(
+            &post("/v1/chat/completions", Some("application/jsonx")).await,
+            415,
+        );
+        assert_eq!(up.hits(), 0, "a refused request reached the upstream");
+
+        // JSON with parameters, in any case, and `+json` types are accepted.
+        for ct in [
+            "application/json",
+            "application/json; charset=utf-8",
+            "Application/JSON",
+            "application/vnd.api+json",
+        ] {
+            let resp = post("/v1/chat/completions", Some(ct)).await;
+            assert_eq!(resp.status, 200, "{ct}: {}", resp.text);
+        }
     })
     .await;
 }

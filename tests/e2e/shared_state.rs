@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::policy_auth::{MOCK_MODELS, PolicyGateway, eventually, plugin_entry};
+use crate::policy_auth::{MOCK_MODELS, PolicyGateway, eventually, plugin_dir};
 use crate::support::{bounded, openai_error};
 
 /// A `redis-server` child on 127.0.0.1 and a free port, killed on drop.
@@ -85,6 +85,15 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// A `[[plugins]]` entry with generous deadlines: these tests are about shared state, and
+/// run two debug gateways and a Redis on a machine that may be busy.
+fn plugin_entry(name: &str, config: &str) -> String {
+    format!(
+        "\n[[plugins]]\npath = \"{}\"\ndeadline_ms = 2000\nchunk_deadline_ms = 1000\n[plugins.config]\n{config}\n",
+        plugin_dir(name).display()
+    )
 }
 
 const PRICES: &str = "prices = { mock = { input = 1000, output = 1000 } }";

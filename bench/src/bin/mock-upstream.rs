@@ -7,7 +7,10 @@
 //! Any path prefix is accepted, so a base URL of `http://127.0.0.1:9100/v1` works. Streams
 //! send `chunks` content chunks, the first at once and each next one `delay_ms` later. Both are
 //! set per request by the query (`?chunks=20&delay_ms=50`), by headers (`x-mock-chunks`,
-//! `x-mock-delay-ms`), or else by the command line defaults. JSON answers are built once at
+//! `x-mock-delay-ms`), or else by the command line defaults. `x-mock-fault` injects a fault
+//! (the soak scenario's): `500` and `429` answer with that status (429 with `retry-after: 1`),
+//! `truncate` cuts the answer short (a JSON body halfway, a stream after half its content
+//! chunks, without usage or `[DONE]`). JSON answers are built once at
 //! start: the mock should cost as little CPU as possible, since it shares a core with the load
 //! generator.
 
@@ -184,6 +187,29 @@ impl Mock {
         }
         let path = parts.uri.path();
         let stream = has(&body, b"\"stream\":true") || has(&body, b"\"stream\": true");
+        match parts.headers.get("x-mock-fault").map(HeaderValue::as_bytes) {
+            Some(b"500") => return plain(StatusCode::INTERNAL_SERVER_ERROR, "injected fault"),
+            Some(b"429") => {
+                let mut resp = plain(StatusCode::TOO_MANY_REQUESTS, "injected fault");
+                resp.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                return resp;
+            }
+            Some(b"truncate") if path.ends_with("/chat/completions") => {
+                if !stream {
+                    let whole = self.chat_json.clone();
+                    return json_response(whole.slice(..whole.len() / 2));
+                }
+                let whole = self.openai_stream(shape.chunks, true);
+                let keep = whole.content.div_ceil(2);
+                let cut = Frames {
+                    frames: whole.frames[..keep].to_vec(),
+                    content: keep,
+                };
+                return sse(Arc::new(cut), shape.delay);
+            }
+            _ => {}
+        }
         if path.ends_with("/chat/completions") {
             if stream {
                 let usage =

@@ -417,6 +417,10 @@ async fn plugin_admin(
         );
     }
     let method = req.method().as_str().to_owned();
+    let writes = !matches!(
+        *req.method(),
+        axum::http::Method::GET | axum::http::Method::HEAD
+    );
     let query = req.uri().query().unwrap_or_default().to_owned();
     let body = match axum::body::to_bytes(req.into_body(), MAX_PLUGIN_ADMIN_BODY).await {
         Ok(b) => b.to_vec(),
@@ -433,9 +437,33 @@ async fn plugin_admin(
         query,
         body,
     };
-    let answer = tokio::task::spawn_blocking(move || inst.admin(&call)).await;
+    let store = snapshot.services.state.clone();
+    let answer = tokio::task::spawn_blocking(move || {
+        inst.admin(&call).map(|r| {
+            // A change is done once it is on disk: the state store writes behind, so a call
+            // that may have written (not GET) and succeeded flushes it, and a flush that
+            // fails (a full disk) turns the answer into an error, so `weir keys create`
+            // never hands out a key a restart would forget.
+            let saved = if writes && (200..300).contains(&r.status) {
+                store.flush()
+            } else {
+                Ok(())
+            };
+            (r, saved)
+        })
+    })
+    .await;
     match answer {
-        Ok(Ok(r)) => {
+        Ok(Ok((_, Err(e)))) => {
+            tracing::error!(plugin = %instance, error = %e, "Plugin admin change not saved.");
+            error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "plugin '{instance}': the change was not saved ({e}); it stays in memory and is saved once the state store recovers, but a restart before then loses it"
+                ),
+            )
+        }
+        Ok(Ok((r, Ok(())))) => {
             let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::BAD_GATEWAY);
             (
                 status,

@@ -50,7 +50,8 @@ impl SseParser {
     /// Feeds bytes; pushes every event they complete onto `out`.
     pub fn feed(&mut self, chunk: &[u8], out: &mut Vec<SseEvent>) -> Result<(), SseError> {
         let mut input = chunk;
-        if self.skip_lf {
+        // An empty read says nothing about the byte after a `\r`: keep waiting for it.
+        if self.skip_lf && !input.is_empty() {
             if let Some(rest) = input.strip_prefix(b"\n") {
                 input = rest;
             }
@@ -200,6 +201,14 @@ mod tests {
                 },
             ]
         );
+    }
+
+    #[test]
+    fn empty_read_between_cr_and_lf_keeps_one_line_ending() {
+        // Found by the fuzz target `sse_parser`: an empty read after a `\r` forgot that a
+        // `\n` may still follow, and the `\n` then ended the event early.
+        let whole = parse_all(&[b"data: a\r\ndata: b\n\n"]);
+        assert_eq!(parse_all(&[b"data: a\r", b"", b"\ndata: b\n\n"]), whole);
     }
 
     #[test]

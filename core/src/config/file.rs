@@ -59,6 +59,28 @@ pub struct ServerConfig {
     /// Default 30.
     #[serde(default = "default_grace")]
     pub shutdown_grace_secs: u64,
+    /// Seconds a client gets to send a whole request head (request line and headers), from
+    /// the connection's start or from the first byte of a request on a kept-alive
+    /// connection; past it the connection is closed. Like nginx's `client_header_timeout`.
+    /// Default 60. Read at startup.
+    #[serde(default = "default_header_read_timeout")]
+    pub header_read_timeout_secs: u64,
+    /// Longest pause, in seconds, between two reads of a request body (not the whole body,
+    /// like nginx's `client_body_timeout`); past it the request gets a 408 and the
+    /// connection is closed. Default 60.
+    #[serde(default = "default_body_read_timeout")]
+    pub body_read_timeout_secs: u64,
+    /// Seconds a kept-alive connection may sit idle between requests before it is closed.
+    /// Like nginx's `keepalive_timeout`. Default 75. Read at startup.
+    #[serde(default = "default_keepalive_timeout")]
+    pub keepalive_timeout_secs: u64,
+    /// Client connections open at once. At the cap the gateway stops accepting (new
+    /// connections wait in the kernel's backlog) until one closes, and logs a warning at
+    /// most once every 10 s. Default: 10,000, or half the open-file limit (`ulimit -n`) if
+    /// that is lower, so upstream connections and files still get descriptors. Read at
+    /// startup.
+    #[serde(default)]
+    pub max_connections: Option<u64>,
 }
 
 impl Default for ServerConfig {
@@ -67,6 +89,10 @@ impl Default for ServerConfig {
             listen: default_listen(),
             max_body_bytes: default_max_body(),
             shutdown_grace_secs: default_grace(),
+            header_read_timeout_secs: default_header_read_timeout(),
+            body_read_timeout_secs: default_body_read_timeout(),
+            keepalive_timeout_secs: default_keepalive_timeout(),
+            max_connections: None,
         }
     }
 }
@@ -79,6 +105,15 @@ fn default_max_body() -> u64 {
 }
 fn default_grace() -> u64 {
     30
+}
+fn default_header_read_timeout() -> u64 {
+    60
+}
+fn default_body_read_timeout() -> u64 {
+    60
+}
+fn default_keepalive_timeout() -> u64 {
+    75
 }
 
 /// `[log]`.
@@ -130,6 +165,12 @@ pub struct RetryConfig {
     /// Backoff ceiling, in ms. Default 2000.
     #[serde(default = "default_max_backoff")]
     pub max_backoff_ms: u64,
+    /// Longest upstream `Retry-After` (on a 408, 429 or 5xx) waited out before retrying the
+    /// same target, in ms. A longer ask skips the retries on that target: the next target is
+    /// tried, or the error (with the upstream's `retry-after`) goes back to the client.
+    /// Default 10,000; 0 never waits on `Retry-After`.
+    #[serde(default = "default_max_retry_after")]
+    pub max_retry_after_ms: u64,
 }
 
 impl Default for RetryConfig {
@@ -138,6 +179,7 @@ impl Default for RetryConfig {
             attempts_per_target: default_attempts(),
             backoff_ms: default_backoff(),
             max_backoff_ms: default_max_backoff(),
+            max_retry_after_ms: default_max_retry_after(),
         }
     }
 }
@@ -150,6 +192,9 @@ fn default_backoff() -> u64 {
 }
 fn default_max_backoff() -> u64 {
     2000
+}
+fn default_max_retry_after() -> u64 {
+    10_000
 }
 
 /// `timeouts` of a provider.
@@ -165,6 +210,11 @@ pub struct TimeoutsConfig {
     /// Whole exchange including a stream, ms. Default 600,000.
     #[serde(default = "default_total")]
     pub total_ms: u64,
+    /// Longest silence between two reads of a stream once its first event arrived, ms; a
+    /// stream quiet for longer ends with an error event (a timeout). Bytes of any kind count
+    /// (comments and pings keep a stream alive). Default 60,000; must be greater than 0.
+    #[serde(default = "default_stream_idle")]
+    pub stream_idle_ms: u64,
 }
 
 impl Default for TimeoutsConfig {
@@ -173,6 +223,7 @@ impl Default for TimeoutsConfig {
             connect_ms: default_connect(),
             first_byte_ms: default_first_byte(),
             total_ms: default_total(),
+            stream_idle_ms: default_stream_idle(),
         }
     }
 }
@@ -185,6 +236,17 @@ fn default_first_byte() -> u64 {
 }
 fn default_total() -> u64 {
     600_000
+}
+fn default_stream_idle() -> u64 {
+    60_000
+}
+
+/// Default `max_response_bytes` of a provider: 32 MiB.
+pub const DEFAULT_MAX_RESPONSE_BYTES: u64 = 32 * 1024 * 1024;
+
+/// The default of a provider's `max_response_bytes` (for `#[serde(default = ...)]`).
+pub fn default_max_response_bytes() -> u64 {
+    DEFAULT_MAX_RESPONSE_BYTES
 }
 
 /// `[[models]]`.

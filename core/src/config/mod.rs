@@ -104,15 +104,25 @@ pub struct Timeouts {
     pub first_byte: Duration,
     /// Whole exchange, streams included.
     pub total: Duration,
+    /// Longest silence between two reads of a committed stream.
+    pub stream_idle: Duration,
 }
 
-impl From<&TimeoutsConfig> for Timeouts {
-    fn from(t: &TimeoutsConfig) -> Self {
-        Timeouts {
+impl Timeouts {
+    /// Validated timeouts of provider `provider`.
+    pub fn from_config(provider: &str, t: &TimeoutsConfig) -> Result<Self, ConfigError> {
+        if t.stream_idle_ms == 0 {
+            return Err(ConfigError::invalid(
+                format!("providers.{provider}.timeouts.stream_idle_ms"),
+                "must be greater than 0",
+            ));
+        }
+        Ok(Timeouts {
             connect: Duration::from_millis(t.connect_ms),
             first_byte: Duration::from_millis(t.first_byte_ms),
             total: Duration::from_millis(t.total_ms),
-        }
+            stream_idle: Duration::from_millis(t.stream_idle_ms),
+        })
     }
 }
 
@@ -126,6 +136,9 @@ pub struct ProviderEntry {
     pub imp: provider::ProviderImpl,
     /// Timeouts.
     pub timeouts: Timeouts,
+    /// Largest non-streamed 2xx answer read, in bytes (`max_response_bytes`); a larger one
+    /// is a 502, and is never read past this.
+    pub max_response_bytes: usize,
 }
 
 impl std::fmt::Debug for ProviderEntry {
@@ -165,6 +178,8 @@ pub struct Retry {
     pub backoff: Duration,
     /// Backoff ceiling.
     pub max_backoff: Duration,
+    /// Longest upstream `Retry-After` waited out before a retry on the same target.
+    pub max_retry_after: Duration,
 }
 
 /// The admin API, validated (see [`file::AdminConfig`]).
@@ -187,6 +202,32 @@ pub struct Reload {
     pub keep_generations: usize,
 }
 
+/// Client connection limits (see [`file::ServerConfig`]), read at startup.
+#[derive(Debug, Clone, Copy)]
+pub struct Connections {
+    /// Time to send a whole request head.
+    pub header_read_timeout: Duration,
+    /// Idle time allowed between requests on a kept-alive connection.
+    pub keepalive_timeout: Duration,
+    /// Client connections open at once.
+    pub max_connections: usize,
+}
+
+/// The default `server.max_connections`: 10,000, or half the open-file limit if that is
+/// lower (the other half is for upstream connections, state files and plugins).
+fn default_max_connections() -> usize {
+    const DEFAULT: usize = 10_000;
+    #[cfg(unix)]
+    {
+        let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+        if let Some(soft) = limit.current {
+            let half = usize::try_from(soft / 2).unwrap_or(usize::MAX);
+            return DEFAULT.min(half).max(1);
+        }
+    }
+    DEFAULT
+}
+
 /// The validated, runtime configuration.
 #[derive(Debug)]
 pub struct Config {
@@ -196,8 +237,12 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Largest request body accepted.
     pub max_body_bytes: usize,
+    /// Longest pause between two reads of a request body.
+    pub body_read_timeout: Duration,
     /// How long in-flight requests may run after a shutdown signal.
     pub shutdown_grace: Duration,
+    /// Client connection limits.
+    pub connections: Connections,
     /// Log format.
     pub log_format: LogFormat,
     /// Log filter (`info`, `weir=debug`, ...).
@@ -270,6 +315,39 @@ impl Config {
         file.state
             .validate()
             .map_err(|reason| ConfigError::invalid("state", reason))?;
+        for (key, secs) in [
+            (
+                "server.header_read_timeout_secs",
+                file.server.header_read_timeout_secs,
+            ),
+            (
+                "server.body_read_timeout_secs",
+                file.server.body_read_timeout_secs,
+            ),
+            (
+                "server.keepalive_timeout_secs",
+                file.server.keepalive_timeout_secs,
+            ),
+        ] {
+            if secs == 0 {
+                return Err(ConfigError::invalid(key, "must be at least 1"));
+            }
+        }
+        let max_connections = match file.server.max_connections {
+            Some(0) => {
+                return Err(ConfigError::invalid(
+                    "server.max_connections",
+                    "must be at least 1",
+                ));
+            }
+            Some(n) => usize::try_from(n).unwrap_or(usize::MAX),
+            None => default_max_connections(),
+        };
+        let connections = Connections {
+            header_read_timeout: Duration::from_secs(file.server.header_read_timeout_secs),
+            keepalive_timeout: Duration::from_secs(file.server.keepalive_timeout_secs),
+            max_connections,
+        };
         if file.retry.attempts_per_target == 0 {
             return Err(ConfigError::invalid(
                 "retry.attempts_per_target",
@@ -372,13 +450,16 @@ impl Config {
             path: path.to_owned(),
             listen,
             max_body_bytes: usize::try_from(file.server.max_body_bytes).unwrap_or(usize::MAX),
+            body_read_timeout: Duration::from_secs(file.server.body_read_timeout_secs),
             shutdown_grace: Duration::from_secs(file.server.shutdown_grace_secs),
+            connections,
             log_format: file.log.format,
             log_level: file.log.level.clone(),
             retry: Retry {
                 attempts_per_target: file.retry.attempts_per_target,
                 backoff: Duration::from_millis(file.retry.backoff_ms),
                 max_backoff: Duration::from_millis(file.retry.max_backoff_ms),
+                max_retry_after: Duration::from_millis(file.retry.max_retry_after_ms),
             },
             providers,
             models,
@@ -420,6 +501,36 @@ mod tests {
     }
 
     #[test]
+    fn server_timeouts_and_connection_cap_are_validated() {
+        let cfg = load("").unwrap();
+        assert_eq!(cfg.connections.header_read_timeout, Duration::from_secs(60));
+        assert_eq!(cfg.body_read_timeout, Duration::from_secs(60));
+        assert_eq!(cfg.connections.keepalive_timeout, Duration::from_secs(75));
+        assert!((1..=10_000).contains(&cfg.connections.max_connections));
+        let cfg = load("[server]\nheader_read_timeout_secs = 2\nbody_read_timeout_secs = 3\nkeepalive_timeout_secs = 4\nmax_connections = 5\n").unwrap();
+        assert_eq!(cfg.connections.header_read_timeout, Duration::from_secs(2));
+        assert_eq!(cfg.body_read_timeout, Duration::from_secs(3));
+        assert_eq!(cfg.connections.keepalive_timeout, Duration::from_secs(4));
+        assert_eq!(cfg.connections.max_connections, 5);
+        for bad in [
+            "header_read_timeout_secs = 0",
+            "body_read_timeout_secs = 0",
+            "keepalive_timeout_secs = 0",
+            "max_connections = 0",
+        ] {
+            let err = load(&format!("[server]\n{bad}\n")).unwrap_err();
+            let key = bad.split(' ').next().unwrap();
+            assert!(
+                err.to_string()
+                    .contains(&format!("server.{key}: must be at least 1")),
+                "{err}"
+            );
+        }
+        let err = load("[server]\nidle_timeout_secs = 5\n").unwrap_err();
+        assert!(err.to_string().contains("unknown field"), "{err}");
+    }
+
+    #[test]
     fn invalid_prices_name_the_file_and_key() {
         let err = load("[prices.m]\ninput = -0.1\noutput = 1\n").unwrap_err();
         assert!(
@@ -441,5 +552,48 @@ mod tests {
         assert!(reason.contains("unknown field `cached`"), "{err}");
         let err = load("[prices.m]\noutput = 1\n").unwrap_err();
         assert!(err.to_string().contains("missing field `input`"), "{err}");
+    }
+    fn provider(lines: &str) -> Result<Config, ConfigError> {
+        load(&format!(
+            "[providers.up]\nkind = \"openai\"\nbase_url = \"http://127.0.0.1:9/v1\"\n{lines}\n"
+        ))
+    }
+
+    #[test]
+    fn stream_limits_have_defaults_and_are_validated() {
+        let cfg = provider("").unwrap();
+        let up = &cfg.providers["up"];
+        assert_eq!(up.timeouts.stream_idle, Duration::from_secs(60));
+        assert_eq!(up.max_response_bytes, 32 * 1024 * 1024);
+        assert_eq!(cfg.retry.max_retry_after, Duration::from_secs(10));
+
+        let cfg =
+            provider("max_response_bytes = 1024\ntimeouts = { stream_idle_ms = 1500 }").unwrap();
+        let up = &cfg.providers["up"];
+        assert_eq!(up.timeouts.stream_idle, Duration::from_millis(1500));
+        assert_eq!(
+            up.timeouts.total,
+            Duration::from_secs(600),
+            "others keep defaults"
+        );
+        assert_eq!(up.max_response_bytes, 1024);
+        let cfg = load("[retry]\nmax_retry_after_ms = 0\n").unwrap();
+        assert_eq!(cfg.retry.max_retry_after, Duration::ZERO);
+
+        let err = provider("timeouts = { stream_idle_ms = 0 }").unwrap_err();
+        assert!(
+            err.to_string().starts_with(
+                "weir.toml: providers.up.timeouts.stream_idle_ms: must be greater than 0"
+            ),
+            "{err}"
+        );
+        let err = provider("max_response_bytes = 0").unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("weir.toml: providers.up.max_response_bytes: must be greater than 0"),
+            "{err}"
+        );
+        let err = provider("timeouts = { idle_ms = 5 }").unwrap_err();
+        assert!(err.to_string().contains("unknown field `idle_ms`"), "{err}");
     }
 }

@@ -48,6 +48,9 @@ pub enum HttpError {
     /// The response body broke while it was being read.
     #[error("response body broken: {0}")]
     Body(String),
+    /// The response body is larger than the limit it was read with (and was not read past it).
+    #[error("response body exceeds {0} bytes")]
+    TooLarge(usize),
 }
 
 impl HttpError {
@@ -148,12 +151,40 @@ impl HttpClient {
     }
 }
 
-/// Reads a whole response body.
-pub async fn read_all(body: Incoming) -> Result<Bytes, HttpError> {
-    body.collect()
-        .await
-        .map(|c| c.to_bytes())
-        .map_err(|e| HttpError::Body(describe(&e)))
+/// Reads a whole response body of at most `limit` bytes. A larger body is refused by its
+/// `content-length` before reading, or as soon as what arrived passes the limit: never more
+/// than `limit` bytes (plus one read) are held.
+pub async fn read_limited(resp: Response<Incoming>, limit: usize) -> Result<Bytes, HttpError> {
+    let declared = resp
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > u64::try_from(limit).unwrap_or(u64::MAX)) {
+        return Err(HttpError::TooLarge(limit));
+    }
+    let mut body = resp.into_body();
+    // Most answers arrive in one frame: that frame is returned as is, without a copy.
+    let mut first: Option<Bytes> = None;
+    let mut joined = bytes::BytesMut::new();
+    let mut len = 0usize;
+    while let Some(chunk) = next_chunk(&mut body).await {
+        let chunk = chunk?;
+        len = len.saturating_add(chunk.len());
+        if len > limit {
+            return Err(HttpError::TooLarge(limit));
+        }
+        match first.take() {
+            None if joined.is_empty() => first = Some(chunk),
+            None => joined.extend_from_slice(&chunk),
+            Some(f) => {
+                joined.reserve(len);
+                joined.extend_from_slice(&f);
+                joined.extend_from_slice(&chunk);
+            }
+        }
+    }
+    Ok(first.unwrap_or_else(|| joined.freeze()))
 }
 
 /// Reads the next data frame of a body (`None` at its end), skipping trailers.

@@ -20,6 +20,29 @@ pub enum GatewayError {
     /// The body exceeds `server.max_body_bytes`.
     #[error("request body exceeds the limit of {0} bytes")]
     PayloadTooLarge(usize),
+    /// The request's `content-type` is not JSON.
+    #[error("content-type must be application/json (got {0})")]
+    UnsupportedMediaType(String),
+    /// The route exists but not for this method.
+    #[error("method {method} is not allowed on {path}")]
+    MethodNotAllowed {
+        /// The request's method.
+        method: String,
+        /// The request's path.
+        path: String,
+    },
+    /// The client paused longer than `server.body_read_timeout_secs` while sending the body.
+    #[error("timed out reading the request body (no data for {0} s)")]
+    BodyTimeout(u64),
+    /// The HTTP layer could not parse the request (request line or headers).
+    #[error("malformed HTTP request")]
+    MalformedRequest,
+    /// The request target is longer than the HTTP layer accepts.
+    #[error("request URI is too long")]
+    UriTooLong,
+    /// The request head (headers) is larger than the HTTP layer accepts.
+    #[error("request headers are too large")]
+    HeadersTooLarge,
     /// No such model in config.
     #[error("model '{0}' does not exist or is not served by this gateway")]
     ModelNotFound(String),
@@ -35,6 +58,8 @@ pub enum GatewayError {
         status: StatusCode,
         /// The upstream's message.
         message: String,
+        /// The upstream's `Retry-After`, passed on to the client.
+        retry_after: Option<std::time::Duration>,
     },
     /// The upstream could not be reached or sent something unusable.
     #[error("upstream {provider} failed: {reason}")]
@@ -85,6 +110,12 @@ impl GatewayError {
             | GatewayError::BadRequest(_)
             | GatewayError::Unsupported(_) => StatusCode::BAD_REQUEST,
             GatewayError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            GatewayError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            GatewayError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            GatewayError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            GatewayError::MalformedRequest => StatusCode::BAD_REQUEST,
+            GatewayError::UriTooLong => StatusCode::URI_TOO_LONG,
+            GatewayError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             GatewayError::ModelNotFound(_) => StatusCode::NOT_FOUND,
             GatewayError::UpstreamStatus { status, .. } => *status,
             GatewayError::UpstreamFailed { .. } => StatusCode::BAD_GATEWAY,
@@ -103,6 +134,12 @@ impl GatewayError {
             GatewayError::MalformedJson(_) => "malformed_json",
             GatewayError::BadRequest(_) => "bad_request",
             GatewayError::PayloadTooLarge(_) => "payload_too_large",
+            GatewayError::UnsupportedMediaType(_) => "unsupported_media_type",
+            GatewayError::MethodNotAllowed { .. } => "method_not_allowed",
+            GatewayError::BodyTimeout(_) => "body_timeout",
+            GatewayError::MalformedRequest => "malformed_request",
+            GatewayError::UriTooLong => "uri_too_long",
+            GatewayError::HeadersTooLarge => "headers_too_large",
             GatewayError::ModelNotFound(_) => "model_not_found",
             GatewayError::Unsupported(_) => "unsupported",
             GatewayError::UpstreamStatus { .. } => "upstream_status",
@@ -150,6 +187,12 @@ impl GatewayError {
                 let code = match self {
                     GatewayError::ModelNotFound(_) => Some("model_not_found"),
                     GatewayError::PayloadTooLarge(_) => Some("payload_too_large"),
+                    GatewayError::UnsupportedMediaType(_)
+                    | GatewayError::MethodNotAllowed { .. }
+                    | GatewayError::BodyTimeout(_)
+                    | GatewayError::MalformedRequest
+                    | GatewayError::UriTooLong
+                    | GatewayError::HeadersTooLarge => Some(self.reason()),
                     GatewayError::UpstreamTimeout { .. } => Some("upstream_timeout"),
                     GatewayError::PluginFailed { .. } => Some("plugin_failed"),
                     GatewayError::PluginStopped { .. } => Some("stopped_by_policy"),
@@ -161,16 +204,48 @@ impl GatewayError {
         }
     }
 
+    /// The `retry-after` for the client: the upstream's, else 1 s on a 429.
+    fn retry_after(&self) -> Option<std::time::Duration> {
+        match self {
+            GatewayError::UpstreamStatus {
+                retry_after: Some(d),
+                ..
+            } => Some(*d),
+            _ if self.status() == StatusCode::TOO_MANY_REQUESTS => {
+                Some(std::time::Duration::from_secs(1))
+            }
+            _ => None,
+        }
+    }
+
     /// The full HTTP response in the client's dialect.
     pub fn into_response_for(self, dialect: Dialect) -> Response {
         let status = self.status();
         let body = self.body(dialect);
         let mut resp = (status, axum::Json(body)).into_response();
-        if status == StatusCode::TOO_MANY_REQUESTS {
+        if let Some(d) = self.retry_after() {
+            // Whole seconds, rounded up: a client must not come back early.
+            let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
             resp.headers_mut()
-                .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+                .insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if self.closes_connection() {
+            resp.headers_mut()
+                .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
         }
         resp
+    }
+
+    /// Whether the connection cannot carry another request after this error: the rest of
+    /// the request was never read, so the next bytes on the wire are not a request.
+    pub fn closes_connection(&self) -> bool {
+        matches!(
+            self,
+            GatewayError::BodyTimeout(_)
+                | GatewayError::MalformedRequest
+                | GatewayError::UriTooLong
+                | GatewayError::HeadersTooLarge
+        )
     }
 }
 
@@ -188,6 +263,32 @@ mod tests {
         let body = e.body(Dialect::OpenAi);
         assert_eq!(body["error"]["param"], "messages[0].role");
         assert_eq!(body["error"]["type"], "invalid_request_error");
+    }
+
+    #[test]
+    fn retry_after_is_the_upstreams_rounded_up_else_one_second_on_a_429() {
+        let limited = |retry_after| GatewayError::UpstreamStatus {
+            provider: "p".into(),
+            status: StatusCode::TOO_MANY_REQUESTS,
+            message: "slow down".into(),
+            retry_after,
+        };
+        let header = |e: GatewayError| {
+            e.into_response_for(Dialect::OpenAi)
+                .headers()
+                .get(http::header::RETRY_AFTER)
+                .map(|v| v.to_str().unwrap_or_default().to_owned())
+        };
+        assert_eq!(
+            header(limited(Some(std::time::Duration::from_millis(2_100)))).as_deref(),
+            Some("3")
+        );
+        assert_eq!(
+            header(limited(Some(std::time::Duration::from_secs(30)))).as_deref(),
+            Some("30")
+        );
+        assert_eq!(header(limited(None)).as_deref(), Some("1"));
+        assert_eq!(header(GatewayError::Internal("x".into())), None);
     }
 
     #[test]

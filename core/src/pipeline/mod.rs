@@ -304,8 +304,12 @@ impl Accounting {
         }
     }
 
-    /// The served stream broke after its first event: its attempt failed after all.
-    fn stream_broke(&mut self) {
+    /// The served stream broke after its first event (truncated, stalled, garbled, cut): its
+    /// attempt failed after all, and the request is an upstream failure with the status it
+    /// would have had (502, or 504 for a timeout) in metrics, the request log and `on_log`,
+    /// although the client's response had already gone out as a 200.
+    fn stream_broke(&mut self, e: &GatewayError) {
+        self.status = e.status();
         if self.open_attempt.is_some()
             && let Some(last) = self.attempts.last_mut()
         {
@@ -880,8 +884,8 @@ impl SseBody {
                 }
                 Some(Ok(item)) => self.encode(item),
                 Some(Err(e)) => {
-                    tracing::warn!(error = %e, "Upstream stream failed after it started; ending it with an error event.");
-                    self.acct.stream_broke();
+                    tracing::warn!(error = %e, reason = e.reason(), "Upstream stream failed after it started; ending it with an error event.");
+                    self.acct.stream_broke(&e);
                     self.end_with_error(e);
                 }
                 None => {

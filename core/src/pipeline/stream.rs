@@ -5,6 +5,12 @@
 //! dialect in and out, no plugin watching chunks), the upstream event data untouched so the
 //! gateway does not re-serialize what it does not change. Nothing is buffered beyond the
 //! event being parsed.
+//!
+//! A stream ends cleanly only when the upstream said it is complete (`[DONE]` or every
+//! choice's finish reason for OpenAI, `message_stop` for Anthropic, every candidate's finish
+//! reason for Gemini). A body that just stops is truncated: [`ChunkStream::next`] returns an
+//! error, never a clean end. Once the first event has arrived, a read that waits longer than
+//! the provider's `stream_idle_ms` is a timeout.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -17,8 +23,9 @@ use super::error::GatewayError;
 use super::upstream::stream_item_error;
 use crate::api::openai::{ChatChunk, Usage};
 use crate::api::sse::{SseEvent, SseParser};
-use crate::provider::StreamDecoder;
 use crate::provider::mock::TimedChunk;
+use crate::provider::openai::{StreamEnd, peek_chunk};
+use crate::provider::{ProviderError, StreamDecoder};
 
 /// One item of a stream.
 #[derive(Debug)]
@@ -32,9 +39,20 @@ pub enum StreamItem {
         data: String,
         /// Usage, if this chunk carries it.
         usage: Option<Usage>,
-        /// The chunk has no choices (the usage-only chunk).
+        /// The chunk has no choices and carries usage (the usage-only chunk).
         usage_only: bool,
     },
+}
+
+/// The time limits of one streamed upstream exchange.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamLimits {
+    /// End of the whole exchange (`total_ms` after the request went out).
+    pub deadline: Instant,
+    /// The configured total timeout (for logs).
+    pub total: Duration,
+    /// Longest wait for the next read once the stream is committed (`stream_idle_ms`).
+    pub idle: Duration,
 }
 
 enum Source {
@@ -44,7 +62,7 @@ enum Source {
         decoder: Box<dyn StreamDecoder>,
         passthrough: bool,
         provider: String,
-        deadline: Instant,
+        limits: StreamLimits,
         events: Vec<SseEvent>,
     },
     Mock {
@@ -58,6 +76,11 @@ pub struct ChunkStream {
     source: Source,
     ready: VecDeque<StreamItem>,
     done: bool,
+    /// How a pass-through stream has ended so far (decoded streams: the decoder knows).
+    end: StreamEnd,
+    /// The first item has arrived ([`ChunkStream::prefetch`] succeeded): from here on the
+    /// idle timeout bounds each read (before, the caller's first-byte timeout does).
+    committed: bool,
     total: Duration,
 }
 
@@ -68,8 +91,7 @@ impl ChunkStream {
         decoder: Box<dyn StreamDecoder>,
         passthrough: bool,
         provider: String,
-        deadline: Instant,
-        total: Duration,
+        limits: StreamLimits,
     ) -> Self {
         ChunkStream {
             source: Source::Http {
@@ -78,12 +100,14 @@ impl ChunkStream {
                 decoder,
                 passthrough,
                 provider,
-                deadline,
+                limits,
                 events: Vec::new(),
             },
             ready: VecDeque::new(),
             done: false,
-            total,
+            end: StreamEnd::default(),
+            committed: false,
+            total: limits.total,
         }
     }
 
@@ -96,6 +120,8 @@ impl ChunkStream {
             },
             ready: VecDeque::new(),
             done: false,
+            end: StreamEnd::default(),
+            committed: false,
             total: Duration::MAX,
         }
     }
@@ -123,6 +149,7 @@ impl ChunkStream {
                 reason: "stream ended before its first event".to_owned(),
             });
         }
+        self.committed = true;
         Ok(())
     }
 
@@ -133,7 +160,8 @@ impl ChunkStream {
         }
     }
 
-    /// The next item; `None` at the clean end of the stream.
+    /// The next item; `None` at the clean end of the stream (the upstream said it is
+    /// complete). A truncated, broken, stalled or garbled stream ends with `Some(Err)`.
     pub async fn next(&mut self) -> Option<Result<StreamItem, GatewayError>> {
         loop {
             if let Some(item) = self.ready.pop_front() {
@@ -170,14 +198,20 @@ impl ChunkStream {
                 decoder,
                 passthrough,
                 provider,
-                deadline,
+                limits,
                 events,
             } => {
-                let read = match timeout_at((*deadline).into(), body.next()).await {
+                let idle_deadline = Instant::now() + limits.idle;
+                let (wait_until, phase) = if self.committed && idle_deadline < limits.deadline {
+                    (idle_deadline, "stream idle")
+                } else {
+                    (limits.deadline, "total")
+                };
+                let read = match timeout_at(wait_until.into(), body.next()).await {
                     Err(_) => {
                         return Err(GatewayError::UpstreamTimeout {
                             provider: provider.clone(),
-                            phase: "total",
+                            phase,
                         });
                     }
                     Ok(r) => r,
@@ -186,6 +220,10 @@ impl ChunkStream {
                     None => {
                         parser.finish();
                         self.done = true;
+                        if *passthrough {
+                            // Pass-through runs no decoder: its own record says how it ended.
+                            return self.end.check().map_err(|e| stream_item_error(provider, e));
+                        }
                         let tail = decoder
                             .finish()
                             .map_err(|e| stream_item_error(provider, e))?;
@@ -205,7 +243,7 @@ impl ChunkStream {
                             })?;
                         for event in events.drain(..) {
                             if *passthrough {
-                                match raw_item(event, decoder.as_mut()) {
+                                match raw_item(event, &mut self.end) {
                                     Ok(Some(item)) => self.ready.push_back(item),
                                     Ok(None) => self.done = true,
                                     Err(e) => return Err(stream_item_error(provider, e)),
@@ -237,40 +275,114 @@ impl ChunkStream {
     }
 }
 
-/// Pass-through decoding: keep the data as is, look inside only where needed.
-/// `Ok(None)` means the end marker.
-fn raw_item(
-    event: SseEvent,
-    decoder: &mut dyn StreamDecoder,
-) -> Result<Option<StreamItem>, crate::provider::ProviderError> {
+/// Pass-through decoding: keep the data as is and read only what the gateway needs (usage,
+/// the end of each choice, errors) in one parse that builds nothing. `Ok(None)` is `[DONE]`.
+fn raw_item(event: SseEvent, end: &mut StreamEnd) -> Result<Option<StreamItem>, ProviderError> {
     let data = event.data.trim();
     if data == "[DONE]" {
+        end.done();
         return Ok(None);
     }
-    // Errors and usage chunks are rare: only they pay for a full decode.
-    let needs_look = event.event == "error"
-        || data.starts_with("{\"error\"")
-        || memchr::memmem::find(data.as_bytes(), b"\"usage\":{").is_some();
-    if !needs_look {
-        // Validate without building a value: garbage must not reach the client as data.
-        if serde_json::from_str::<serde::de::IgnoredAny>(data).is_err() {
-            return Err(crate::provider::ProviderError::InvalidResponse(
-                "stream event is not JSON".into(),
-            ));
-        }
-        return Ok(Some(StreamItem::Raw {
-            data: event.data,
-            usage: None,
-            usage_only: false,
-        }));
+    if event.event == "error" {
+        let message = crate::provider::openai_error_message(data.as_bytes())
+            .unwrap_or_else(|| data.to_owned());
+        return Err(ProviderError::StreamError(message));
     }
-    let decoded = decoder.decode(&event)?;
-    let chunk = decoded.chunks.into_iter().next();
-    let usage = chunk.as_ref().and_then(|c| c.usage);
-    let usage_only = chunk.as_ref().is_some_and(|c| c.choices.is_empty());
+    // The parse is also the check that garbage never reaches the client as data.
+    let peek = peek_chunk(data, end)?;
     Ok(Some(StreamItem::Raw {
         data: event.data,
-        usage,
-        usage_only,
+        usage: peek.usage,
+        usage_only: peek.usage_only,
     }))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn event(data: &str) -> SseEvent {
+        SseEvent {
+            event: String::new(),
+            data: data.to_owned(),
+        }
+    }
+
+    fn raw(data: &str, end: &mut StreamEnd) -> (Option<Usage>, bool) {
+        match raw_item(event(data), end) {
+            Ok(Some(StreamItem::Raw {
+                usage, usage_only, ..
+            })) => (usage, usage_only),
+            other => panic!("{data}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn pass_through_reads_usage_whatever_the_spacing() {
+        let mut end = StreamEnd::default();
+        for data in [
+            r#"{"id":"c","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":5,"total_tokens":8}}"#,
+            r#"{"id":"c", "choices": [ ], "usage": { "prompt_tokens": 3, "completion_tokens": 5 }}"#,
+            "{\n  \"id\": \"c\",\n  \"choices\": [],\n  \"usage\" :\t{\"prompt_tokens\":3,\"completion_tokens\":5}\n}",
+        ] {
+            let (usage, usage_only) = raw(data, &mut end);
+            let usage = usage.unwrap_or_else(|| panic!("{data}: usage not read"));
+            assert_eq!(
+                (usage.prompt_tokens, usage.completion_tokens),
+                (3, 5),
+                "{data}"
+            );
+            assert!(usage_only, "{data}");
+        }
+    }
+
+    #[test]
+    fn pass_through_content_that_quotes_usage_is_content() {
+        let mut end = StreamEnd::default();
+        let data = r#"{"id":"c","choices":[{"index":0,"delta":{"content":"\"usage\":{"},"finish_reason":null}],"usage":null}"#;
+        assert_eq!(raw(data, &mut end), (None, false));
+        assert!(!end.is_complete(), "a choice is still open");
+    }
+
+    #[test]
+    fn pass_through_errors_and_garbage_are_errors() {
+        let mut end = StreamEnd::default();
+        for data in [
+            r#"{"error":{"message":"boom"}}"#,
+            r#"{ "error" : { "message": "boom" } }"#,
+        ] {
+            match raw_item(event(data), &mut end) {
+                Err(ProviderError::StreamError(m)) => assert_eq!(m, "boom", "{data}"),
+                other => panic!("{data}: {other:?}"),
+            }
+        }
+        assert!(matches!(
+            raw_item(event("{broken"), &mut end),
+            Err(ProviderError::InvalidResponse(_))
+        ));
+    }
+
+    #[test]
+    fn pass_through_end_needs_done_or_every_finish_reason() {
+        let open = r#"{"choices":[{"index":0,"delta":{"content":"a"}},{"index":1,"delta":{"content":"b"}}]}"#;
+        let mut end = StreamEnd::default();
+        raw(open, &mut end);
+        assert!(end.check().is_err(), "truncated");
+        raw(
+            r#"{"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}"#,
+            &mut end,
+        );
+        assert!(end.check().is_err(), "choice 1 is still open");
+        raw(
+            r#"{"choices":[{"index":1,"delta":{},"finish_reason":"length"}]}"#,
+            &mut end,
+        );
+        assert!(end.check().is_ok(), "every choice finished");
+
+        let mut end = StreamEnd::default();
+        raw(open, &mut end);
+        assert!(raw_item(event("[DONE]"), &mut end).unwrap().is_none());
+        assert!(end.check().is_ok(), "[DONE] ends the stream");
+    }
 }

@@ -6,6 +6,11 @@
 //! is read here, before the response is committed; after that, a failure ends the stream with
 //! an error event instead.
 //!
+//! An upstream's `Retry-After` (or `retry-after-ms`) on a retryable status sets the wait before
+//! the retry on the same target, up to `retry.max_retry_after_ms`; past that the target is not
+//! retried. A non-streamed answer is read up to the provider's `max_response_bytes`, never
+//! further.
+//!
 //! Every attempt (each retry and each fallback) is recorded twice: as an [`AttemptRecord`]
 //! in the request's list (the request log's `attempts`), and as a sample in the process-wide
 //! [`TargetStats`]. A served stream's attempt stays in flight until the stream ends
@@ -20,7 +25,7 @@ use tokio::time::timeout_at;
 
 use super::client::{self, HttpClient, HttpError};
 use super::error::GatewayError;
-use super::stream::ChunkStream;
+use super::stream::{ChunkStream, StreamLimits};
 use crate::api::openai::{ChatRequest, ChatResponse, EmbeddingsRequest, EmbeddingsResponse};
 use crate::config::{ProviderEntry, Retry, Target};
 use crate::provider::{Provider, ProviderError, ProviderImpl, UpstreamRequest};
@@ -42,9 +47,10 @@ pub struct AttemptRecord {
     pub status: u16,
     /// Start of the attempt to its first byte (success) or to its failure, ms.
     pub latency_ms: u64,
-    /// Why the attempt failed: `connect`, `timeout`, `status`, `body`, `invalid_response`,
-    /// `stream` (broken before the first event, or after it on the served attempt),
-    /// `unsupported`, `internal`. `None` for the attempt that served.
+    /// Why the attempt failed: `connect`, `timeout`, `status`, `body`, `too_large` (a JSON
+    /// answer over `max_response_bytes`), `invalid_response`, `stream` (broken, truncated or
+    /// stalled before the first event, or after it on the served attempt), `unsupported`,
+    /// `internal`. `None` for the attempt that served.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
@@ -76,6 +82,8 @@ struct AttemptError {
     retry_same: bool,
     /// Try the next target.
     fall_back: bool,
+    /// How long the upstream asked to wait before trying again (`Retry-After`).
+    retry_after: Option<Duration>,
 }
 
 impl AttemptError {
@@ -85,6 +93,7 @@ impl AttemptError {
             kind,
             retry_same: true,
             fall_back: true,
+            retry_after: None,
         }
     }
     fn next_target(kind: &'static str, error: GatewayError) -> Self {
@@ -93,6 +102,7 @@ impl AttemptError {
             kind,
             retry_same: false,
             fall_back: true,
+            retry_after: None,
         }
     }
     fn fatal(kind: &'static str, error: GatewayError) -> Self {
@@ -101,14 +111,23 @@ impl AttemptError {
             kind,
             retry_same: false,
             fall_back: false,
+            retry_after: None,
         }
     }
 
     /// Whether the failure says something about the target's health. Not when no request
     /// left the gateway, nor when the upstream refused the request itself (400, 413, 422):
     /// one caller's bad requests must not make a target look unhealthy for everyone.
+    /// An answer too large for `max_response_bytes` is blamed on the request too (it asked
+    /// for that much).
     fn blames_target(&self, status: u16) -> bool {
-        !matches!(self.kind, "unsupported" | "internal") && !matches!(status, 400 | 413 | 422)
+        !matches!(self.kind, "unsupported" | "internal" | "too_large")
+            && !matches!(status, 400 | 413 | 422)
+    }
+
+    fn with_retry_after(mut self, retry_after: Option<Duration>) -> Self {
+        self.retry_after = retry_after;
+        self
     }
 }
 
@@ -201,9 +220,10 @@ impl Upstream<'_> {
         let mut last: Option<GatewayError> = None;
         for target in targets {
             req.model.clone_from(&target.model);
+            let mut retry_after = None;
             for attempt in 0..self.retry.attempts_per_target {
                 if attempt > 0 {
-                    tokio::time::sleep(self.backoff(attempt)).await;
+                    tokio::time::sleep(self.backoff(attempt, retry_after)).await;
                 }
                 attempts += 1;
                 let in_flight = self.stats.start(&target.provider.name, &target.model);
@@ -243,13 +263,16 @@ impl Upstream<'_> {
                         );
                         settle(target, &trace, Some(&e), in_flight, false, log);
                         let (retry_same, fall_back) = (e.retry_same, e.fall_back);
+                        retry_after = e.retry_after;
                         last = Some(e.error);
                         if !fall_back {
                             return Err(
                                 last.unwrap_or_else(|| GatewayError::Internal("no attempt".into()))
                             );
                         }
-                        if !retry_same {
+                        let retries_left = attempt + 1 < self.retry.attempts_per_target;
+                        if !retry_same || (retries_left && self.waits_too_long(target, retry_after))
+                        {
                             break;
                         }
                     }
@@ -271,9 +294,10 @@ impl Upstream<'_> {
         let mut last: Option<GatewayError> = None;
         for target in targets {
             req.model.clone_from(&target.model);
+            let mut retry_after = None;
             for attempt in 0..self.retry.attempts_per_target {
                 if attempt > 0 {
-                    tokio::time::sleep(self.backoff(attempt)).await;
+                    tokio::time::sleep(self.backoff(attempt, retry_after)).await;
                 }
                 attempts += 1;
                 let in_flight = self.stats.start(&target.provider.name, &target.model);
@@ -302,13 +326,16 @@ impl Upstream<'_> {
                         tracing::warn!(provider = %target.provider.name, error = %e.error, kind = e.kind, "Upstream attempt failed.");
                         settle(target, &trace, Some(&e), in_flight, false, log);
                         let (retry_same, fall_back) = (e.retry_same, e.fall_back);
+                        retry_after = e.retry_after;
                         last = Some(e.error);
                         if !fall_back {
                             return Err(
                                 last.unwrap_or_else(|| GatewayError::Internal("no attempt".into()))
                             );
                         }
-                        if !retry_same {
+                        let retries_left = attempt + 1 < self.retry.attempts_per_target;
+                        if !retry_same || (retries_left && self.waits_too_long(target, retry_after))
+                        {
                             break;
                         }
                     }
@@ -318,12 +345,31 @@ impl Upstream<'_> {
         Err(last.unwrap_or_else(|| GatewayError::Internal("model has no targets".into())))
     }
 
-    fn backoff(&self, attempt: u32) -> Duration {
+    /// The wait before retry `attempt` (1 = the first retry): the exponential backoff, or
+    /// the upstream's `Retry-After` when longer (already checked against the cap).
+    fn backoff(&self, attempt: u32, retry_after: Option<Duration>) -> Duration {
         let factor = 2u32.saturating_pow(attempt.saturating_sub(1));
-        self.retry
+        let backoff = self
+            .retry
             .backoff
             .saturating_mul(factor)
-            .min(self.retry.max_backoff)
+            .min(self.retry.max_backoff);
+        retry_after.map_or(backoff, |ra| ra.max(backoff))
+    }
+
+    /// Whether the upstream asked to wait longer than `retry.max_retry_after_ms`: then the
+    /// target is not retried.
+    fn waits_too_long(&self, target: &Target, retry_after: Option<Duration>) -> bool {
+        let Some(ra) = retry_after.filter(|ra| *ra > self.retry.max_retry_after) else {
+            return false;
+        };
+        tracing::info!(
+            provider = %target.provider.name,
+            retry_after_ms = millis(ra),
+            max_retry_after_ms = millis(self.retry.max_retry_after),
+            "Upstream asked to retry later than the cap; not retrying this target."
+        );
+        true
     }
 
     async fn chat_once(
@@ -367,8 +413,11 @@ impl Upstream<'_> {
                 provider.stream_decoder(&target.model),
                 passthrough,
                 entry.name.clone(),
-                deadline,
-                entry.timeouts.total,
+                StreamLimits {
+                    deadline,
+                    total: entry.timeouts.total,
+                    idle: entry.timeouts.stream_idle,
+                },
             );
             // Read the first item before committing to this target.
             let first_deadline = (Instant::now() + entry.timeouts.first_byte).min(deadline);
@@ -471,6 +520,7 @@ impl Upstream<'_> {
         if status.is_success() {
             return Ok(resp);
         }
+        let retry_after = retry_after(resp.headers(), std::time::SystemTime::now());
         let body = read_error_body(resp, deadline).await;
         let message = provider
             .error_message(&body)
@@ -485,28 +535,31 @@ impl Upstream<'_> {
                     provider: entry.name.clone(),
                     reason: format!("status {}: {message}", status.as_u16()),
                 },
-            ));
+            )
+            .with_retry_after(retry_after));
         }
         let err = GatewayError::UpstreamStatus {
             provider: entry.name.clone(),
             status,
             message,
+            retry_after,
         };
         Err(if retryable {
-            AttemptError::retryable("status", err)
+            AttemptError::retryable("status", err).with_retry_after(retry_after)
         } else {
             AttemptError::fatal("status", err)
         })
     }
 }
 
-/// Reads a whole 2xx body before the deadline.
+/// Reads a whole 2xx body before the deadline, up to the provider's `max_response_bytes`.
 async fn read_body(
     entry: &ProviderEntry,
     resp: http::Response<hyper::body::Incoming>,
     deadline: Instant,
 ) -> Result<Bytes, AttemptError> {
-    match timeout_at(deadline.into(), client::read_all(resp.into_body())).await {
+    let limit = entry.max_response_bytes;
+    match timeout_at(deadline.into(), client::read_limited(resp, limit)).await {
         Err(_) => Err(AttemptError::retryable(
             "timeout",
             GatewayError::UpstreamTimeout {
@@ -514,9 +567,39 @@ async fn read_body(
                 phase: "total",
             },
         )),
+        Ok(Err(HttpError::TooLarge(limit))) => {
+            tracing::warn!(
+                provider = %entry.name,
+                max_response_bytes = limit,
+                "Upstream answer exceeds max_response_bytes; not read further."
+            );
+            Err(AttemptError::next_target(
+                "too_large",
+                GatewayError::UpstreamFailed {
+                    provider: entry.name.clone(),
+                    reason: format!("answer exceeds max_response_bytes ({limit} bytes)"),
+                },
+            ))
+        }
         Ok(Err(e)) => Err(AttemptError::retryable("body", request_error(entry, &e))),
         Ok(Ok(b)) => Ok(b),
     }
+}
+
+/// How long an upstream asked to wait: `retry-after-ms` (Azure OpenAI, OpenAI), else
+/// `Retry-After` as delay-seconds or an HTTP-date (a date in the past is no wait). `None`
+/// when absent or unreadable.
+fn retry_after(headers: &http::HeaderMap, now: std::time::SystemTime) -> Option<Duration> {
+    let text = |name: &str| headers.get(name)?.to_str().ok().map(str::trim);
+    if let Some(ms) = text("retry-after-ms").and_then(|v| v.parse::<u64>().ok()) {
+        return Some(Duration::from_millis(ms));
+    }
+    let value = text("retry-after")?;
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
 /// Reads at most [`MAX_ERROR_BODY`] bytes of an error body; gives up quietly at the deadline.
@@ -712,6 +795,43 @@ mod tests {
             );
         }
         assert_eq!(stats.get("p", "up-m").unwrap().attempts, 4);
+    }
+
+    #[test]
+    fn retry_after_reads_seconds_dates_and_milliseconds() {
+        use std::time::SystemTime;
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let headers = |pairs: &[(&'static str, &str)]| {
+            let mut h = http::HeaderMap::new();
+            for (k, v) in pairs {
+                h.insert(*k, v.parse().unwrap());
+            }
+            h
+        };
+        assert_eq!(retry_after(&headers(&[]), now), None);
+        assert_eq!(
+            retry_after(&headers(&[("retry-after", " 7 ")]), now),
+            Some(Duration::from_secs(7))
+        );
+        let in_30s = httpdate::fmt_http_date(now + Duration::from_secs(30));
+        assert_eq!(
+            retry_after(&headers(&[("retry-after", &in_30s)]), now),
+            Some(Duration::from_secs(30))
+        );
+        let past = httpdate::fmt_http_date(now - Duration::from_secs(30));
+        assert_eq!(
+            retry_after(&headers(&[("retry-after", &past)]), now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(
+            retry_after(
+                &headers(&[("retry-after", "1"), ("retry-after-ms", "2500")]),
+                now
+            ),
+            Some(Duration::from_millis(2500))
+        );
+        assert_eq!(retry_after(&headers(&[("retry-after", "soon")]), now), None);
+        assert_eq!(retry_after(&headers(&[("retry-after", "-3")]), now), None);
     }
 
     #[test]

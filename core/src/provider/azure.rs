@@ -45,6 +45,10 @@ pub struct AzureConfig {
     /// Timeouts and connection settings.
     #[serde(default)]
     pub timeouts: TimeoutsConfig,
+    /// Largest non-streamed 2xx answer (chat or embeddings) read from this provider, in
+    /// bytes; a larger one is not read further and the client gets a 502. Default 32 MiB.
+    #[serde(default = "crate::config::file::default_max_response_bytes")]
+    pub max_response_bytes: u64,
 }
 
 fn default_api_version() -> String {
@@ -159,7 +163,7 @@ impl Provider for Azure {
     }
 
     fn stream_decoder(&self, _model: &str) -> Box<dyn StreamDecoder> {
-        Box::new(OpenAiDecoder)
+        Box::new(OpenAiDecoder::default())
     }
 
     fn embeddings_request(

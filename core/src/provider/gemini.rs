@@ -55,6 +55,10 @@ pub struct GeminiConfig {
     /// Timeouts and connection settings.
     #[serde(default)]
     pub timeouts: TimeoutsConfig,
+    /// Largest non-streamed 2xx answer (chat or embeddings) read from this provider, in
+    /// bytes; a larger one is not read further and the client gets a 502. Default 32 MiB.
+    #[serde(default = "crate::config::file::default_max_response_bytes")]
+    pub max_response_bytes: u64,
 }
 
 fn default_base_url() -> String {
@@ -580,6 +584,11 @@ const SCHEMA_FORMATS: &[&str] = &["enum", "date-time", "float", "double", "int32
 /// How deep schemas (and `$ref` chains) are followed; deeper parts become `{"type":"object"}`.
 const MAX_SCHEMA_DEPTH: usize = 32;
 
+/// How many bytes of definitions (as JSON) one schema may inline through `$ref`s in all; past
+/// it, a `$ref` becomes `{"type":"object"}`. The depth limit alone lets a definition that
+/// refers to itself several times grow exponentially.
+const MAX_INLINED_BYTES: usize = 1 << 20;
+
 /// Cleans a JSON Schema down to the OpenAPI 3.0 subset Gemini accepts.
 ///
 /// Keeps `type`, `properties`, `required`, `items`, `enum`, `description`, `nullable`,
@@ -592,14 +601,50 @@ pub fn clean_schema(schema: &Value) -> Value {
         .get("$defs")
         .or_else(|| schema.get("definitions"))
         .and_then(Value::as_object);
-    SchemaCleaner { defs }.clean(schema, 0)
+    SchemaCleaner {
+        defs,
+        inline_budget: std::cell::Cell::new(MAX_INLINED_BYTES),
+    }
+    .clean(schema, 0)
 }
 
 struct SchemaCleaner<'a> {
     defs: Option<&'a Map<String, Value>>,
+    /// Bytes of definitions still allowed to be inlined ([`MAX_INLINED_BYTES`]).
+    inline_budget: std::cell::Cell<usize>,
+}
+
+/// Counts the bytes written to it.
+struct ByteCount(usize);
+
+impl std::io::Write for ByteCount {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 impl SchemaCleaner<'_> {
+    /// Charges inlining `def` to the budget; `false` when the budget cannot pay for it.
+    fn take_inline_budget(&self, def: &Value) -> bool {
+        let mut size = ByteCount(0);
+        let cost = match serde_json::to_writer(&mut size, def) {
+            Ok(()) => size.0,
+            Err(_) => usize::MAX,
+        };
+        match self.inline_budget.get().checked_sub(cost) {
+            Some(left) => {
+                self.inline_budget.set(left);
+                true
+            }
+            None => false,
+        }
+    }
+
     fn clean(&self, schema: &Value, depth: usize) -> Value {
         let Some(obj) = schema.as_object() else {
             return json!({});
@@ -613,7 +658,8 @@ impl SchemaCleaner<'_> {
                 .or_else(|| reference.strip_prefix("#/definitions/"))
                 .and_then(|name| self.defs?.get(name));
             let mut out = match target {
-                Some(t) => self.clean(t, depth + 1),
+                Some(t) if self.take_inline_budget(t) => self.clean(t, depth + 1),
+                Some(_) => json!({ "type": "object" }),
                 None => json!({}),
             };
             if let (Some(d), Some(o)) = (obj.get("description"), out.as_object_mut()) {
@@ -1148,7 +1194,9 @@ impl StreamDecoder for GeminiDecoder {
     }
 
     fn finish(&mut self) -> Result<Vec<ChatChunk>, ProviderError> {
-        if self.finished.is_empty() {
+        // Gemini has no end marker: a stream is whole when every candidate it started sent
+        // its finish reason.
+        if self.finished.is_empty() || !self.started.is_subset(&self.finished) {
             return Err(ProviderError::InvalidResponse(
                 "stream ended before a finish reason".to_owned(),
             ));
@@ -1379,6 +1427,21 @@ mod tests {
         });
         let cleaned = clean_schema(&schema);
         assert_eq!(cleaned["type"], "object");
+    }
+
+    #[test]
+    fn fanned_out_refs_stay_bounded() {
+        // A definition that refers to itself k times was inlined k^16 times before the depth
+        // limit stopped it: 2 made this 100-byte schema 4 MB, 4 would take 200 GB.
+        let schema = json!({
+            "$ref": "#/$defs/N",
+            "$defs": { "N": { "type": "object", "properties": {
+                "a": { "$ref": "#/$defs/N" }, "b": { "$ref": "#/$defs/N" }
+            } } }
+        });
+        let cleaned = serde_json::to_vec(&clean_schema(&schema)).expect("json");
+        assert!(cleaned.len() <= 2 << 20, "{} bytes", cleaned.len());
+        assert_eq!(clean_schema(&schema)["properties"]["a"]["type"], "object");
     }
 
     #[test]

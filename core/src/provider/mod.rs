@@ -80,38 +80,56 @@ pub enum ProviderImpl {
 
 /// Builds a provider from its config. The registry: one arm per kind.
 pub fn build(name: &str, cfg: &ProviderConfig) -> Result<ProviderEntry, ConfigError> {
-    let (kind, imp, timeouts): (ProviderKind, ProviderImpl, &TimeoutsConfig) = match cfg {
+    let (kind, imp, timeouts, max_response_bytes): (
+        ProviderKind,
+        ProviderImpl,
+        &TimeoutsConfig,
+        u64,
+    ) = match cfg {
         ProviderConfig::Openai(c) => (
             ProviderKind::OpenAi,
             ProviderImpl::Http(Box::new(openai::OpenAi::new(name, c)?)),
             &c.timeouts,
+            c.max_response_bytes,
         ),
         ProviderConfig::Azure(c) => (
             ProviderKind::Azure,
             ProviderImpl::Http(Box::new(azure::Azure::new(name, c)?)),
             &c.timeouts,
+            c.max_response_bytes,
         ),
         ProviderConfig::Anthropic(c) => (
             ProviderKind::Anthropic,
             ProviderImpl::Http(Box::new(anthropic::Anthropic::new(name, c)?)),
             &c.timeouts,
+            c.max_response_bytes,
         ),
         ProviderConfig::Gemini(c) => (
             ProviderKind::Gemini,
             ProviderImpl::Http(Box::new(gemini::Gemini::new(name, c)?)),
             &c.timeouts,
+            c.max_response_bytes,
         ),
         ProviderConfig::Mock(c) => (
             ProviderKind::Mock,
             ProviderImpl::Mock(mock::Mock::new(name, c)?),
             &c.timeouts,
+            // Answers in-process: nothing is read.
+            crate::config::file::DEFAULT_MAX_RESPONSE_BYTES,
         ),
     };
+    if max_response_bytes == 0 {
+        return Err(ConfigError::invalid(
+            format!("providers.{name}.max_response_bytes"),
+            "must be greater than 0",
+        ));
+    }
     Ok(ProviderEntry {
         name: name.to_owned(),
         kind,
         imp,
-        timeouts: timeouts.into(),
+        timeouts: crate::config::Timeouts::from_config(name, timeouts)?,
+        max_response_bytes: usize::try_from(max_response_bytes).unwrap_or(usize::MAX),
     })
 }
 

@@ -30,6 +30,10 @@ pub struct OpenAiConfig {
     /// Timeouts and connection settings.
     #[serde(default)]
     pub timeouts: super::super::config::TimeoutsConfig,
+    /// Largest non-streamed 2xx answer (chat or embeddings) read from this provider, in
+    /// bytes; a larger one is not read further and the client gets a 502. Default 32 MiB.
+    #[serde(default = "crate::config::file::default_max_response_bytes")]
+    pub max_response_bytes: u64,
 }
 
 fn default_base_url() -> String {
@@ -197,7 +201,7 @@ impl Provider for OpenAi {
     }
 
     fn stream_decoder(&self, _model: &str) -> Box<dyn StreamDecoder> {
-        Box::new(OpenAiDecoder)
+        Box::new(OpenAiDecoder::default())
     }
 
     fn embeddings_request(
@@ -253,30 +257,139 @@ pub fn parse_embeddings_response(body: &[u8]) -> Result<EmbeddingsResponse, Prov
     serde_json::from_slice(body).map_err(|e| ProviderError::InvalidResponse(e.to_string()))
 }
 
-/// Decodes OpenAI `chat.completion.chunk` events; `[DONE]` ends the stream.
+/// How an OpenAI stream ended, to tell a finished stream from a truncated one.
+///
+/// A stream is complete once `[DONE]` arrived. Some OpenAI-compatible servers never send
+/// `[DONE]`, so a stream whose every choice sent a `finish_reason` counts as complete too (its
+/// answer is whole; only a usage chunk may be missing). Anything else that ends is truncated.
 #[derive(Debug, Default)]
-pub struct OpenAiDecoder;
+pub struct StreamEnd {
+    done: bool,
+    /// Choices that have appeared and not finished yet.
+    open: Vec<u32>,
+    /// At least one choice sent its `finish_reason`.
+    finished_any: bool,
+}
+
+impl StreamEnd {
+    /// `[DONE]` arrived.
+    pub fn done(&mut self) {
+        self.done = true;
+    }
+
+    /// A chunk's choice `index` appeared, with (`finished`) or without a `finish_reason`.
+    pub fn choice(&mut self, index: u32, finished: bool) {
+        if finished {
+            self.finished_any = true;
+            self.open.retain(|&i| i != index);
+        } else if !self.open.contains(&index) {
+            self.open.push(index);
+        }
+    }
+
+    /// Whether the stream said it is complete.
+    pub fn is_complete(&self) -> bool {
+        self.done || (self.finished_any && self.open.is_empty())
+    }
+
+    /// `Ok` if the stream is complete, the truncation error otherwise.
+    pub fn check(&self) -> Result<(), ProviderError> {
+        if self.is_complete() {
+            Ok(())
+        } else {
+            Err(ProviderError::InvalidResponse(
+                "stream ended before [DONE] or a finish reason".to_owned(),
+            ))
+        }
+    }
+}
+
+/// What the pass-through path needs to know about one OpenAI stream chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkPeek {
+    /// The chunk's usage, if it carries one.
+    pub usage: Option<Usage>,
+    /// The chunk has no choices and carries usage (the usage-only chunk).
+    pub usage_only: bool,
+}
+
+/// Checks that `data` is a chunk (or an error event) and reads what the pass-through path
+/// needs from it (usage, the end of each choice) in one parse, without building the chunk.
+/// Whitespace anywhere is fine: this is a JSON parse, not a byte match.
+pub fn peek_chunk(data: &str, end: &mut StreamEnd) -> Result<ChunkPeek, ProviderError> {
+    use serde::de::IgnoredAny;
+    #[derive(Deserialize)]
+    struct Peek {
+        #[serde(default)]
+        choices: Vec<PeekChoice>,
+        #[serde(default)]
+        usage: Option<Usage>,
+        #[serde(default)]
+        error: Option<IgnoredAny>,
+    }
+    #[derive(Deserialize)]
+    struct PeekChoice {
+        #[serde(default)]
+        index: u32,
+        #[serde(default)]
+        finish_reason: Option<IgnoredAny>,
+    }
+    let peek: Peek = serde_json::from_str(data)
+        .map_err(|e| ProviderError::InvalidResponse(format!("bad stream chunk: {e}")))?;
+    if peek.error.is_some() {
+        return Err(stream_error(data));
+    }
+    for c in &peek.choices {
+        end.choice(c.index, c.finish_reason.is_some());
+    }
+    Ok(ChunkPeek {
+        usage: peek.usage,
+        usage_only: peek.choices.is_empty() && peek.usage.is_some(),
+    })
+}
+
+/// The error an OpenAI error event reports.
+fn stream_error(data: &str) -> ProviderError {
+    let msg = super::openai_error_message(data.as_bytes()).unwrap_or_else(|| data.to_owned());
+    ProviderError::StreamError(msg)
+}
+
+/// Decodes OpenAI `chat.completion.chunk` events; `[DONE]` ends the stream, and a stream
+/// that ends before it is truncated (see [`StreamEnd`]).
+#[derive(Debug, Default)]
+pub struct OpenAiDecoder {
+    end: StreamEnd,
+}
 
 impl StreamDecoder for OpenAiDecoder {
     fn decode(&mut self, event: &SseEvent) -> Result<Decoded, ProviderError> {
         let data = event.data.trim();
         if data == "[DONE]" {
+            self.end.done();
             return Ok(Decoded {
                 chunks: Vec::new(),
                 done: true,
             });
         }
-        if event.event == "error" || data.starts_with("{\"error\"") {
-            let msg =
-                super::openai_error_message(data.as_bytes()).unwrap_or_else(|| data.to_owned());
-            return Err(ProviderError::StreamError(msg));
+        if event.event == "error" {
+            return Err(stream_error(data));
         }
         let chunk: ChatChunk = serde_json::from_str(data)
             .map_err(|e| ProviderError::InvalidResponse(format!("bad stream chunk: {e}")))?;
+        if chunk.rest.get("error").is_some_and(|e| !e.is_null()) {
+            return Err(stream_error(data));
+        }
+        for c in &chunk.choices {
+            self.end.choice(c.index, c.finish_reason.is_some());
+        }
         Ok(Decoded {
             chunks: vec![chunk],
             done: false,
         })
+    }
+
+    fn finish(&mut self) -> Result<Vec<ChatChunk>, ProviderError> {
+        self.end.check().map(|()| Vec::new())
     }
 }
 
@@ -350,8 +463,40 @@ mod tests {
     }
 
     #[test]
+    fn decoder_tells_a_finished_stream_from_a_truncated_one() {
+        let event = |data: &str| SseEvent {
+            event: String::new(),
+            data: data.to_owned(),
+        };
+        let content =
+            r#"{"id":"c","choices":[{"index":0,"delta":{"content":"par"},"finish_reason":null}]}"#;
+        let mut d = OpenAiDecoder::default();
+        d.decode(&event(content)).expect("chunk");
+        assert!(matches!(d.finish(), Err(ProviderError::InvalidResponse(_))));
+
+        let mut d = OpenAiDecoder::default();
+        d.decode(&event(content)).expect("chunk");
+        d.decode(&event(
+            r#"{"id":"c","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}"#,
+        ))
+        .expect("finish");
+        assert!(
+            d.finish().is_ok(),
+            "every choice finished: complete without [DONE]"
+        );
+
+        let mut d = OpenAiDecoder::default();
+        d.decode(&event(content)).expect("chunk");
+        d.decode(&event("[DONE]")).expect("done");
+        assert!(d.finish().is_ok());
+
+        let spaced = d.decode(&event(r#"{ "error" : { "message" : "late" } }"#));
+        assert!(matches!(spaced, Err(ProviderError::StreamError(m)) if m == "late"));
+    }
+
+    #[test]
     fn decoder_handles_done_and_error() {
-        let mut d = OpenAiDecoder;
+        let mut d = OpenAiDecoder::default();
         let done = d
             .decode(&SseEvent {
                 event: String::new(),

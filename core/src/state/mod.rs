@@ -491,6 +491,22 @@ pub fn take_blocked() -> Duration {
     Duration::from_nanos(BLOCKED_NS.with(|b| b.replace(0)))
 }
 
+/// `weir_state_write_errors_total`: writes (and flushes) a backend failed, in this process.
+///
+/// Process-wide because the store is (one per process: sled locks its directory) and it is
+/// opened before the gateway's metrics exist; [`crate::telemetry::Metrics`] registers it.
+pub fn write_errors() -> &'static prometheus::IntCounter {
+    static COUNTER: std::sync::LazyLock<prometheus::IntCounter> = std::sync::LazyLock::new(|| {
+        prometheus::IntCounter::new(
+            "weir_state_write_errors_total",
+            "State writes and flushes the backend failed (a full disk, an unreachable store).",
+        )
+        // Only an invalid name or empty help text can fail, and both are constants.
+        .expect("a valid metric name")
+    });
+    &COUNTER
+}
+
 /// The namespace that holds the state of the plugin called `name`.
 pub fn plugin_namespace(name: &str) -> String {
     format!("plugin/{name}")
@@ -560,6 +576,66 @@ pub(crate) mod tests {
 
     use super::*;
     use std::sync::Arc;
+
+    /// A small tmpfs mounted on a temporary directory, to fill a disk for real (ENOSPC).
+    /// Unmounted when dropped.
+    pub struct SmallDisk {
+        dir: tempfile::TempDir,
+    }
+
+    impl SmallDisk {
+        /// Mounts `size` (e.g. `"4m"`). `None` only when not running as root (a developer's
+        /// machine): as root (CI) a mount that fails is a test failure, not a skip.
+        pub fn mount(size: &str) -> Option<SmallDisk> {
+            let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+            let root = status
+                .lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                == Some("0");
+            if !root {
+                eprintln!(
+                    "not root: the real-ENOSPC part needs a tmpfs mount; seam tests cover it"
+                );
+                return None;
+            }
+            let dir = tempfile::tempdir().unwrap();
+            let out = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+                .arg(dir.path())
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "mount tmpfs: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            Some(SmallDisk { dir })
+        }
+
+        pub fn path(&self) -> &Path {
+            self.dir.path()
+        }
+
+        /// Writes a file until the disk is full; returns its path (remove it for room).
+        pub fn fill(&self) -> PathBuf {
+            use std::io::Write;
+            let path = self.path().join("filler");
+            let mut f = std::fs::File::create(&path).unwrap();
+            let chunk = vec![0u8; 4096];
+            while f.write_all(&chunk).is_ok() {}
+            path
+        }
+    }
+
+    impl Drop for SmallDisk {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(self.dir.path())
+                .status();
+        }
+    }
 
     pub fn basic(store: &dyn StateStore) {
         assert_eq!(store.get("a", "k").unwrap(), None);

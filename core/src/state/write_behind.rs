@@ -2,8 +2,9 @@
 //! request path.
 //!
 //! Every operation is served from a sharded in-memory map; a background thread writes what
-//! changed to sled every `flush_interval` (default 100 ms, `[state] flush_interval_ms`), one
-//! sled batch per namespace. A key the map does not hold is read from sled once and kept
+//! changed to sled every `flush_interval` (default 100 ms, `[state] flush_interval_ms`), as
+//! one all-or-nothing sled transaction, fsynced. A key the map does not hold is read from
+//! sled once and kept
 //! while it is used (absent keys too, so a breaker's `open/<target>` check costs no sled read
 //! either). So the hot counters of rate-limit, budget and routing (`incr` on every request)
 //! and a cache's short-lived keys never touch sled on the request path: a counter is written
@@ -18,13 +19,25 @@
 //! sled, so it sees every write that happened before it.
 //!
 //! # Durability
-//! A crash loses the writes of the last `flush_interval`, plus sled's own window (it fsyncs
-//! every 500 ms): about 0.6 s of counter movement and cache writes at the defaults. Rate
-//! limits and budgets may under-count by that much after a crash; nothing in plugin state
-//! needs more. [`StateStore::flush`] writes everything now and makes sled durable; dropping
-//! the store writes everything too. `weir serve` calls `flush` once the server has stopped
-//! and the on_log queue is drained (the store is shared by long-lived threads and may never
-//! be dropped), so an orderly shutdown loses nothing.
+//! Each flush is one instant of the map (every shard locked while it is copied), written as
+//! one sled transaction and fsynced, so after a crash sled holds every flush whole or not at
+//! all: counters that move together (the budget plugin's `tokens/...` then `requests/...`
+//! of one request) never come from different flushes. The only split left is a caller
+//! between its two calls at the instant of the cut: at most one request per `on_log` worker.
+//! A crash loses the writes of the last `flush_interval` (about 0.1 s at the default) and
+//! of a flush in progress; rate limits and budgets may under-count by that much.
+//! [`StateStore::flush`] writes everything now; dropping the store writes everything too.
+//! `weir serve` calls `flush` once the server has stopped and the on_log queue is drained
+//! (the store is shared by long-lived threads and may never be dropped), so an orderly
+//! shutdown loses nothing.
+//!
+//! # A failing disk
+//! An entry is marked clean only once its flush is on disk, so a flush that fails (a full
+//! disk) loses nothing: the map keeps every change and serves it, [`StateStore::health`]
+//! reports sled's failure (and `/readyz` goes red), and the flusher retries once
+//! [`SledStore::recover`] has the disk taking writes again. What is lost is what a restart
+//! (or crash) meanwhile drops with the map: [`StateStore::flush`] answers an error while
+//! that is so, which is how admin writes (a new key) learn they are not saved.
 //!
 //! # Memory
 //! Entries written since the last flush, plus entries read or written during the last two
@@ -107,14 +120,18 @@ impl WriteBehindStore {
         &self.sled
     }
 
-    /// Starts a background thread that writes changes behind every `every` (without the
-    /// fsync of [`StateStore::flush`]: sled does that on its own every 500 ms). The thread
-    /// holds only a weak reference and ends once the store is dropped (which writes the
-    /// rest).
+    /// Starts a background thread that writes changes behind every `every` (each write
+    /// fsynced, see [`WriteBehindStore::write_behind`]) and, while sled is failing, tries
+    /// to recover it. The thread holds only a weak reference and ends once the store is
+    /// dropped (which writes the rest).
     pub fn spawn_flusher(store: &Arc<WriteBehindStore>, every: Duration) -> std::io::Result<()> {
         periodic(store, "weir-state-flush", every, |store| {
-            if let Err(e) = store.write_behind() {
-                tracing::warn!(error = %e, "State write-behind failed; retrying.");
+            // While sled is failing, try to recover it (at most once a second) and write
+            // only once it serves again; the failure itself was logged when it happened.
+            if store.sled.recover()
+                && let Err(e) = store.write_behind()
+            {
+                tracing::debug!(error = %e, "State write-behind failed; retrying.");
             }
         })
     }
@@ -172,19 +189,23 @@ impl WriteBehindStore {
         f(entry)
     }
 
-    /// Writes every dirty entry to sled (one batch per namespace) and drops clean entries
-    /// nobody used since the previous call. Does not fsync.
+    /// Writes every dirty entry to sled in one all-or-nothing, durable batch
+    /// ([`SledStore::write_batch`]) and drops clean entries nobody used since the previous
+    /// call. What it writes is one instant of the map: every shard is locked while the
+    /// dirty entries are copied (a few microseconds), so two counters a caller moves one
+    /// after the other are in the same flush unless the cut falls between its two calls.
+    /// An entry is marked clean only once its write is on disk: a flush that fails leaves
+    /// everything dirty, and the next one (after [`SledStore::recover`]) writes it again.
     fn write_behind(&self) -> Result<usize, StateError> {
         let _one_at_a_time = lock(&self.flushing);
         let now = now_ms();
-        let mut written = 0;
-        let mut first_error = None;
-        for shard in self.shards.iter() {
-            // Copy out under the lock; write to sled without it.
-            let mut batch: Vec<SledWrite> = Vec::new();
-            let mut versions: Vec<u64> = Vec::new();
-            {
-                let mut shard = lock(shard);
+        let mut batch: Vec<SledWrite> = Vec::new();
+        // For each write: its shard and the version it wrote.
+        let mut versions: Vec<(usize, u64)> = Vec::new();
+        {
+            // Locked in index order, everywhere else one at a time: no deadlock.
+            let mut shards: Vec<MutexGuard<'_, Shard>> = self.shards.iter().map(lock).collect();
+            for (i, shard) in shards.iter_mut().enumerate() {
                 shard.retain(|ns, keys| {
                     keys.retain(|key, e| {
                         if e.dirty {
@@ -197,7 +218,7 @@ impl WriteBehindStore {
                                 // Expired counts as deleted.
                                 value: e.live(now).map(|v| encode_at(v, e.expires)),
                             });
-                            versions.push(e.version);
+                            versions.push((i, e.version));
                             true
                         } else {
                             std::mem::replace(&mut e.touched, false)
@@ -206,31 +227,26 @@ impl WriteBehindStore {
                     !keys.is_empty()
                 });
             }
-            if batch.is_empty() {
-                continue;
-            }
-            match self.sled.write_entries(&mut batch) {
-                Ok(()) => {
-                    let mut shard = lock(shard);
-                    for (w, version) in batch.iter().zip(versions) {
-                        if let Some(e) = shard.get_mut(&w.ns).and_then(|k| k.get_mut(&w.key))
-                            && e.version == version
-                        {
-                            e.dirty = false;
-                        }
-                    }
-                    written += batch.len();
-                }
-                // Left dirty: the next flush tries again.
-                Err(e) => {
-                    first_error.get_or_insert(e);
-                }
+        }
+        if batch.is_empty() {
+            return Ok(0);
+        }
+        // Left dirty on failure: the next flush tries again.
+        self.sled.write_batch(&batch)?;
+        // Writes are in shard order: lock each shard once.
+        let mut held: Option<(usize, MutexGuard<'_, Shard>)> = None;
+        for (w, &(i, version)) in batch.iter().zip(&versions) {
+            let shard = match &mut held {
+                Some((at, shard)) if *at == i => shard,
+                _ => &mut held.insert((i, lock(&self.shards[i]))).1,
+            };
+            if let Some(e) = shard.get_mut(&w.ns).and_then(|k| k.get_mut(&w.key))
+                && e.version == version
+            {
+                e.dirty = false;
             }
         }
-        match first_error {
-            Some(e) => Err(e),
-            None => Ok(written),
-        }
+        Ok(batch.len())
     }
 
     /// Sets the entry to `value` (or absent) and marks it for the next flush.
@@ -394,8 +410,16 @@ impl StateStore for WriteBehindStore {
     }
 
     fn flush(&self) -> Result<(), StateError> {
+        // A failing sled gets one recovery try first, so a flush after the disk has room
+        // again (an admin write) succeeds at once.
+        self.sled.recover();
         self.write_behind()?;
         self.sled.flush()
+    }
+
+    /// Sled's health: every change the front holds reaches disk only through it.
+    fn health(&self) -> Result<(), String> {
+        self.sled.health()
     }
 }
 
@@ -656,6 +680,159 @@ mod tests {
         assert_eq!(held(&store), 1);
         // Dropped entries are read back from sled.
         assert_eq!(store.get("m", "k7").unwrap().as_deref(), Some(&b"v"[..]));
+    }
+
+    /// A's tokens and requests, as sled holds them (what a restart would read).
+    fn on_disk(store: &WriteBehindStore, account: &str) -> (i64, i64) {
+        let read = |key: String| {
+            store
+                .sled()
+                .get("plugin/budget", &key)
+                .unwrap()
+                .map_or(0, |v| std::str::from_utf8(&v).unwrap().parse().unwrap())
+        };
+        (
+            read(format!("tokens/{account}")),
+            read(format!("requests/{account}")),
+        )
+    }
+
+    /// What the budget plugin's on_log does per request: 10 tokens, then one request.
+    fn record_request(store: &WriteBehindStore, account: &str) {
+        store
+            .incr("plugin/budget", &format!("tokens/{account}"), 10, None)
+            .unwrap();
+        store
+            .incr("plugin/budget", &format!("requests/{account}"), 1, None)
+            .unwrap();
+    }
+
+    #[test]
+    fn a_flush_that_fails_part_way_leaves_no_account_split() {
+        // Issue 15 item 9: a crash between shard writes left 1,928 requests next to 2,020
+        // requests' tokens. A flush failing after its k-th key write (what a crash does)
+        // must leave sled with every account from one flush: whole, or not at all.
+        let (_dir, store) = store();
+        let accounts: Vec<String> = (0..40).map(|i| format!("key_{i:02}")).collect();
+        for a in &accounts {
+            record_request(&store, a);
+        }
+        store.flush().unwrap();
+        for k in [0, 1, 7, 40, 79] {
+            for a in &accounts {
+                record_request(&store, a);
+            }
+            lock(&store.sled().faults).writes_left = Some(k);
+            assert!(store.write_behind().is_err());
+            for a in &accounts {
+                let (tokens, requests) = on_disk(&store, a);
+                assert_eq!(
+                    tokens,
+                    requests * 10,
+                    "{a} split after a fault at write {k}"
+                );
+                assert_eq!(requests, 1, "{a}: nothing of the failed flush is on disk");
+            }
+            // The disk is back: the failed flush is retried whole (nothing was marked clean).
+            lock(&store.sled().faults).writes_left = None;
+            store.flush().unwrap();
+            for a in &accounts {
+                let (tokens, requests) = on_disk(&store, a);
+                assert_eq!((tokens, requests), (20, 2), "{a} after the retry");
+            }
+            // Back to one request each for the next round.
+            for a in &accounts {
+                store
+                    .incr("plugin/budget", &format!("tokens/{a}"), -10, None)
+                    .unwrap();
+                store
+                    .incr("plugin/budget", &format!("requests/{a}"), -1, None)
+                    .unwrap();
+            }
+            store.flush().unwrap();
+        }
+    }
+
+    #[test]
+    fn a_failing_disk_reports_keeps_changes_and_recovers() {
+        let (_dir, store) = store();
+        store.set("plugin/auth", "key/old", b"{}", None).unwrap();
+        store.flush().unwrap();
+        assert_eq!(store.health(), Ok(()));
+        let errors = crate::state::write_errors().get();
+        // The disk fills: the write is served from memory, but a flush says it is not saved.
+        lock(&store.sled().faults).writes_left = Some(0);
+        store.set("plugin/auth", "key/new", b"{}", None).unwrap();
+        let err = store.flush().unwrap_err();
+        assert!(err.to_string().contains("No space left"), "{err}");
+        assert!(store.health().unwrap_err().contains("No space left"));
+        assert!(crate::state::write_errors().get() > errors);
+        assert!(store.get("plugin/auth", "key/new").unwrap().is_some());
+        assert_eq!(store.sled().get("plugin/auth", "key/new").unwrap(), None);
+        // Flushes keep failing while the disk is full, and nothing leaves memory.
+        std::thread::sleep(super::super::sled::tests_recover_every());
+        assert!(store.flush().is_err());
+        store.write_behind().unwrap_err();
+        assert!(store.get("plugin/auth", "key/new").unwrap().is_some());
+        // Room again: the next flush recovers sled and writes what it held.
+        lock(&store.sled().faults).writes_left = None;
+        std::thread::sleep(super::super::sled::tests_recover_every());
+        store.flush().unwrap();
+        assert_eq!(store.health(), Ok(()));
+        assert!(
+            store
+                .sled()
+                .get("plugin/auth", "key/new")
+                .unwrap()
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn a_real_full_disk_loses_nothing_once_space_returns() {
+        let Some(disk) = shared::SmallDisk::mount("4m") else {
+            return;
+        };
+        let dir = disk.path().join("state");
+        let store = Arc::new(WriteBehindStore::new(SledStore::open(&dir).unwrap()));
+        WriteBehindStore::spawn_flusher(&store, Duration::from_millis(5)).unwrap();
+        record_request(&store, "a");
+        store.flush().unwrap();
+        let filler = disk.fill();
+        // Enough to overflow what is left, little enough to fit once the filler is gone.
+        let big = vec![b'x'; 32 * 1024];
+        for i in 0..64 {
+            store
+                .set("c", &format!("big{}", i % 8), &big, None)
+                .unwrap();
+            record_request(&store, "a");
+        }
+        assert!(store.flush().is_err());
+        assert!(store.health().is_err());
+        // Served from memory meanwhile.
+        assert_eq!(
+            store.get("plugin/budget", "requests/a").unwrap().unwrap(),
+            b"65"
+        );
+        std::fs::remove_file(filler).unwrap();
+        // The flusher recovers sled (within a second or two) and writes everything.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while store.health().is_err() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(store.health(), Ok(()));
+        store.flush().unwrap();
+        drop(store);
+        let sled = SledStore::open(&dir).unwrap();
+        assert_eq!(
+            sled.get("plugin/budget", "requests/a").unwrap().as_deref(),
+            Some(&b"65"[..])
+        );
+        assert_eq!(
+            sled.get("plugin/budget", "tokens/a").unwrap().as_deref(),
+            Some(&b"650"[..])
+        );
+        assert!(sled.get("c", "big7").unwrap().is_some());
     }
 
     #[test]

@@ -77,6 +77,12 @@ impl ConfigBuilder {
         self
     }
 
+    /// `[retry]` as raw `key = value` lines (for settings [`Self::retry`] does not set).
+    pub fn retry_lines(mut self, lines: &str) -> ConfigBuilder {
+        self.retry = format!("[retry]\n{lines}\n");
+        self
+    }
+
     /// A provider table: `kind` plus raw `key = value` lines.
     pub fn provider(mut self, name: &str, kind: &str, lines: &str) -> ConfigBuilder {
         let _ = write!(

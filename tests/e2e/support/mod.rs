@@ -5,6 +5,7 @@ pub mod client;
 pub mod config;
 pub mod dialect;
 pub mod gateway;
+pub mod raw;
 pub mod upstream;
 
 use std::future::Future;
@@ -13,6 +14,7 @@ use std::time::Duration;
 pub use client::Resp;
 pub use config::{ConfigBuilder, Timeouts};
 pub use gateway::TestGateway;
+pub use raw::RawConn;
 pub use upstream::{Frame, MockUpstream, Recorded, Reply};
 
 /// The bound on one whole test.

@@ -48,6 +48,8 @@ pub enum Reply {
     },
     /// Wait before sending anything (not even headers), then reply.
     Delayed(Duration, Box<Reply>),
+    /// The reply with these extra response headers (`retry-after`, ...).
+    Headers(Vec<(&'static str, String)>, Box<Reply>),
     /// Never answer.
     Hang,
 }
@@ -78,6 +80,17 @@ impl Reply {
     /// The same reply after `delay` (nothing, not even headers, is sent before).
     pub fn after(self, delay: Duration) -> Reply {
         Reply::Delayed(delay, Box::new(self))
+    }
+
+    /// The same reply with the response header `name: value` added.
+    pub fn with_header(self, name: &'static str, value: &str) -> Reply {
+        match self {
+            Reply::Headers(mut headers, inner) => {
+                headers.push((name, value.to_owned()));
+                Reply::Headers(headers, inner)
+            }
+            other => Reply::Headers(vec![(name, value.to_owned())], Box::new(other)),
+        }
     }
 
     /// For an [`Reply::Sse`]: waits `gap` before every frame.
@@ -288,17 +301,22 @@ async fn handle(
 }
 
 async fn respond(shared: Arc<Shared>, req: &Recorded, mut reply: Reply) -> Response {
-    loop {
+    let mut extra_headers = Vec::new();
+    let mut resp = loop {
         match reply {
             Reply::Delayed(delay, inner) => {
                 tokio::time::sleep(delay).await;
+                reply = *inner;
+            }
+            Reply::Headers(headers, inner) => {
+                extra_headers.extend(headers);
                 reply = *inner;
             }
             Reply::Hang => std::future::pending::<()>().await,
             Reply::Auto => reply = auto(req),
             Reply::Json { status, body } => {
                 let status = StatusCode::from_u16(status).expect("status");
-                return (
+                break (
                     status,
                     [(header::CONTENT_TYPE, "application/json")],
                     body.to_string(),
@@ -311,11 +329,16 @@ async fn respond(shared: Arc<Shared>, req: &Recorded, mut reply: Reply) -> Respo
                 body,
             } => {
                 let status = StatusCode::from_u16(status).expect("status");
-                return (status, [(header::CONTENT_TYPE, content_type)], body).into_response();
+                break (status, [(header::CONTENT_TYPE, content_type)], body).into_response();
             }
-            Reply::Sse(frames) => return sse(shared, frames),
+            Reply::Sse(frames) => break sse(shared, frames),
         }
+    };
+    for (name, value) in extra_headers {
+        resp.headers_mut()
+            .insert(name, value.parse().expect("header value"));
     }
+    resp
 }
 
 /// Streams `frames` through a channel: when the receiver (hyper, and behind it the gateway)

@@ -771,8 +771,12 @@ impl RedisStore {
         check_ns(ns)?;
         let keys = &self.inner.keys;
         let data = keys.data(ns, key);
-        // Our own write invalidates our cache now; others hear it on the channel.
-        self.inner.cache.invalidate(&data);
+        // Our own write invalidates our cache now; others hear it on the channel. Limiter
+        // and ledger keys are never cached.
+        let cached = !is_primitive_key(key);
+        if cached {
+            self.inner.cache.invalidate(&data);
+        }
         let k = [data, keys.index(ns), keys.namespaces.clone()];
         let tail = [
             key.as_bytes().to_vec(),
@@ -790,6 +794,14 @@ impl RedisStore {
             }
             inv.invoke_async::<T>(&mut con).await
         });
+        // Again once written: a read of ours that ran during the write may have cached the
+        // old value (our own message on the channel would drop it too, a little later).
+        if cached {
+            self.inner.cache.invalidate(&self.inner.keys.data(ns, key));
+        }
+        if matches!(out, Err(StateError::Unavailable(_))) {
+            super::write_errors().inc();
+        }
         out
     }
 
@@ -1523,20 +1535,26 @@ async fn health_loop(inner: Arc<Inner>, every: Duration) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let mut con = inner.conns[0].clone();
-        let ping = tokio::time::timeout(
-            inner.timeout.max(Duration::from_millis(500)),
-            redis::cmd("PING").query_async::<String>(&mut con),
-        )
-        .await;
-        match ping {
-            Ok(Ok(_)) => inner.mark_up(),
-            Ok(Err(e)) => {
-                inner.mark_down(&e.to_string());
-                inner.cache.kick();
+        // Every connection: a failed ping also makes a broken one reconnect, so once the
+        // store is reported up again every call finds a working connection.
+        let mut failure = None;
+        for con in &inner.conns {
+            let mut con = con.clone();
+            let ping = tokio::time::timeout(
+                inner.timeout.max(Duration::from_millis(500)),
+                redis::cmd("PING").query_async::<String>(&mut con),
+            )
+            .await;
+            match ping {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => failure = Some(e.to_string()),
+                Err(_) => failure = Some("health ping timed out".to_owned()),
             }
-            Err(_) => {
-                inner.mark_down("health ping timed out");
+        }
+        match failure {
+            None => inner.mark_up(),
+            Some(reason) => {
+                inner.mark_down(&reason);
                 inner.cache.kick();
             }
         }

@@ -243,7 +243,13 @@ fn an_unreachable_server_fails_each_primitive_as_configured_and_recovers() {
     let s = store(&server); // kv closed, limiter open, ledger closed
     s.set("ns", "warm", b"v", None).unwrap();
     wait_live(&s);
-    assert_eq!(s.get("ns", "warm").unwrap().as_deref(), Some(&b"v"[..]));
+    // Read until it is cached (a read racing the set's own invalidation is not).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while s.inner.metrics.cache.with_label_values(&["hit"]).get() == 0 {
+        assert!(Instant::now() < deadline, "never cached");
+        assert_eq!(s.get("ns", "warm").unwrap().as_deref(), Some(&b"v"[..]));
+        std::thread::sleep(Duration::from_millis(5));
+    }
     assert!(s.health().is_ok());
     server.kill();
     let rate = Rate {

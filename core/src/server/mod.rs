@@ -1,6 +1,9 @@
 //! HTTP surface: the axum router, body reading, request ids, and graceful shutdown. Nothing
 //! here knows about providers or policies; handlers parse the body once and hand over to
-//! [`crate::pipeline`].
+//! [`crate::pipeline`]. Connections (accepting, the connection cap, header and keep-alive
+//! timeouts) are in [`conn`].
+
+mod conn;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -36,6 +39,7 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(gw)
 }
 
@@ -56,18 +60,67 @@ fn with_request_id(mut resp: Response, id: &str) -> Response {
     resp
 }
 
-/// Reads the body up to the configured limit.
-async fn read_body(body: Body, limit: usize) -> Result<bytes::Bytes, GatewayError> {
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            Err(GatewayError::PayloadTooLarge(limit))
-        }
-        Err(e) => Err(GatewayError::BadRequest(BadRequest {
-            field: None,
-            message: format!("cannot read body: {e}"),
-        })),
+/// Checks that a POST body is declared as JSON: `application/json` or any `+json` type,
+/// parameters allowed. Anything else (notably the `text/plain` a browser page may send
+/// across origins without a preflight) is refused before the body is read.
+fn require_json(headers: &HeaderMap) -> Result<(), GatewayError> {
+    let value = headers
+        .get(http::header::CONTENT_TYPE)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    let is_json = value.as_deref().is_some_and(|v| {
+        let essence = v.split(';').next().unwrap_or_default().trim();
+        let (kind, subtype) = essence.split_once('/').unwrap_or_default();
+        kind.eq_ignore_ascii_case("application")
+            && (subtype.eq_ignore_ascii_case("json")
+                || subtype.to_ascii_lowercase().ends_with("+json"))
+    });
+    if is_json {
+        return Ok(());
     }
+    Err(GatewayError::UnsupportedMediaType(match value {
+        Some(v) => format!("'{}'", v.chars().take(100).collect::<String>()),
+        None => "no content-type".to_owned(),
+    }))
+}
+
+/// Reads the body up to `limit` bytes, allowing at most `pause` between two reads.
+async fn read_body(
+    body: Body,
+    limit: usize,
+    pause: Duration,
+) -> Result<bytes::Bytes, GatewayError> {
+    let mut body = Limited::new(body, limit);
+    let mut chunks: Vec<bytes::Bytes> = Vec::new();
+    loop {
+        let frame = match tokio::time::timeout(pause, body.frame()).await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => break,
+            Err(_) => return Err(GatewayError::BodyTimeout(pause.as_secs())),
+        };
+        match frame {
+            Ok(frame) => {
+                if let Ok(data) = frame.into_data()
+                    && !data.is_empty()
+                {
+                    chunks.push(data);
+                }
+            }
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                return Err(GatewayError::PayloadTooLarge(limit));
+            }
+            Err(e) => {
+                return Err(GatewayError::BadRequest(BadRequest {
+                    field: None,
+                    message: format!("cannot read body: {e}"),
+                }));
+            }
+        }
+    }
+    Ok(match chunks.len() {
+        0 => bytes::Bytes::new(),
+        1 => chunks.swap_remove(0),
+        _ => chunks.concat().into(),
+    })
 }
 
 /// Parses JSON into `T`, naming the offending field on type errors.
@@ -148,8 +201,15 @@ async fn prologue(
 ) -> Result<(String, HeaderMap, bytes::Bytes), (String, Response)> {
     let (parts, body) = req.into_parts();
     let id = request_id(&parts.headers);
-    let limit = gw.snapshot().config.max_body_bytes;
-    match read_body(body, limit).await {
+    let (limit, pause) = {
+        let snap = gw.snapshot();
+        (snap.config.max_body_bytes, snap.config.body_read_timeout)
+    };
+    let read = match require_json(&parts.headers) {
+        Ok(()) => read_body(body, limit, pause).await,
+        Err(e) => Err(e),
+    };
+    match read {
         Ok(bytes) => Ok((id, parts.headers, bytes)),
         Err(e) => {
             tracing::info!(error = e.reason(), "Request rejected.");
@@ -300,23 +360,42 @@ async fn healthz() -> Response {
     axum::Json(json!({"status": "ok"})).into_response()
 }
 
+/// Ready unless the state store is failing (a full disk): then 503 with its reason, so a
+/// load balancer sends traffic elsewhere while state writes would be lost.
 async fn readyz(State(gw): State<Arc<Gateway>>) -> Response {
     let snap = gw.snapshot();
-    // The state store's health is a flag its own checks keep (no I/O here).
-    if let Err(reason) = snap.services.state.health() {
-        let body = json!({"status": "not ready", "reason": reason});
-        return (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response();
+    let health = snap.services.state.health();
+    gw.metrics.state_healthy.set(i64::from(health.is_ok()));
+    match health {
+        Ok(()) => axum::Json(json!({"status": "ready", "models": snap.config.model_order.len()}))
+            .into_response(),
+        Err(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({"status": "not ready", "reason": reason})),
+        )
+            .into_response(),
     }
-    axum::Json(json!({"status": "ready", "models": snap.config.model_order.len()})).into_response()
 }
 
 async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
+    let healthy = gw.snapshot().services.state.health().is_ok();
+    gw.metrics.state_healthy.set(i64::from(healthy));
     let mut resp = gw.metrics.render().into_response();
     resp.headers_mut().insert(
         http::header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
     );
     resp
+}
+
+async fn method_not_allowed(req: Request) -> Response {
+    let path = req.uri().path();
+    let e = GatewayError::MethodNotAllowed {
+        method: req.method().to_string(),
+        path: path.to_owned(),
+    };
+    tracing::info!(error = e.reason(), path, "Request rejected.");
+    e.into_response_for(Dialect::for_path(path))
 }
 
 async fn not_found(req: Request) -> Response {
@@ -330,38 +409,30 @@ async fn not_found(req: Request) -> Response {
 pub async fn serve(
     listener: tokio::net::TcpListener,
     gw: Arc<Gateway>,
+    limits: crate::config::Connections,
     grace: Duration,
 ) -> std::io::Result<()> {
-    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
-    let app = router(gw);
-    // Streams are written as many small frames: without TCP_NODELAY, Nagle's algorithm and
-    // the client's delayed ACK hold frames back (~40 ms per stream, measured in bench/).
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "Cannot set TCP_NODELAY.");
-        }
-    });
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-        let _ = stop_rx.wait_for(|stop| *stop).await;
-    });
-    let mut server = tokio::spawn(server.into_future());
-    tokio::select! {
-        res = &mut server => return res.map_err(std::io::Error::other)?,
-        () = shutdown_signal() => {}
-    }
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let accepting = tokio::spawn(conn::accept_loop(listener, router(gw), limits, stop_rx));
+    shutdown_signal().await;
     tracing::info!(
         grace_secs = grace.as_secs(),
         "Shutdown signal received; draining in-flight requests."
     );
     let _ = stop_tx.send(true);
-    match tokio::time::timeout(grace, &mut server).await {
-        Ok(res) => res.map_err(std::io::Error::other)?,
-        Err(_) => {
-            tracing::warn!("Grace period over; closing the remaining connections.");
-            server.abort();
-            Ok(())
-        }
+    // The accept loop returns (closing the listener) with the connections still open, each
+    // already told to finish its requests and close.
+    let mut open = accepting.await.map_err(std::io::Error::other)?;
+    let drained =
+        tokio::time::timeout(grace, async { while open.join_next().await.is_some() {} }).await;
+    if drained.is_err() {
+        tracing::warn!(
+            left = open.len(),
+            "Grace period over; closing the remaining connections."
+        );
+        open.abort_all();
     }
+    Ok(())
 }
 
 async fn shutdown_signal() {
@@ -384,5 +455,113 @@ async fn shutdown_signal() {
     tokio::select! {
         () = ctrl_c => {}
         () = term => {}
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::path::Path;
+    use std::time::Duration;
+
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::config::Config;
+    use crate::pipeline::{Services, Snapshot};
+    use crate::state::{MemoryStore, StateError, StateStore};
+    use crate::telemetry::Metrics;
+
+    /// A memory store whose health is whatever the test sets.
+    #[derive(Default)]
+    struct Sick {
+        inner: MemoryStore,
+        failure: std::sync::Mutex<Option<String>>,
+    }
+
+    impl StateStore for Sick {
+        fn get(&self, ns: &str, key: &str) -> Result<Option<Vec<u8>>, StateError> {
+            self.inner.get(ns, key)
+        }
+        fn set(&self, ns: &str, k: &str, v: &[u8], t: Option<Duration>) -> Result<(), StateError> {
+            self.inner.set(ns, k, v, t)
+        }
+        fn incr(&self, ns: &str, k: &str, d: i64, t: Option<Duration>) -> Result<i64, StateError> {
+            self.inner.incr(ns, k, d, t)
+        }
+        fn cas(
+            &self,
+            ns: &str,
+            k: &str,
+            e: Option<&[u8]>,
+            n: Option<&[u8]>,
+            t: Option<Duration>,
+        ) -> Result<bool, StateError> {
+            self.inner.cas(ns, k, e, n, t)
+        }
+        fn delete(&self, ns: &str, k: &str) -> Result<bool, StateError> {
+            self.inner.delete(ns, k)
+        }
+        fn scan_prefix(
+            &self,
+            ns: &str,
+            p: &str,
+            l: usize,
+        ) -> Result<Vec<(String, Vec<u8>)>, StateError> {
+            self.inner.scan_prefix(ns, p, l)
+        }
+        fn health(&self) -> Result<(), String> {
+            match self.failure.lock().unwrap().clone() {
+                None => Ok(()),
+                Some(why) => Err(why),
+            }
+        }
+    }
+
+    async fn get(gw: &Arc<Gateway>, path: &str) -> (StatusCode, String) {
+        let req = Request::get(path).body(Body::empty()).unwrap();
+        let resp = router(gw.clone()).oneshot(req).await.unwrap();
+        let status = resp.status();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    #[tokio::test]
+    async fn readyz_is_red_while_the_state_store_fails() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let toml = "[providers.local]\nkind = \"mock\"\n\n[[models]]\nname = \"m\"\ntargets = [{ provider = \"local\" }]\n";
+        let config = Config::from_toml(Path::new("weir.toml"), toml).unwrap();
+        let store = Arc::new(Sick::default());
+        let metrics = Metrics::new().unwrap();
+        let services = Services::new(store.clone(), &metrics).unwrap();
+        let gw = Arc::new(Gateway::new(
+            Snapshot::build(config, &services).unwrap(),
+            metrics,
+        ));
+        assert_eq!(get(&gw, "/readyz").await.0, StatusCode::OK);
+        assert!(
+            get(&gw, "/metrics")
+                .await
+                .1
+                .contains("weir_state_healthy 1")
+        );
+
+        *store.failure.lock().unwrap() = Some("state store failing: disk full".into());
+        let (status, body) = get(&gw, "/readyz").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            body,
+            json!({"status": "not ready", "reason": "state store failing: disk full"})
+        );
+        let metrics = get(&gw, "/metrics").await.1;
+        assert!(metrics.contains("weir_state_healthy 0"), "{metrics}");
+        assert!(
+            metrics.contains("weir_state_write_errors_total"),
+            "{metrics}"
+        );
+
+        *store.failure.lock().unwrap() = None;
+        assert_eq!(get(&gw, "/readyz").await.0, StatusCode::OK);
     }
 }
