@@ -6,13 +6,15 @@
 #   bench/run.sh --no-micro      # skip criterion
 #   bench/run.sh -- --duration 10   # anything after -- goes to the suite (see `suite --help`)
 #   bench/run.sh --no-micro -- --only reload   # only the hot-reload scenarios
+#   bench/run.sh --no-micro -- --only redis    # only the default chain on sled vs on Redis
 #
 # Environment: WEIR_BIN=path uses a prebuilt weir binary instead of building one.
 #
-# It installs wrk and nginx from Debian if they are missing, builds `weir`, the bench
-# binaries (release) and the first-party WASM plugins, runs the criterion benches pinned to
-# CPU 1, then the suite (mock + load generator on CPU 0, proxy on CPU 1): side by side, then
-# RSS over 100 hot reloads and six-plugin reload latency. It writes the tables into
+# It installs wrk, nginx and redis-server from Debian if they are missing, builds `weir`, the
+# bench binaries (release) and the first-party WASM plugins, runs the criterion benches pinned
+# to CPU 1, then the suite (mock + load generator on CPU 0, proxy on CPU 1): side by side, then
+# RSS over 100 hot reloads, six-plugin reload latency, and the default chain with its state on
+# sled, then on Redis (a redis-server it starts on CPU 0). It writes the tables into
 # BENCHMARKS.md. Loopback only; every process it starts is stopped on exit.
 set -euo pipefail
 
@@ -27,7 +29,7 @@ while [[ $# -gt 0 ]]; do
         --quick) QUICK=1 ;;
         --no-micro) MICRO=0 ;;
         --) shift; SUITE_ARGS+=("$@"); break ;;
-        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
         *) echo "unknown option $1 (try --help)" >&2; exit 2 ;;
     esac
     shift
@@ -39,6 +41,7 @@ missing=()
 command -v wrk >/dev/null 2>&1 || missing+=(wrk)
 [[ -x /usr/sbin/nginx ]] || missing+=(nginx-light)
 command -v taskset >/dev/null 2>&1 || missing+=(util-linux)
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 if [[ ${#missing[@]} -gt 0 ]]; then
     echo "installing ${missing[*]} from Debian" >&2
     $SUDO apt-get install -y --no-install-recommends "${missing[@]}" \
@@ -81,7 +84,7 @@ fi
 
 if [[ $QUICK -eq 1 ]]; then
     SUITE_ARGS=(--duration 2 --warmup 0.5 --slow-streams 200 --reloads 50 --reload-writes 8
-        "${SUITE_ARGS[@]}")
+        --state-duration 3 "${SUITE_ARGS[@]}")
 fi
 
 # Other work on a shared machine steals the pinned CPUs; as root, run above it.

@@ -9,10 +9,14 @@
 //!
 //! Everything listens on 127.0.0.1 and every process started here is killed when the suite
 //! ends, on error too. `--only` picks scenarios (`--only reload` runs just the hot-reload
-//! ones, in `suite/hot_reload.rs`).
+//! ones, in `suite/hot_reload.rs`; `--only redis` the default chain on sled and on Redis, in
+//! `suite/shared_state.rs`, whose tables go between `<!-- redis:begin -->` /
+//! `<!-- redis:end -->`).
 
 #[path = "suite/hot_reload.rs"]
 mod hot_reload;
+#[path = "suite/shared_state.rs"]
+mod shared_state;
 
 use std::fmt::Write as _;
 use std::fs;
@@ -117,6 +121,13 @@ struct Args {
     /// suite starts; kept between runs.
     #[arg(long, default_value = "target/weir-bench/wasm-cache")]
     wasm_cache: PathBuf,
+    /// `redis-server` binary for the shared-state scenario.
+    #[arg(long, default_value = "redis-server")]
+    redis_server: PathBuf,
+    /// Measured seconds per leg of the shared-state scenario (the default chain at c16 on
+    /// sled, then on Redis, and the bare mock).
+    #[arg(long, default_value_t = 15.0)]
+    state_duration: f64,
 }
 
 /// What `--only` selects.
@@ -134,6 +145,9 @@ enum Scenario {
     ReloadLatency,
     /// Both hot-reload scenarios.
     Reload,
+    /// The default chain at c16 with state on sled, then on Redis (a `redis-server` the
+    /// suite starts).
+    Redis,
 }
 
 impl Args {
@@ -143,6 +157,20 @@ impl Args {
             || self.only.contains(&s)
             || (matches!(s, Scenario::ReloadRss | Scenario::ReloadLatency)
                 && self.only.contains(&Scenario::Reload))
+    }
+
+    /// Whether any scenario reported between the `suite` markers runs (`--only redis` leaves
+    /// those tables as they are).
+    fn wants_suite_tables(&self) -> bool {
+        [
+            Scenario::Chat,
+            Scenario::Stream,
+            Scenario::Slow,
+            Scenario::ReloadRss,
+            Scenario::ReloadLatency,
+        ]
+        .into_iter()
+        .any(|s| self.wants(s))
     }
 
     /// Whether any scenario needs nginx and the long-lived Weir targets.
@@ -157,6 +185,8 @@ const BEGIN: &str = "<!-- suite:begin -->";
 const END: &str = "<!-- suite:end -->";
 const MICRO_BEGIN: &str = "<!-- micro:begin -->";
 const MICRO_END: &str = "<!-- micro:end -->";
+const REDIS_BEGIN: &str = "<!-- redis:begin -->";
+const REDIS_END: &str = "<!-- redis:end -->";
 
 /// A process started by the suite; killed when dropped.
 struct Proc {
@@ -296,6 +326,8 @@ struct Report {
     reload_latency: Vec<ReloadLatency>,
     /// Hot-reload scenarios that could not run or failed, with the reason.
     reload_failed: Vec<(String, String)>,
+    /// The default chain on sled and on Redis.
+    shared_state: Option<shared_state::SharedState>,
 }
 
 #[derive(Debug, Serialize)]
@@ -446,6 +478,10 @@ fn run(args: Args, dir: &Path) -> anyhow::Result<()> {
     } else {
         Vec::new()
     };
+    let shared_state = env
+        .args
+        .wants(Scenario::Redis)
+        .then(|| shared_state::run(&env, mock_port));
 
     let report = Report {
         date: command_output("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
@@ -464,6 +500,7 @@ fn run(args: Args, dir: &Path) -> anyhow::Result<()> {
         reload_rss,
         reload_latency,
         reload_failed,
+        shared_state,
     };
     drop(targets);
     drop(mock);
@@ -472,19 +509,26 @@ fn run(args: Args, dir: &Path) -> anyhow::Result<()> {
         fs::create_dir_all(parent)?;
     }
     fs::write(&env.args.json, serde_json::to_string_pretty(&report)?)?;
-    let tables = render(&report, &env.args);
-    let micro = render_micro(&env.args.criterion);
-    write_section(&env.args.out, BEGIN, END, &tables)?;
-    if let Some(micro) = micro {
+    if env.args.wants_suite_tables() {
+        let tables = render(&report, &env.args);
+        write_section(&env.args.out, BEGIN, END, &tables)?;
+        println!("{tables}");
+    }
+    if let Some(micro) = render_micro(&env.args.criterion) {
         write_section(&env.args.out, MICRO_BEGIN, MICRO_END, &micro)?;
     }
-    println!("{tables}");
+    if let Some(state) = &report.shared_state {
+        let tables = shared_state::render(state, &env.args, &report.date, &report.commit);
+        write_section(&env.args.out, REDIS_BEGIN, REDIS_END, &tables)?;
+        println!("{tables}");
+    }
     eprintln!(
         "wrote {} and {}",
         env.args.out.display(),
         env.args.json.display()
     );
-    if let Some((what, why)) = report.reload_failed.first() {
+    let state_failed = report.shared_state.iter().flat_map(|s| &s.failed);
+    if let Some((what, why)) = report.reload_failed.iter().chain(state_failed).next() {
         bail!("{what}: {why}");
     }
     Ok(())
@@ -747,8 +791,54 @@ enum Tool {
     Load,
 }
 
-/// Runs one scenario against one target: an unmeasured warm-up, then the measured run with
-/// CPU time read from `/proc` before and after, and RSS sampled during it.
+/// What one scenario sends to one target, and with which tool.
+struct Plan<'a> {
+    env: &'a Env,
+    url: String,
+    body: PathBuf,
+    headers: Vec<String>,
+    c: usize,
+    tool: Tool,
+}
+
+impl<'a> Plan<'a> {
+    fn new(env: &'a Env, t: &Target, scenario: &str, c: usize, tool: Tool) -> Self {
+        let (body, headers) = match scenario {
+            "chat" => (format!("chat-{}.json", t.model), Vec::new()),
+            "stream" => (format!("stream-{}.json", t.model), Vec::new()),
+            _ => (
+                format!("stream-{}.json", t.slow_model),
+                t.slow_headers.clone(),
+            ),
+        };
+        Plan {
+            env,
+            url: format!("{}/v1/chat/completions", t.base),
+            body: env.bodies.join(body),
+            headers,
+            c,
+            tool,
+        }
+    }
+
+    /// Sends load for `secs`.
+    fn send(&self, secs: f64) -> anyhow::Result<LoadResult> {
+        match self.tool {
+            Tool::Wrk => wrk(self.env, &self.url, &self.body, self.c, secs),
+            Tool::Load => load(self.env, &self.url, &self.body, &self.headers, self.c, secs),
+        }
+    }
+
+    /// The unmeasured warm-up (`--warmup` seconds), if any.
+    fn warm_up(&self) -> anyhow::Result<()> {
+        if self.env.args.warmup > 0.0 {
+            self.send(self.env.args.warmup)?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs one scenario against one target: an unmeasured warm-up, then [`measured`].
 fn measure(
     env: &Env,
     t: &Target,
@@ -757,41 +847,22 @@ fn measure(
     tool: Tool,
     secs: f64,
 ) -> anyhow::Result<Run> {
-    let (path, body, headers) = match scenario {
-        "chat" => (
-            "/v1/chat/completions",
-            format!("chat-{}.json", t.model),
-            Vec::new(),
-        ),
-        "stream" => (
-            "/v1/chat/completions",
-            format!("stream-{}.json", t.model),
-            Vec::new(),
-        ),
-        _ => (
-            "/v1/chat/completions",
-            format!("stream-{}.json", t.slow_model),
-            t.slow_headers.clone(),
-        ),
-    };
-    let url = format!("{}{path}", t.base);
-    let body = env.bodies.join(body);
-    let go = |secs: f64| -> anyhow::Result<LoadResult> {
-        match tool {
-            Tool::Wrk => wrk(env, &url, &body, c, secs),
-            Tool::Load => load(env, &url, &body, &headers, c, secs),
-        }
-    };
+    let plan = Plan::new(env, t, scenario, c, tool);
     eprintln!("{:<36} {scenario:<6} c={c:<5} ...", t.label);
-    if env.args.warmup > 0.0 {
-        go(env.args.warmup)?;
-    }
+    plan.warm_up()?;
+    measured(&plan, t, scenario, secs)
+}
+
+/// The measured run of `plan` against `t`, with CPU time read from `/proc` before and after,
+/// and RSS sampled during it.
+fn measured(plan: &Plan<'_>, t: &Target, scenario: &'static str, secs: f64) -> anyhow::Result<Run> {
+    let (env, c) = (plan.env, plan.c);
     let pids = t.pids();
     let cpu0 = procfs::cpu_micros_all(&pids)?;
     let mock0 = procfs::cpu_micros(env.mock_pid)?;
     let sampler = RssSampler::start(pids.first().copied());
     let started = Instant::now();
-    let result = go(secs)?;
+    let result = plan.send(secs)?;
     let wall = started.elapsed().as_secs_f64();
     let peak = sampler.stop();
     let cpu = procfs::cpu_micros_all(&pids)?.saturating_sub(cpu0);
@@ -807,7 +878,7 @@ fn measure(
         target: t.label.clone(),
         scenario,
         concurrency: c,
-        tool: match tool {
+        tool: match plan.tool {
             Tool::Wrk => "wrk",
             Tool::Load => "load",
         },
