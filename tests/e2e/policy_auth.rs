@@ -771,12 +771,15 @@ async fn ten_thousand_keys_and_a_thousand_concurrent_requests() {
     bounded(async {
         const KEYS: usize = 10_000;
         const CONCURRENT: usize = 1_000;
+        // A thousand requests at once on a debug build: deadlines fit that, not the
+        // manifests' 25 ms (this test is about keys and concurrency, not deadlines).
+        let roomy = |entry: String| entry.replacen("\"\n", "\"\ndeadline_ms = 1000\n", 1);
         let chain = format!(
             "{MOCK_MODELS}{}{}{}{}",
-            plugin_entry("auth", ""),
-            plugin_entry("rate-limit", "key = { rpm = 1000, tpm = 1000000 }"),
-            plugin_entry("routing", "aliases.fast = { strategy = \"weighted\", targets = [{ provider = \"mock\", model = \"m1\", weight = 1 }, { provider = \"mock\", model = \"m2\", weight = 1 }] }"),
-            plugin_entry("budget", "prices = { m1 = { input = 1, output = 2 }, m2 = { input = 1, output = 2 } }\nkey_default = { usd = 100, period = \"month\" }"),
+            roomy(plugin_entry("auth", "")),
+            roomy(plugin_entry("rate-limit", "key = { rpm = 1000, tpm = 1000000 }")),
+            roomy(plugin_entry("routing", "aliases.fast = { strategy = \"weighted\", targets = [{ provider = \"mock\", model = \"m1\", weight = 1 }, { provider = \"mock\", model = \"m2\", weight = 1 }] }")),
+            roomy(plugin_entry("budget", "prices = { m1 = { input = 1, output = 2 }, m2 = { input = 1, output = 2 } }\nkey_default = { usd = 100, period = \"month\" }")),
         );
         let gw = PolicyGateway::start(&chain).await;
 

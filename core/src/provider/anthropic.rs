@@ -564,9 +564,12 @@ impl AnthropicUsage {
 
     /// Canonical usage: Anthropic counts cached input apart; OpenAI's prompt count includes it.
     fn to_usage(self) -> Usage {
-        let prompt = self.input_tokens.unwrap_or(0)
-            + self.cache_read_input_tokens.unwrap_or(0)
-            + self.cache_creation_input_tokens.unwrap_or(0);
+        // Saturating: the numbers come from the upstream (found by tests/fuzz).
+        let prompt = self
+            .input_tokens
+            .unwrap_or(0)
+            .saturating_add(self.cache_read_input_tokens.unwrap_or(0))
+            .saturating_add(self.cache_creation_input_tokens.unwrap_or(0));
         let mut usage = Usage::new(prompt, self.output_tokens.unwrap_or(0));
         usage.prompt_tokens_details = self
             .cache_read_input_tokens

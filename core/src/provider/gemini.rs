@@ -888,8 +888,10 @@ impl UsageMetadata {
     /// Canonical usage: thinking tokens count as output, tool-use prompt tokens as input.
     fn to_usage(&self) -> Usage {
         let mut usage = Usage::new(
-            self.prompt_token_count + self.tool_use_prompt_token_count,
-            self.candidates_token_count + self.thoughts_token_count,
+            self.prompt_token_count
+                .saturating_add(self.tool_use_prompt_token_count),
+            self.candidates_token_count
+                .saturating_add(self.thoughts_token_count),
         );
         usage.prompt_tokens_details = self
             .cached_content_token_count

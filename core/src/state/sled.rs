@@ -137,9 +137,20 @@ fn close(db: Db) {
 impl SledStore {
     /// Opens (or creates) the database in directory `path`.
     pub fn open(path: &Path) -> Result<SledStore, StateError> {
+        // A store just dropped (a restart in this process) releases its lock when sled's own
+        // threads end: wait a little for it before reporting the directory as in use.
+        let deadline = Instant::now() + Duration::from_secs(1);
+        let db = loop {
+            match open_db(path) {
+                Err(StateError::Locked { .. }) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                other => break other?,
+            }
+        };
         Ok(SledStore {
             path: path.to_owned(),
-            db: RwLock::new(Some(open_db(path)?)),
+            db: RwLock::new(Some(db)),
             trees: RwLock::new(HashMap::new()),
             health: Mutex::new(Health::default()),
             #[cfg(test)]
