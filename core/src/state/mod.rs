@@ -12,6 +12,9 @@
 //!   behind every `[state] flush_interval_ms` (100 ms), so counters and short-lived keys
 //!   cost no sled work on the request path; a crash loses at most that interval more than
 //!   sled alone would (see its module docs).
+//! - [`RedisStore`] (`[state] backend = "redis"`): a Redis or Valkey server shared by several
+//!   gateway instances; one server-side script per operation, a local read cache kept
+//!   coherent by pub/sub, limiter leases (see its module docs and docs/operations.md).
 //! - [`MemoryStore`]: a process-local map, for tests and `weir plugin test`.
 //!
 //! TTL: neither backend has native expiry, so each value is stored with its expiry time
