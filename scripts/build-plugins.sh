@@ -36,6 +36,10 @@ for dir in "${dirs[@]}"; do
     echo "building $name ($dir)" >&2
     cargo build --quiet --release --target wasm32-wasip2 \
         --manifest-path "$manifest" --target-dir "$target_dir"
-    cp "$artifact" "$dir/plugin.wasm"
+    # Copy then rename: tests (one process each) may build the same plugin at once while
+    # others load it, and a reader must never see a half-written component.
+    tmp="$(mktemp "$dir/.plugin.wasm.XXXXXX")"
+    cp "$artifact" "$tmp"
+    mv -f "$tmp" "$dir/plugin.wasm"
     echo "  -> $dir/plugin.wasm ($(wc -c <"$dir/plugin.wasm") bytes)" >&2
 done
