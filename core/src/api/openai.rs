@@ -128,9 +128,52 @@ pub struct ChatMessage {
     /// On a `tool` message: the call this result answers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tool_call_id: Option<String>,
+    /// On an assistant message: the model's reasoning before it answered, in order (Anthropic
+    /// `thinking`/`redacted_thinking` blocks, Responses `reasoning` items, the
+    /// `reasoning_content` of OpenAI-compatible servers). Weir's canonical form; the wire name
+    /// `reasoning_details` follows OpenRouter. Providers that cannot take it back drop it
+    /// (with a debug log) before sending upstream.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        rename = "reasoning_details"
+    )]
+    pub reasoning: Option<Vec<Reasoning>>,
     /// Everything else (`refusal`, `audio`, ...), passed through.
     #[serde(flatten)]
     pub rest: Rest,
+}
+
+/// One block of model reasoning, the canonical form of Anthropic thinking and Responses
+/// reasoning items.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+pub struct Reasoning {
+    /// `thinking` (readable text, possibly a summary) or `redacted` (opaque `data` only).
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The reasoning text (Anthropic `thinking`, Responses summary text joined).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+    /// Proof the text came from the model: Anthropic `signature`, Responses
+    /// `encrypted_content`. Only the provider that issued it can verify it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
+    /// Opaque redacted reasoning (Anthropic `redacted_thinking.data`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<String>,
+    /// The provider's id for the block (Responses `rs_...`), when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// Everything else, passed through.
+    #[serde(flatten)]
+    pub rest: Rest,
+}
+
+impl Reasoning {
+    /// `kind` of readable reasoning.
+    pub const THINKING: &'static str = "thinking";
+    /// `kind` of opaque reasoning.
+    pub const REDACTED: &'static str = "redacted";
 }
 
 impl ChatMessage {
@@ -387,7 +430,37 @@ pub struct Delta {
     /// Tool-call fragments.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tool_calls: Option<Vec<ToolCallDelta>>,
+    /// Reasoning text to append, as OpenAI-compatible servers (DeepSeek, vLLM) stream it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<String>,
+    /// Reasoning fragments with their block boundaries and signatures (Weir's canonical form,
+    /// used between dialects that keep them: Anthropic thinking, Responses reasoning).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reasoning_details: Option<Vec<ReasoningDelta>>,
     /// Everything else (`refusal`), passed through.
+    #[serde(flatten)]
+    pub rest: Rest,
+}
+
+/// A fragment of a streamed reasoning block. Fragments with the same `index` belong to one
+/// block; `text` appends, `signature` and `data` arrive whole (usually last).
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+pub struct ReasoningDelta {
+    /// Which block of this message the fragment belongs to, from 0.
+    pub index: u32,
+    /// `thinking` or `redacted`, on a block's first fragment.
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// Reasoning text to append.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+    /// The block's signature.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
+    /// Opaque redacted reasoning.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<String>,
+    /// Everything else, passed through.
     #[serde(flatten)]
     pub rest: Rest,
 }
@@ -532,6 +605,7 @@ crate::open_object!(ChatMessage, "a message object", {
     name: "name" => optional,
     tool_calls: "tool_calls" => optional,
     tool_call_id: "tool_call_id" => optional,
+    reasoning: "reasoning_details" => optional,
 });
 
 crate::open_object!(ContentPart, "a content part object", {
