@@ -2,17 +2,20 @@
 //!
 //! It exists so the quickstart runs with no API keys and so plugin authors can test policies
 //! without spending tokens. It is **not** a model: it echoes the last user message (or answers
-//! with a configured reply), can be told to call a tool, and can simulate latency and a
-//! stream of a chosen number of chunks. Token counts are estimates (about four characters per
-//! token), good enough for exercising rate limits and budgets.
+//! with a configured reply), can simulate latency and a stream of a chosen number of chunks,
+//! and can drive an agent loop: offered tools, it calls one once (a fresh `call_...` id each
+//! time), and after the tool's result it answers in text. It honours `max_tokens` and can emit
+//! a thinking block first. Token counts are estimates (about four characters per token), good
+//! enough for exercising rate limits and budgets.
 
 use serde::Deserialize;
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use crate::api::openai::{
     ChatChunk, ChatMessage, ChatRequest, ChatResponse, Choice, ChunkChoice, Delta, Embedding,
     EmbeddingsRequest, EmbeddingsResponse, EmbeddingsUsage, FunctionCall, FunctionCallDelta,
-    MessageContent, Rest, ToolCall, ToolCallDelta, Usage,
+    MessageContent, Reasoning, ReasoningDelta, Rest, ToolCall, ToolCallDelta, Usage,
 };
 use crate::config::{ConfigError, TimeoutsConfig};
 
@@ -23,10 +26,28 @@ pub struct MockConfig {
     /// Fixed reply text. Default: echo the last user message as `Echo: <text>`.
     #[serde(default)]
     pub reply: Option<String>,
-    /// When the request offers tools, call the first one with these JSON arguments instead of
-    /// answering with text. Default: never call tools.
+    /// When the request offers tools and no tool result follows the last user message, call
+    /// a tool with these JSON arguments instead of answering with text (the tool
+    /// `tool_name` names, else the first offered). Default: never call tools.
     #[serde(default)]
     pub tool_arguments: Option<String>,
+    /// JSON arguments per tool name, so one mock serves clients offering different tools
+    /// (`Bash = '{"command":"echo hi"}'`, `exec_command = '{"cmd":"echo hi"}'`). The first
+    /// offered tool found here is called (the one `tool_name` names, when offered, wins).
+    #[serde(default)]
+    pub tool_arguments_by_name: BTreeMap<String, String>,
+    /// Which offered tool to call. Default: the first offered tool with arguments configured.
+    #[serde(default)]
+    pub tool_name: Option<String>,
+    /// The text answered after a tool result. Default: `Done: <the result>` (the result cut
+    /// to 200 characters).
+    #[serde(default)]
+    pub reply_after_tool: Option<String>,
+    /// Emit a thinking block (canonical reasoning, with a fake signature) before the answer.
+    /// Default false: only when the request enables thinking (`thinking`, `reasoning_effort`
+    /// or `reasoning`).
+    #[serde(default)]
+    pub thinking: bool,
     /// Delay before the answer (or the first chunk), ms. Default 0.
     #[serde(default)]
     pub latency_ms: u64,
@@ -69,13 +90,21 @@ impl Mock {
                 "must be at least 1",
             ));
         }
-        if let Some(args) = &cfg.tool_arguments
-            && serde_json::from_str::<serde_json::Value>(args).is_err()
-        {
-            return Err(ConfigError::invalid(
-                format!("providers.{name}.tool_arguments"),
-                "must be a JSON document",
-            ));
+        let args = cfg
+            .tool_arguments
+            .iter()
+            .map(|a| ("tool_arguments".to_owned(), a));
+        let by_name = cfg
+            .tool_arguments_by_name
+            .iter()
+            .map(|(tool, a)| (format!("tool_arguments_by_name.{tool}"), a));
+        for (key, text) in args.chain(by_name) {
+            if serde_json::from_str::<serde_json::Value>(text).is_err() {
+                return Err(ConfigError::invalid(
+                    format!("providers.{name}.{key}"),
+                    "must be a JSON document",
+                ));
+            }
         }
         Ok(Mock { cfg: cfg.clone() })
     }
@@ -85,7 +114,15 @@ impl Mock {
         Duration::from_millis(self.cfg.latency_ms)
     }
 
+    /// The text answer: after a tool result, `reply_after_tool`; else the configured reply or
+    /// an echo of the last user message.
     fn answer_text(&self, req: &ChatRequest) -> String {
+        if let Some(result) = tool_result_after_last_user(req) {
+            return match &self.cfg.reply_after_tool {
+                Some(r) => r.clone(),
+                None => format!("Done: {}", truncate_chars(&result, 200)),
+            };
+        }
         if let Some(r) = &self.cfg.reply {
             return r.clone();
         }
@@ -99,19 +136,80 @@ impl Mock {
         format!("Echo: {last}")
     }
 
+    /// The tool call to make, if any: only when tools are offered, `tool_choice` is not
+    /// `none`, arguments are configured for an offered tool, and the conversation has no tool
+    /// result after its last user message (so an agent loop ends after one call).
     fn tool_call(&self, req: &ChatRequest) -> Option<ToolCall> {
-        let args = self.cfg.tool_arguments.as_ref()?;
-        let tool = req.tools.as_ref()?.first()?;
-        if req.tool_choice.as_ref().and_then(|c| c.as_str()) == Some("none") {
+        let tools = req.tools.as_ref()?;
+        if req.tool_choice.as_ref().and_then(|c| c.as_str()) == Some("none")
+            || tool_result_after_last_user(req).is_some()
+        {
             return None;
         }
+        let args_for = |name: &str| {
+            self.cfg
+                .tool_arguments_by_name
+                .get(name)
+                .or(self.cfg.tool_arguments.as_ref())
+        };
+        let offered = |name: &str| tools.iter().any(|t| t.function.name == name);
+        let chosen = match &self.cfg.tool_name {
+            Some(name) if offered(name) => Some(name.as_str()),
+            _ => None,
+        };
+        let chosen = chosen.or_else(|| {
+            tools
+                .iter()
+                .map(|t| t.function.name.as_str())
+                .find(|n| self.cfg.tool_arguments_by_name.contains_key(*n))
+        });
+        let (name, args) = match chosen {
+            Some(name) => (name, args_for(name)?),
+            None => (
+                tools.first()?.function.name.as_str(),
+                self.cfg.tool_arguments.as_ref()?,
+            ),
+        };
         Some(ToolCall {
-            id: "call_mock_0".to_owned(),
+            id: format!("call_{}", uuid::Uuid::new_v4().simple()),
             kind: "function".to_owned(),
             function: FunctionCall {
-                name: tool.function.name.clone(),
+                name: name.to_owned(),
                 arguments: args.clone(),
             },
+        })
+    }
+
+    /// The text answer cut to the request's `max_tokens` (estimated), and whether it was cut.
+    fn limited_text(&self, req: &ChatRequest) -> (String, bool) {
+        let text = self.answer_text(req);
+        match req.max_completion_tokens.or(req.max_tokens) {
+            Some(max) => {
+                let limit = (max as usize).saturating_mul(4);
+                let cut = truncate_chars(&text, limit);
+                let truncated = cut.len() < text.len();
+                (cut, truncated)
+            }
+            None => (text, false),
+        }
+    }
+
+    /// A thinking block, when configured or when the request enables thinking.
+    fn reasoning(&self, req: &ChatRequest) -> Option<Reasoning> {
+        let asked = req
+            .rest
+            .get("thinking")
+            .is_some_and(|t| t.get("type").and_then(|v| v.as_str()) != Some("disabled"))
+            || req.rest.contains_key("reasoning_effort")
+            || req.rest.contains_key("reasoning");
+        if !(self.cfg.thinking || asked) {
+            return None;
+        }
+        Some(Reasoning {
+            kind: Reasoning::THINKING.to_owned(),
+            text: Some("The mock considers the request before it answers.".to_owned()),
+            signature: Some(format!("mock-signature-{}", uuid::Uuid::new_v4().simple())),
+            ..Reasoning::default()
         })
     }
 
@@ -124,11 +222,13 @@ impl Mock {
     pub fn chat(&self, req: &ChatRequest, model: &str) -> ChatResponse {
         let n = req.n.unwrap_or(1).max(1);
         let call = self.tool_call(req);
-        let text = self.answer_text(req);
+        let (text, truncated) = self.limited_text(req);
+        let reasoning = self.reasoning(req);
         let choices = (0..n)
             .map(|i| {
                 let (content, tool_calls, finish) = match &call {
                     Some(c) => (None, Some(vec![c.clone()]), "tool_calls"),
+                    None if truncated => (Some(MessageContent::Text(text.clone())), None, "length"),
                     None => (Some(MessageContent::Text(text.clone())), None, "stop"),
                 };
                 Choice {
@@ -137,6 +237,7 @@ impl Mock {
                         role: "assistant".to_owned(),
                         content,
                         tool_calls,
+                        reasoning: reasoning.clone().map(|r| vec![r]),
                         ..ChatMessage::default()
                     },
                     finish_reason: Some(finish.to_owned()),
@@ -189,6 +290,30 @@ impl Mock {
             ..Delta::default()
         };
         out.push((Duration::ZERO, chunk(vec![choice(first, None)], None)));
+        if let Some(r) = self.reasoning(req) {
+            let text = r.text.clone().unwrap_or_default();
+            for (i, piece) in split_even(&text, 2).into_iter().enumerate() {
+                let d = Delta {
+                    reasoning_details: Some(vec![ReasoningDelta {
+                        index: 0,
+                        kind: (i == 0).then(|| r.kind.clone()),
+                        text: Some(piece),
+                        ..ReasoningDelta::default()
+                    }]),
+                    ..Delta::default()
+                };
+                out.push((gap, chunk(vec![choice(d, None)], None)));
+            }
+            let d = Delta {
+                reasoning_details: Some(vec![ReasoningDelta {
+                    index: 0,
+                    signature: r.signature.clone(),
+                    ..ReasoningDelta::default()
+                }]),
+                ..Delta::default()
+            };
+            out.push((gap, chunk(vec![choice(d, None)], None)));
+        }
         let (finish, produced) = if let Some(call) = self.tool_call(req) {
             let pieces = split_even(&call.function.arguments, self.cfg.stream_chunks as usize);
             for (i, piece) in pieces.into_iter().enumerate() {
@@ -209,7 +334,7 @@ impl Mock {
             }
             ("tool_calls", call.function.arguments)
         } else {
-            let text = self.answer_text(req);
+            let (text, truncated) = self.limited_text(req);
             for piece in split_even(&text, self.cfg.stream_chunks as usize) {
                 let d = Delta {
                     content: Some(piece),
@@ -217,7 +342,7 @@ impl Mock {
                 };
                 out.push((gap, chunk(vec![choice(d, None)], None)));
             }
-            ("stop", text)
+            (if truncated { "length" } else { "stop" }, text)
         };
         out.push((
             Duration::ZERO,
@@ -255,6 +380,30 @@ impl Mock {
             rest: Rest::new(),
         }
     }
+}
+
+/// The text of the tool results of the current turn, joined; `None` when there are none (the
+/// mock has not called its tool yet in this turn). The turn starts at the last user message
+/// that does not directly follow tool results: a client may send text along with its tool
+/// results (Anthropic `tool_result` blocks beside text become `tool` messages, then a `user`
+/// message), and that still answers the call.
+fn tool_result_after_last_user(req: &ChatRequest) -> Option<String> {
+    let msgs = &req.messages;
+    let start = (0..msgs.len())
+        .rev()
+        .find(|&i| msgs[i].role == "user" && (i == 0 || msgs[i - 1].role != "tool"))
+        .map_or(0, |i| i + 1);
+    let results: Vec<String> = req.messages[start..]
+        .iter()
+        .filter(|m| m.role == "tool")
+        .map(ChatMessage::text)
+        .collect();
+    (!results.is_empty()).then(|| results.join("\n"))
+}
+
+/// The first `max` characters of `s`.
+fn truncate_chars(s: &str, max: usize) -> String {
+    s.chars().take(max).collect()
 }
 
 /// About four bytes per token, at least one token for non-empty text.
@@ -335,5 +484,155 @@ mod tests {
         let calls = r.choices[0].message.tool_calls.clone().expect("calls");
         assert_eq!(calls[0].function.name, "weather");
         assert_eq!(r.choices[0].finish_reason.as_deref(), Some("tool_calls"));
+    }
+
+    const TOOLS: &str = r#""tools":[
+        {"type":"function","function":{"name":"Read","parameters":{}}},
+        {"type":"function","function":{"name":"Bash","parameters":{}}}]"#;
+
+    #[test]
+    fn agent_loop_calls_once_then_answers_from_the_result() {
+        let m = mock("tool_arguments_by_name = { Bash = '{\"command\":\"echo hi\"}' }");
+        let first = req(&format!(
+            r#"{{"model":"m","messages":[{{"role":"user","content":"run it"}}],{TOOLS}}}"#
+        ));
+        let a = m.chat(&first, "m");
+        let b = m.chat(&first, "m");
+        let call = &a.choices[0].message.tool_calls.as_ref().expect("a call")[0];
+        assert_eq!(
+            call.function.name, "Bash",
+            "the tool with arguments, not the first"
+        );
+        assert_eq!(call.function.arguments, r#"{"command":"echo hi"}"#);
+        let other = &b.choices[0].message.tool_calls.as_ref().expect("a call")[0];
+        assert_ne!(call.id, other.id, "every call gets its own id");
+        assert_ne!(a.id, b.id);
+
+        // The result comes back, with text beside it (as Claude Code sends it).
+        let second = req(&format!(
+            r#"{{"model":"m","messages":[{{"role":"user","content":"run it"}},
+              {{"role":"assistant","content":null,"tool_calls":[{{"id":"{id}","type":"function",
+                "function":{{"name":"Bash","arguments":"{{}}"}}}}]}},
+              {{"role":"tool","tool_call_id":"{id}","content":"hi"}},
+              {{"role":"user","content":"(reminder)"}}],{TOOLS}}}"#,
+            id = call.id
+        ));
+        let r = m.chat(&second, "m");
+        assert!(
+            r.choices[0].message.tool_calls.is_none(),
+            "one call per turn"
+        );
+        assert_eq!(r.choices[0].message.text(), "Done: hi");
+        assert_eq!(r.choices[0].finish_reason.as_deref(), Some("stop"));
+
+        // A new user turn calls again.
+        let third = req(&format!(
+            r#"{{"model":"m","messages":[{{"role":"tool","tool_call_id":"x","content":"hi"}},
+              {{"role":"assistant","content":"Done: hi"}},
+              {{"role":"user","content":"again"}}],{TOOLS}}}"#
+        ));
+        assert!(m.chat(&third, "m").choices[0].message.tool_calls.is_some());
+    }
+
+    #[test]
+    fn tool_name_picks_the_tool_and_tool_choice_none_disables() {
+        let m = mock("tool_name = \"Read\"\ntool_arguments = '{}'");
+        let body =
+            format!(r#"{{"model":"m","messages":[{{"role":"user","content":"x"}}],{TOOLS}}}"#);
+        let r = m.chat(&req(&body), "m");
+        assert_eq!(
+            r.choices[0].message.tool_calls.as_ref().expect("call")[0]
+                .function
+                .name,
+            "Read"
+        );
+        let none = body.replacen(r#"{"model""#, r##"{"tool_choice":"none","model""##, 1);
+        assert!(
+            m.chat(&req(&none), "m").choices[0]
+                .message
+                .tool_calls
+                .is_none()
+        );
+        // No arguments configured: never a call.
+        assert!(
+            mock("").chat(&req(&body), "m").choices[0]
+                .message
+                .tool_calls
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn max_tokens_cuts_the_answer() {
+        let m = mock("reply = \"abcdefghijklmnopqrstuvwxyz\"");
+        let r = m.chat(
+            &req(r#"{"model":"m","max_tokens":2,"messages":[{"role":"user","content":"x"}]}"#),
+            "m",
+        );
+        assert_eq!(r.choices[0].message.text(), "abcdefgh");
+        assert_eq!(r.choices[0].finish_reason.as_deref(), Some("length"));
+        let chunks = m.stream(
+            &req(r#"{"model":"m","max_completion_tokens":2,"messages":[{"role":"user","content":"x"}]}"#),
+            "m",
+        );
+        let text: String = chunks
+            .iter()
+            .flat_map(|(_, c)| c.choices.iter().filter_map(|ch| ch.delta.content.clone()))
+            .collect();
+        assert_eq!(text, "abcdefgh");
+        let finish = chunks
+            .iter()
+            .find_map(|(_, c)| c.choices.first()?.finish_reason.clone());
+        assert_eq!(finish.as_deref(), Some("length"));
+    }
+
+    #[test]
+    fn thinking_comes_first_streamed_or_not() {
+        let body = r#"{"model":"m","thinking":{"type":"enabled","budget_tokens":1024},
+            "messages":[{"role":"user","content":"x"}]}"#;
+        let m = mock("");
+        let r = m.chat(&req(body), "m");
+        let blocks = r.choices[0].message.reasoning.clone().expect("reasoning");
+        assert_eq!(blocks[0].kind, Reasoning::THINKING);
+        assert!(blocks[0].signature.is_some());
+        let chunks = m.stream(&req(body), "m");
+        let kinds: Vec<&str> = chunks
+            .iter()
+            .filter_map(|(_, c)| c.choices.first())
+            .filter_map(|ch| {
+                if ch.delta.reasoning_details.is_some() {
+                    Some("reasoning")
+                } else if ch.delta.content.as_deref().is_some_and(|t| !t.is_empty()) {
+                    Some("text")
+                } else {
+                    None
+                }
+            })
+            .collect();
+        assert_eq!(kinds.first(), Some(&"reasoning"));
+        assert_eq!(kinds.last(), Some(&"text"));
+        let plain = r#"{"model":"m","messages":[{"role":"user","content":"x"}]}"#;
+        assert!(
+            m.chat(&req(plain), "m").choices[0]
+                .message
+                .reasoning
+                .is_none()
+        );
+        assert!(
+            mock("thinking = true").chat(&req(plain), "m").choices[0]
+                .message
+                .reasoning
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn rejects_arguments_that_are_not_json() {
+        let cfg = toml::from_str("tool_arguments_by_name = { Bash = 'nope' }").expect("cfg");
+        let err = Mock::new("m", &cfg).expect_err("invalid");
+        assert!(
+            err.to_string().contains("tool_arguments_by_name.Bash"),
+            "{err}"
+        );
     }
 }
