@@ -84,6 +84,9 @@ pub struct Metrics {
     /// disk); set from [`crate::state::StateStore::health`] at every scrape and `/readyz`.
     /// Its companion `weir_state_write_errors_total` is [`crate::state::write_errors`].
     pub state_healthy: IntGauge,
+    /// `weir_unknown_route_total{method}`: requests to a path no route serves (the path is
+    /// logged at debug, never a label: it is client-controlled).
+    pub unknown_routes: IntCounterVec,
 }
 
 impl Metrics {
@@ -150,6 +153,13 @@ impl Metrics {
             "1 while the state store serves, 0 while it is failing (e.g. a full disk).",
         )?;
         state_healthy.set(1);
+        let unknown_routes = IntCounterVec::new(
+            Opts::new(
+                "weir_unknown_route_total",
+                "Requests to a path no route serves, by HTTP method.",
+            ),
+            &["method"],
+        )?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(request_duration.clone()))?;
         registry.register(Box::new(upstream_duration.clone()))?;
@@ -159,6 +169,7 @@ impl Metrics {
         registry.register(Box::new(attempts.clone()))?;
         registry.register(Box::new(active_streams.clone()))?;
         registry.register(Box::new(state_healthy.clone()))?;
+        registry.register(Box::new(unknown_routes.clone()))?;
         registry.register(Box::new(crate::state::write_errors().clone()))?;
         Ok(Metrics {
             registry,
@@ -171,6 +182,7 @@ impl Metrics {
             attempts,
             active_streams,
             state_healthy,
+            unknown_routes,
         })
     }
 

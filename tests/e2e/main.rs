@@ -33,4 +33,5 @@ mod request_log;
 mod shared_state;
 mod state_export;
 mod streaming;
+mod surface;
 mod upstream_faults;

@@ -215,7 +215,9 @@ async fn a_tenant_budget_is_shared_by_its_keys() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spend_survives_a_restart_and_budgets_hot_reload() {
     bounded(async {
-        let tight = "key_default = { usd = 0.01, period = \"total\" }";
+        // One answer of max_tokens 1 costs 0.003 USD (2 prompt + 1 output tokens) and admission
+        // reserves ~0.007 (estimated prompt + max_tokens): the second request cannot fit.
+        let tight = "key_default = { usd = 0.008, period = \"total\" }";
         let mut gw = PolicyGateway::start(&config(MOCK_MODELS, tight)).await;
         let (id, secret) = gw.create_key(json!({"name": "k"})).await;
         assert_eq!(gw.chat(&secret, &ask(Some(1))).await.status, 200);

@@ -778,6 +778,18 @@ pub async fn embeddings(gw: &Arc<Gateway>, mut ctx: RequestCtx) -> Response {
             dialect,
         );
     };
+    let base64 = match req.encoding_format.as_deref() {
+        None | Some("float") => false,
+        Some("base64") => true,
+        Some(other) => {
+            let message = format!("encoding_format must be 'float' or 'base64', not '{other}'");
+            return fail(
+                acct,
+                GatewayError::BadRequest(crate::api::BadRequest::field("encoding_format", message)),
+                dialect,
+            );
+        }
+    };
     let up = Upstream {
         clients: &snap.clients,
         retry: snap.config.retry,
@@ -795,6 +807,10 @@ pub async fn embeddings(gw: &Arc<Gateway>, mut ctx: RequestCtx) -> Response {
             acct.log.target_model = Some(target.model.clone());
             acct.upstream_time = upstream_time;
             acct.usage = resp.usage.map(|u| Usage::new(u.prompt_tokens, 0));
+            let mut resp = resp;
+            if base64 {
+                encode_embeddings_base64(&mut resp);
+            }
             match serde_json::to_vec(&resp) {
                 Ok(b) => {
                     acct.complete = true;
@@ -813,6 +829,25 @@ pub async fn embeddings(gw: &Arc<Gateway>, mut ctx: RequestCtx) -> Response {
             dialect,
         ),
         Err(e) => fail(acct, e, dialect),
+    }
+}
+
+/// `encoding_format: "base64"`, as OpenAI encodes it: each vector as the base64 of its
+/// little-endian `f32`s. Upstreams that honour the field natively (OpenAI, Azure) already
+/// answered strings, which are left alone; float arrays (Gemini, the mock) are converted.
+fn encode_embeddings_base64(resp: &mut crate::api::openai::EmbeddingsResponse) {
+    use base64::Engine as _;
+    for item in &mut resp.data {
+        let serde_json::Value::Array(values) = &item.embedding else {
+            continue;
+        };
+        let mut bytes = Vec::with_capacity(values.len() * 4);
+        for v in values {
+            let f = v.as_f64().unwrap_or_default() as f32;
+            bytes.extend_from_slice(&f.to_le_bytes());
+        }
+        item.embedding =
+            serde_json::Value::String(base64::engine::general_purpose::STANDARD.encode(bytes));
     }
 }
 

@@ -31,6 +31,8 @@
 //! provides = ["tenant"]
 //! requires = ["key"]
 //!
+//! serves_models = "aliases"          # config key naming the models it serves (`/v1/models`)
+//!
 //! [config_schema]                    # JSON Schema (a subset) for the instance's config
 //! type = "object"
 //! required = ["phrases"]
@@ -93,6 +95,11 @@ pub struct ManifestFile {
     /// instance's `config` must satisfy; checked when the gateway loads.
     #[serde(default)]
     pub config_schema: Option<serde_json::Value>,
+    /// The key of the instance's `config` that names the model names this plugin serves (a
+    /// routing plugin's aliases): a table (its keys) or a list of strings. `/v1/models` lists
+    /// them beside the `[[models]]` of the gateway config. Default: none.
+    #[serde(default)]
+    pub serves_models: Option<String>,
 }
 
 /// Which runtime hosts the plugin.
@@ -421,6 +428,8 @@ pub struct Manifest {
     pub metadata: MetadataDeps,
     /// The compiled config schema, if any.
     pub config_schema: Option<Schema>,
+    /// The config key naming the models the plugin serves, if any.
+    pub serves_models: Option<String>,
 }
 
 impl Manifest {
@@ -574,7 +583,28 @@ impl Manifest {
             failure: raw.failure,
             metadata,
             config_schema,
+            serves_models: raw.serves_models,
         })
+    }
+
+    /// The model names an instance with `config` serves (see `serves_models`), in config
+    /// order; empty when the manifest declares none or the key is absent.
+    pub fn served_models(&self, config: Option<&serde_json::Value>) -> Vec<String> {
+        let Some(value) = self
+            .serves_models
+            .as_deref()
+            .and_then(|key| config?.get(key))
+        else {
+            return Vec::new();
+        };
+        match value {
+            serde_json::Value::Object(map) => map.keys().cloned().collect(),
+            serde_json::Value::Array(items) => items
+                .iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect(),
+            _ => Vec::new(),
+        }
     }
 
     /// Checks an instance's `config` against the manifest's schema (no schema: anything).

@@ -35,12 +35,27 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/messages", post(messages))
         .route("/v1/models", get(models))
+        .route("/v1/models/{*id}", get(model))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn(ensure_request_id))
         .with_state(gw)
+}
+
+/// Gives every response an `x-request-id` (GET routes, 404s and 405s included): the one a
+/// handler already set, else the client's (when sane), else a fresh one.
+async fn ensure_request_id(req: Request, next: axum::middleware::Next) -> Response {
+    let fallback = request_id(req.headers());
+    let mut resp = next.run(req).await;
+    if !resp.headers().contains_key(REQUEST_ID)
+        && let Ok(v) = HeaderValue::from_str(&fallback)
+    {
+        resp.headers_mut().insert(REQUEST_ID, v);
+    }
+    resp
 }
 
 /// A request id: the client's if it is sane, otherwise a fresh one.
@@ -345,15 +360,40 @@ fn reject(gw: &Gateway, e: GatewayError, dialect: Dialect, model: &str) -> Respo
     e.into_response_for(dialect)
 }
 
+/// The model names the gateway serves: its `[[models]]`, then the names plugins declare they
+/// serve (a routing plugin's aliases), without duplicates.
+fn served_models(snap: &pipeline::Snapshot) -> Vec<&str> {
+    let mut names: Vec<&str> = snap.config.model_order.iter().map(String::as_str).collect();
+    for alias in snap.plugins.served_models() {
+        if !names.contains(&alias.as_str()) {
+            names.push(alias);
+        }
+    }
+    names
+}
+
+fn model_object(name: &str) -> serde_json::Value {
+    json!({"id": name, "object": "model", "created": 0, "owned_by": "weir"})
+}
+
 async fn models(State(gw): State<Arc<Gateway>>) -> Response {
     let snap = gw.snapshot();
-    let data: Vec<_> = snap
-        .config
-        .model_order
-        .iter()
-        .map(|name| json!({"id": name, "object": "model", "created": 0, "owned_by": "weir"}))
-        .collect();
+    let data: Vec<_> = served_models(&snap).into_iter().map(model_object).collect();
     axum::Json(json!({"object": "list", "data": data})).into_response()
+}
+
+/// `GET /v1/models/{id}`: the model object, or an OpenAI-shaped 404.
+async fn model(
+    State(gw): State<Arc<Gateway>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    let snap = gw.snapshot();
+    if served_models(&snap).contains(&id.as_str()) {
+        return axum::Json(model_object(&id)).into_response();
+    }
+    let body = json!({"error": {"message": format!("The model '{id}' does not exist"),
+        "type": "invalid_request_error", "param": "model", "code": "model_not_found"}});
+    (StatusCode::NOT_FOUND, axum::Json(body)).into_response()
 }
 
 async fn healthz() -> Response {
@@ -398,7 +438,20 @@ async fn method_not_allowed(req: Request) -> Response {
     e.into_response_for(Dialect::for_path(path))
 }
 
-async fn not_found(req: Request) -> Response {
+async fn not_found(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
+    let method = req.method();
+    let label = match *method {
+        http::Method::GET
+        | http::Method::POST
+        | http::Method::PUT
+        | http::Method::DELETE
+        | http::Method::PATCH
+        | http::Method::HEAD
+        | http::Method::OPTIONS => method.as_str(),
+        _ => "other",
+    };
+    gw.metrics.unknown_routes.with_label_values(&[label]).inc();
+    tracing::debug!(method = %method, path = req.uri().path(), "No route for the request.");
     let body = json!({"error": {"message": format!("no route for {} {}", req.method(), req.uri().path()),
         "type": "invalid_request_error", "param": null, "code": "not_found"}});
     (StatusCode::NOT_FOUND, axum::Json(body)).into_response()

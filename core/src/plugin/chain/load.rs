@@ -16,6 +16,8 @@ use crate::state::StateStore;
 pub struct Plugins {
     global: Chain,
     models: HashMap<String, Chain>,
+    /// Model names the global plugins serve (a routing plugin's aliases), in config order.
+    served_models: Vec<String>,
 }
 
 impl Plugins {
@@ -44,16 +46,23 @@ impl Plugins {
         lookups: Arc<HostLookups>,
     ) -> Result<Plugins, PluginError> {
         let base = cfg.path.parent().unwrap_or_else(|| Path::new("."));
-        let mut global = Vec::new();
+        let mut global: Vec<Arc<Instance>> = Vec::new();
+        let mut served_models: Vec<String> = Vec::new();
         for (i, p) in cfg.file.plugins.iter().enumerate() {
-            global.push(Instance::load(
+            let instance = Instance::load(
                 base,
                 p,
                 &format!("plugins[{i}]"),
                 state.clone(),
                 metrics,
                 lookups.clone(),
-            )?);
+            )?;
+            for name in instance.manifest().served_models(p.config.as_ref()) {
+                if !served_models.contains(&name) {
+                    served_models.push(name);
+                }
+            }
+            global.push(instance);
         }
         // Declared metadata dependencies: a reader before its provider is refused at load
         // (so by `weir check` and on reload too), naming both plugins.
@@ -90,6 +99,7 @@ impl Plugins {
         Ok(Plugins {
             global: global_chain,
             models,
+            served_models,
         })
     }
 
@@ -118,7 +128,14 @@ impl Plugins {
         Plugins {
             global: chain,
             models: HashMap::new(),
+            served_models: Vec::new(),
         }
+    }
+
+    /// Model names the global plugins declare they serve (`serves_models` in their
+    /// manifests), in config order, without duplicates.
+    pub fn served_models(&self) -> &[String] {
+        &self.served_models
     }
 
     /// The chain of `model`: the global instances, then the model's own, in config order.
