@@ -5,8 +5,10 @@
 //! [prices."gpt-4o-mini"]      # a client-facing or upstream model name, or "*" for any other
 //! input = 0.15                # USD per 1M prompt tokens
 //! output = 0.60               # USD per 1M completion tokens
-//! cached_input = 0.075        # prompt tokens read from the provider's cache (default: input)
-//! cache_write = 0.1875        # prompt tokens written to the provider's cache (default: input)
+//! cache_read = 0.015          # prompt tokens read from the provider's cache
+//!                             # (alias cached_input; default: 0.1 x input)
+//! cache_write = 0.1875        # prompt tokens written to the provider's cache
+//!                             # (default: 1.25 x input)
 //! ```
 //!
 //! The table is part of [`crate::config::Config`] (`config.prices`), so each snapshot has its
@@ -19,6 +21,12 @@ use serde::Deserialize;
 /// The entry that prices models the table does not name.
 pub const ANY_MODEL: &str = "*";
 
+/// Default price of a cache read, as a multiple of `input`.
+pub const CACHE_READ_FACTOR: f64 = 0.1;
+
+/// Default price of a cache write, as a multiple of `input`.
+pub const CACHE_WRITE_FACTOR: f64 = 1.25;
+
 /// `[prices.MODEL]`: one model's prices, in USD per 1M tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -27,10 +35,12 @@ pub struct PriceConfig {
     pub input: f64,
     /// Completion (output) tokens, USD per 1M.
     pub output: f64,
-    /// Prompt tokens read from the provider's prompt cache, USD per 1M. Default: `input`.
-    #[serde(default)]
+    /// Prompt tokens read from the provider's prompt cache, USD per 1M (`cache_read` or
+    /// `cached_input`). Default: 0.1 x `input` (Anthropic's and OpenAI's usual discount).
+    #[serde(default, alias = "cache_read")]
     pub cached_input: Option<f64>,
-    /// Prompt tokens written to the provider's prompt cache, USD per 1M. Default: `input`.
+    /// Prompt tokens written to the provider's prompt cache, USD per 1M. Default: 1.25 x
+    /// `input` (Anthropic's 5-minute cache write).
     #[serde(default)]
     pub cache_write: Option<f64>,
 }
@@ -116,8 +126,11 @@ impl Prices {
             let entry = PriceEntry {
                 input,
                 output: check("output", p.output)?,
-                cached_input: check("cached_input", p.cached_input.unwrap_or(input))?,
-                cache_write: check("cache_write", p.cache_write.unwrap_or(input))?,
+                cached_input: check("cached_input", p.cached_input.unwrap_or(input * CACHE_READ_FACTOR))?,
+                cache_write: check(
+                    "cache_write",
+                    p.cache_write.unwrap_or(input * CACHE_WRITE_FACTOR),
+                )?,
             };
             by_model.insert(model.clone(), entry);
         }
@@ -193,15 +206,15 @@ mod tests {
     }
 
     #[test]
-    fn cached_and_cache_write_default_to_input() {
+    fn cache_read_and_write_default_to_a_tenth_and_five_quarters_of_input() {
         let p = Prices::from_config(&table(&[("m", price(2.0, 8.0))])).unwrap();
         assert_eq!(
             p.get("m"),
             Some(PriceEntry {
                 input: 2.0,
                 output: 8.0,
-                cached_input: 2.0,
-                cache_write: 2.0
+                cached_input: 0.2,
+                cache_write: 2.5
             })
         );
         assert_eq!(p.get("other"), None);

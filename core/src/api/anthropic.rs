@@ -158,10 +158,12 @@ pub fn to_chat_request(req: MessagesRequest) -> Result<ChatRequest, BadRequest> 
         match m.role.as_str() {
             "user" => user_messages(&m.content, i, &mut messages)?,
             "assistant" => messages.push(assistant_message(&m.content, i)?),
+            // Claude Code sends one (last); kept in place as a canonical system message.
+            "system" => messages.push(system_message(&m.content)?),
             other => {
                 return Err(BadRequest::field(
                     format!("messages[{i}].role"),
-                    format!("role must be 'user' or 'assistant', not '{other}'"),
+                    format!("role must be 'user', 'assistant' or 'system', not '{other}'"),
                 ));
             }
         }
@@ -999,7 +1001,7 @@ mod tests {
         assert_eq!(err.field.as_deref(), Some("messages[1].content[0].type"));
 
         let req: MessagesRequest =
-            serde_json::from_str(r#"{"model":"m","messages":[{"role":"system","content":"x"}]}"#)
+            serde_json::from_str(r#"{"model":"m","messages":[{"role":"tool","content":"x"}]}"#)
                 .expect("req");
         let err = to_chat_request(req).expect_err("bad role");
         assert_eq!(err.field.as_deref(), Some("messages[0].role"));

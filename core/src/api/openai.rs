@@ -348,6 +348,10 @@ pub struct Usage {
     /// Input tokens served from the provider's prompt cache.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt_tokens_details: Option<PromptTokensDetails>,
+    /// Input tokens written to the provider's prompt cache (Anthropic's
+    /// `cache_creation_input_tokens`); part of `prompt_tokens`. OpenAI has no such count.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_creation_input_tokens: Option<u64>,
 }
 
 /// `usage.prompt_tokens_details`.
@@ -367,7 +371,18 @@ impl Usage {
             // Saturating: the counts come from upstreams.
             total_tokens: prompt_tokens.saturating_add(completion_tokens),
             prompt_tokens_details: None,
+            cache_creation_input_tokens: None,
         }
+    }
+
+    /// Prompt tokens read from the provider's cache (`prompt_tokens_details.cached_tokens`).
+    pub fn cache_read_tokens(&self) -> u64 {
+        self.prompt_tokens_details.map_or(0, |d| d.cached_tokens)
+    }
+
+    /// Prompt tokens written to the provider's cache.
+    pub fn cache_write_tokens(&self) -> u64 {
+        self.cache_creation_input_tokens.unwrap_or(0)
     }
 }
 

@@ -495,7 +495,7 @@ mod tests {
         let m = cfg.prices.get("m").unwrap();
         assert_eq!(
             (m.input, m.output, m.cached_input, m.cache_write),
-            (1.0, 4.0, 1.0, 1.0)
+            (1.0, 4.0, 0.1, 1.25)
         );
         assert!(load("").unwrap().prices.is_empty());
     }

@@ -38,7 +38,7 @@ use http::{HeaderValue, StatusCode, header};
 
 pub use crate::request::{Dialect, RequestCtx};
 pub use error::GatewayError;
-use stream::{ChunkStream, StreamItem};
+use stream::{ChunkStream, Passthrough, StreamItem};
 use upstream::{Answer, AttemptRecord, OpenAttempt, Served, Upstream};
 
 use crate::api::anthropic::MessagesStreamEncoder;
@@ -320,15 +320,14 @@ impl Accounting {
     /// The request's cost from its usage and the snapshot's prices, when both are known.
     fn cost_usd(&self) -> Option<f64> {
         let u = self.usage?;
-        let cached = u.prompt_tokens_details.map_or(0, |d| d.cached_tokens);
-        // Usage does not carry cache writes apart (they are counted as prompt tokens).
+        // Cache reads and writes are part of `prompt_tokens`, priced at their own rates.
         self.prices.as_ref()?.cost_usd(
             &self.model,
             self.log.target_model.as_deref().unwrap_or_default(),
             u.prompt_tokens,
             u.completion_tokens,
-            cached,
-            0,
+            u.cache_read_tokens(),
+            u.cache_write_tokens(),
         )
     }
 
@@ -598,7 +597,7 @@ pub async fn chat(gw: &Arc<Gateway>, mut ctx: RequestCtx) -> Response {
     };
     // Forward the upstream answer (body or chunks) untouched only when the client speaks the
     // same dialect and no plugin needs to see or change it.
-    let passthrough_ok = dialect == Dialect::OpenAi
+    let passthrough_ok = matches!(dialect, Dialect::OpenAi | Dialect::Anthropic)
         && if stream {
             !chain.wants_chunks()
         } else {
@@ -607,7 +606,11 @@ pub async fn chat(gw: &Arc<Gateway>, mut ctx: RequestCtx) -> Response {
     let served = match up
         .chat(
             req,
-            ctx.client_body.as_deref(),
+            upstream::ClientRequest {
+                dialect,
+                raw: ctx.client_body.as_deref(),
+                headers: &ctx.headers,
+            },
             &targets,
             passthrough_ok,
             &mut acct.attempts,
@@ -694,6 +697,9 @@ pub async fn chat(gw: &Arc<Gateway>, mut ctx: RequestCtx) -> Response {
                 Dialect::OpenAi => Encoder::OpenAi {
                     include_usage: client_usage,
                 },
+                Dialect::Anthropic if upstream.passthrough() == Passthrough::Anthropic => {
+                    Encoder::AnthropicRaw
+                }
                 Dialect::Anthropic => {
                     Encoder::Anthropic(Box::new(MessagesStreamEncoder::new(&client_model)))
                 }
@@ -878,6 +884,8 @@ pub fn json_response(status: StatusCode, body: impl Into<Bytes>) -> Response {
 enum Encoder {
     OpenAi { include_usage: bool },
     Anthropic(Box<MessagesStreamEncoder>),
+    /// Anthropic events forwarded as the Anthropic upstream sent them.
+    AnthropicRaw,
 }
 
 struct SseBody {
@@ -953,6 +961,8 @@ impl SseBody {
                             enc.finish(&mut frames);
                             self.out.extend(frames);
                         }
+                        // The upstream's own `message_stop` has been forwarded.
+                        Encoder::AnthropicRaw => {}
                     }
                 }
             }
@@ -980,6 +990,11 @@ impl SseBody {
                 enc.error(&message, &mut frames);
                 self.out.extend(frames);
             }
+            Encoder::AnthropicRaw => {
+                let body = crate::api::anthropic::error_body(e.status(), &message);
+                self.out
+                    .push_back(sse::named_frame("error", body.to_string().as_bytes()));
+            }
         }
     }
 
@@ -1005,6 +1020,25 @@ impl SseBody {
                 }
                 self.out.push_back(sse::data_frame(data.as_bytes()));
             }
+            StreamItem::Named {
+                event,
+                data,
+                usage,
+                content,
+            } => {
+                if usage.is_some() {
+                    self.acct.usage = usage;
+                }
+                if !matches!(self.encoder, Encoder::AnthropicRaw) {
+                    // Named pass-through is only chosen for Anthropic clients.
+                    return;
+                }
+                if content && self.acct.first_token.is_none() {
+                    self.acct.first_token = Some(self.acct.started.elapsed());
+                }
+                self.out
+                    .push_back(sse::named_frame(&event, data.as_bytes()));
+            }
             StreamItem::Chunk(chunk) => {
                 if chunk.usage.is_some() {
                     self.acct.usage = chunk.usage;
@@ -1026,6 +1060,9 @@ impl SseBody {
                         let mut frames = Vec::new();
                         enc.encode(&chunk, &mut frames);
                         self.out.extend(frames);
+                    }
+                    Encoder::AnthropicRaw => {
+                        tracing::error!("A decoded chunk on an Anthropic pass-through stream.");
                     }
                 }
             }

@@ -42,6 +42,30 @@ pub enum StreamItem {
         /// The chunk has no choices and carries usage (the usage-only chunk).
         usage_only: bool,
     },
+    /// Pass-through: an Anthropic named event exactly as the upstream sent it (Anthropic
+    /// client and upstream), with what the gateway read from it.
+    Named {
+        /// The `event:` name (`message_start`, `content_block_delta`...).
+        event: String,
+        /// The event data, untouched.
+        data: String,
+        /// Usage so far, if this event carries it.
+        usage: Option<Usage>,
+        /// The event carries content (text, thinking, tool input).
+        content: bool,
+    },
+}
+
+/// Whether, and in which dialect, upstream events are forwarded untouched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Passthrough {
+    /// Events are decoded into canonical chunks.
+    Off,
+    /// OpenAI chunks forwarded as [`StreamItem::Raw`].
+    OpenAi,
+    /// Anthropic named events forwarded as [`StreamItem::Named`]; the decoder still reads
+    /// each one for usage and for the end of the stream.
+    Anthropic,
 }
 
 /// The time limits of one streamed upstream exchange.
@@ -60,7 +84,7 @@ enum Source {
         body: BoxStream<'static, Result<bytes::Bytes, super::client::HttpError>>,
         parser: SseParser,
         decoder: Box<dyn StreamDecoder>,
-        passthrough: bool,
+        passthrough: Passthrough,
         provider: String,
         limits: StreamLimits,
         events: Vec<SseEvent>,
@@ -89,7 +113,7 @@ impl ChunkStream {
     pub fn http(
         resp: http::Response<hyper::body::Incoming>,
         decoder: Box<dyn StreamDecoder>,
-        passthrough: bool,
+        passthrough: Passthrough,
         provider: String,
         limits: StreamLimits,
     ) -> Self {
@@ -126,15 +150,12 @@ impl ChunkStream {
         }
     }
 
-    /// Whether items are forwarded as upstream JSON.
-    pub fn is_passthrough(&self) -> bool {
-        matches!(
-            self.source,
-            Source::Http {
-                passthrough: true,
-                ..
-            }
-        )
+    /// Whether, and how, items are forwarded as upstream JSON.
+    pub fn passthrough(&self) -> Passthrough {
+        match self.source {
+            Source::Http { passthrough, .. } => passthrough,
+            Source::Mock { .. } => Passthrough::Off,
+        }
     }
 
     /// Reads until at least one item is ready or the stream ends cleanly. Errors here happen
@@ -220,14 +241,16 @@ impl ChunkStream {
                     None => {
                         parser.finish();
                         self.done = true;
-                        if *passthrough {
+                        if *passthrough == Passthrough::OpenAi {
                             // Pass-through runs no decoder: its own record says how it ended.
                             return self.end.check().map_err(|e| stream_item_error(provider, e));
                         }
                         let tail = decoder
                             .finish()
                             .map_err(|e| stream_item_error(provider, e))?;
-                        self.ready.extend(tail.into_iter().map(StreamItem::Chunk));
+                        if *passthrough == Passthrough::Off {
+                            self.ready.extend(tail.into_iter().map(StreamItem::Chunk));
+                        }
                         Ok(())
                     }
                     Some(Err(e)) => Err(GatewayError::UpstreamFailed {
@@ -242,11 +265,26 @@ impl ChunkStream {
                                 reason: e.to_string(),
                             })?;
                         for event in events.drain(..) {
-                            if *passthrough {
+                            if *passthrough == Passthrough::OpenAi {
                                 match raw_item(event, &mut self.end) {
                                     Ok(Some(item)) => self.ready.push_back(item),
                                     Ok(None) => self.done = true,
                                     Err(e) => return Err(stream_item_error(provider, e)),
+                                }
+                            } else if *passthrough == Passthrough::Anthropic {
+                                let decoded = decoder
+                                    .decode(&event)
+                                    .map_err(|e| stream_item_error(provider, e))?;
+                                let usage = decoded.chunks.iter().rev().find_map(|c| c.usage);
+                                let content = decoded.chunks.iter().any(chunk_has_content);
+                                self.ready.push_back(StreamItem::Named {
+                                    event: event.event,
+                                    data: event.data,
+                                    usage,
+                                    content,
+                                });
+                                if decoded.done {
+                                    self.done = true;
                                 }
                             } else {
                                 let decoded = decoder
@@ -273,6 +311,15 @@ impl ChunkStream {
     pub fn total_timeout(&self) -> Duration {
         self.total
     }
+}
+
+/// Whether a decoded chunk carries content (for the time to first token).
+fn chunk_has_content(chunk: &ChatChunk) -> bool {
+    chunk.choices.iter().any(|c| {
+        c.delta.content.as_deref().is_some_and(|t| !t.is_empty())
+            || c.delta.tool_calls.is_some()
+            || c.delta.reasoning_content.is_some()
+    })
 }
 
 /// Pass-through decoding: keep the data as is and read only what the gateway needs (usage,

@@ -25,10 +25,11 @@ use tokio::time::timeout_at;
 
 use super::client::{self, HttpClient, HttpError};
 use super::error::GatewayError;
-use super::stream::{ChunkStream, StreamLimits};
+use super::stream::{ChunkStream, Passthrough, StreamLimits};
 use crate::api::openai::{ChatRequest, ChatResponse, EmbeddingsRequest, EmbeddingsResponse};
 use crate::config::{ProviderEntry, Retry, Target};
 use crate::provider::{Provider, ProviderError, ProviderImpl, UpstreamRequest};
+use crate::request::Dialect;
 use crate::targets::{InFlight, TargetStats};
 use crate::telemetry::Metrics;
 
@@ -203,14 +204,26 @@ pub struct Upstream<'a> {
     pub stats: &'a TargetStats,
 }
 
+/// What the client sent besides the canonical request, for building upstream requests.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientRequest<'a> {
+    /// The client's dialect.
+    pub dialect: Dialect,
+    /// The client's body bytes while they still say what the canonical request says.
+    pub raw: Option<&'a [u8]>,
+    /// The client's headers (after plugins), for the ones a provider forwards.
+    pub headers: &'a http::HeaderMap,
+}
+
 impl Upstream<'_> {
     /// Runs a chat request over `targets` in order. `req.model` is rewritten per target.
-    /// `client_body` is the client's own bytes of `req` when no plugin changed it (see
-    /// [`crate::pipeline::RequestCtx::client_body`]). Each attempt is appended to `log`.
+    /// `client` is what the client sent besides `req`: its dialect, its own bytes of `req`
+    /// when no plugin changed it (see [`crate::pipeline::RequestCtx::client_body`]) and its
+    /// headers. Each attempt is appended to `log`.
     pub async fn chat(
         &self,
         req: &mut ChatRequest,
-        client_body: Option<&[u8]>,
+        client_body: ClientRequest<'_>,
         targets: &[Target],
         passthrough_ok: bool,
         log: &mut Vec<AttemptRecord>,
@@ -375,7 +388,7 @@ impl Upstream<'_> {
     async fn chat_once(
         &self,
         req: &ChatRequest,
-        client_body: Option<&[u8]>,
+        client: ClientRequest<'_>,
         target: &Target,
         passthrough_ok: bool,
         trace: &mut Trace,
@@ -400,14 +413,33 @@ impl Upstream<'_> {
             }
             ProviderImpl::Http(p) => p.as_ref(),
         };
-        let up = client_body
-            .and_then(|raw| provider.chat_request_from_client_body(raw, req, &target.model))
+        let verbatim = client.raw.and_then(|raw| {
+            if client.dialect == Dialect::Anthropic {
+                provider.chat_request_from_anthropic_body(raw, req, &target.model)
+            } else if client.dialect == Dialect::OpenAi {
+                provider.chat_request_from_client_body(raw, req, &target.model)
+            } else {
+                None
+            }
+        });
+        let mut up = verbatim
             .unwrap_or_else(|| provider.chat_request(req, &target.model))
             .map_err(|e| translate_error(entry, e))?;
+        provider.forward_client_headers(client.headers, &mut up.headers);
+        let same_dialect = if client.dialect == Dialect::Anthropic {
+            provider.speaks_anthropic().then_some(Passthrough::Anthropic)
+        } else if client.dialect == Dialect::OpenAi {
+            provider.passthrough_stream().then_some(Passthrough::OpenAi)
+        } else {
+            None
+        };
+        let passthrough = match same_dialect {
+            Some(p) if passthrough_ok => p,
+            _ => Passthrough::Off,
+        };
         let deadline = Instant::now() + entry.timeouts.total;
         let resp = self.send(entry, provider, up, deadline, trace).await?;
         if req.stream {
-            let passthrough = passthrough_ok && provider.passthrough_stream();
             let mut stream = ChunkStream::http(
                 resp,
                 provider.stream_decoder(&target.model),
@@ -444,9 +476,14 @@ impl Upstream<'_> {
             }
         } else {
             let body = read_body(entry, resp, deadline).await?;
-            if passthrough_ok && provider.passthrough_stream() {
+            if passthrough != Passthrough::Off {
                 // Same dialect both ways and nobody looks: forward the bytes, read only usage.
-                return crate::provider::openai::peek_chat_response(&body)
+                let peeked = if passthrough == Passthrough::Anthropic {
+                    crate::provider::anthropic::peek_message(&body)
+                } else {
+                    crate::provider::openai::peek_chat_response(&body)
+                };
+                return peeked
                     .map(|usage| Answer::Raw { body, usage })
                     .map_err(|e| translate_error(entry, e));
             }

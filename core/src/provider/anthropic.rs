@@ -133,6 +133,27 @@ impl Provider for Anthropic {
         parse_message(body, model, super::unix_now())
     }
 
+    fn chat_request_from_anthropic_body(
+        &self,
+        raw: &[u8],
+        _req: &ChatRequest,
+        model: &str,
+    ) -> Option<Result<UpstreamRequest, ProviderError>> {
+        Some(splice_messages_body(raw, model).map(|body| UpstreamRequest {
+            url: format!("{}/v1/messages", self.base_url),
+            headers: self.headers.clone(),
+            body,
+        }))
+    }
+
+    fn forward_client_headers(&self, client: &HeaderMap, upstream: &mut HeaderMap) {
+        forward_anthropic_headers(client, upstream);
+    }
+
+    fn speaks_anthropic(&self) -> bool {
+        true
+    }
+
     fn stream_decoder(&self, model: &str) -> Box<dyn StreamDecoder> {
         Box::new(AnthropicDecoder::new(model))
     }
@@ -170,6 +191,93 @@ pub fn anthropic_error_message(body: &[u8]) -> Option<String> {
         Some(m) => Some(m.to_owned()),
         None => super::openai_error_message(body),
     }
+}
+
+/// The client headers an Anthropic upstream is sent as the client gave them: the API
+/// version and the beta features it opted into (they change what the body may hold).
+pub const FORWARDED_HEADERS: [&str; 2] = ["anthropic-version", "anthropic-beta"];
+
+/// Copies [`FORWARDED_HEADERS`] from the client's headers, replacing configured ones. Several
+/// `anthropic-beta` headers are all kept.
+pub fn forward_anthropic_headers(client: &HeaderMap, upstream: &mut HeaderMap) {
+    for name in FORWARDED_HEADERS {
+        let mut values = client.get_all(name).iter().cloned().peekable();
+        if values.peek().is_none() {
+            continue;
+        }
+        upstream.remove(name);
+        for v in values {
+            upstream.append(name, v);
+        }
+    }
+}
+
+/// The client's Anthropic body with only the model replaced, and `system` messages inside
+/// `messages` (which Claude Code sends) folded, in order, into the top-level `system`.
+/// Everything else stays byte-for-byte what the client meant.
+pub fn splice_messages_body(raw: &[u8], model: &str) -> Result<Bytes, ProviderError> {
+    let mut body: Map<String, Value> = serde_json::from_slice(raw)
+        .map_err(|e| ProviderError::Unsupported(format!("cannot read the client body: {e}")))?;
+    body.insert("model".into(), json!(model));
+    fold_system_messages(&mut body);
+    serde_json::to_vec(&body)
+        .map(Bytes::from)
+        .map_err(|e| ProviderError::Unsupported(format!("cannot encode request: {e}")))
+}
+
+/// Moves `{"role":"system"}` entries of `messages` to the end of the top-level `system`
+/// (as text blocks, keeping `cache_control`), in order.
+fn fold_system_messages(body: &mut Map<String, Value>) {
+    let Some(Value::Array(messages)) = body.get_mut("messages") else {
+        return;
+    };
+    if !messages.iter().any(|m| m["role"] == "system") {
+        return;
+    }
+    let mut folded = Vec::new();
+    messages.retain(|m| {
+        if m["role"] != "system" {
+            return true;
+        }
+        match &m["content"] {
+            Value::String(t) => folded.push(json!({"type": "text", "text": t})),
+            Value::Array(blocks) => folded.extend(blocks.iter().cloned()),
+            _ => {}
+        }
+        false
+    });
+    let mut system = match body.remove("system") {
+        Some(Value::String(t)) if !t.is_empty() => vec![json!({"type": "text", "text": t})],
+        Some(Value::Array(blocks)) => blocks,
+        _ => Vec::new(),
+    };
+    system.extend(folded);
+    tracing::debug!(
+        blocks = system.len(),
+        "Folded system messages into the top-level system."
+    );
+    body.insert("system".into(), Value::Array(system));
+}
+
+/// Checks that a body is an Anthropic `Message` and reads its usage, for forwarding the body
+/// as is.
+pub fn peek_message(body: &[u8]) -> Result<Option<Usage>, ProviderError> {
+    #[derive(Deserialize)]
+    struct Peek {
+        #[serde(rename = "type")]
+        kind: String,
+        #[serde(default)]
+        usage: Option<AnthropicUsage>,
+    }
+    let peek: Peek = serde_json::from_slice(body)
+        .map_err(|e| ProviderError::InvalidResponse(e.to_string()))?;
+    if peek.kind != "message" {
+        return Err(ProviderError::InvalidResponse(format!(
+            "expected a message, got type '{}'",
+            peek.kind
+        )));
+    }
+    Ok(peek.usage.map(AnthropicUsage::to_usage))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -574,6 +682,7 @@ impl AnthropicUsage {
         usage.prompt_tokens_details = self
             .cache_read_input_tokens
             .map(|cached_tokens| PromptTokensDetails { cached_tokens });
+        usage.cache_creation_input_tokens = self.cache_creation_input_tokens;
         usage
     }
 }

@@ -226,6 +226,29 @@ pub trait Provider: Send + Sync {
         None
     }
 
+    /// The upstream request built from the client's own Anthropic Messages body bytes, when
+    /// no plugin changed the request: lossless (thinking, server tools, `cache_control`,
+    /// unknown fields all stay). `None` (the default) means "use [`Provider::chat_request`]".
+    /// Only the Anthropic provider implements it.
+    fn chat_request_from_anthropic_body(
+        &self,
+        _raw: &[u8],
+        _req: &ChatRequest,
+        _model: &str,
+    ) -> Option<Result<UpstreamRequest, ProviderError>> {
+        None
+    }
+
+    /// Copies the client headers this provider forwards (Anthropic: `anthropic-version`,
+    /// `anthropic-beta`) onto an upstream request's headers. Default: none.
+    fn forward_client_headers(&self, _client: &http::HeaderMap, _upstream: &mut http::HeaderMap) {}
+
+    /// Whether upstream answers are Anthropic Messages documents and events, so the pipeline
+    /// may forward them untouched to an Anthropic client no plugin watches.
+    fn speaks_anthropic(&self) -> bool {
+        false
+    }
+
     /// Extracts a human-readable message from an upstream error body (non-2xx), for logs and
     /// for the client's error message. Default: the OpenAI `{"error":{"message":..}}` shape.
     fn error_message(&self, body: &[u8]) -> Option<String> {

@@ -281,7 +281,12 @@ async fn messages(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
     let span = span_for(&id, "messages", Dialect::Anthropic);
     let resp = async {
         let parsed = parse_json::<crate::api::anthropic::MessagesRequest>(&bytes)
-            .and_then(|m| crate::api::anthropic::to_chat_request(m).map_err(GatewayError::from));
+            .and_then(|m| {
+                if m.max_tokens.is_none() {
+                    return Err(BadRequest::field("max_tokens", "max_tokens: Field required").into());
+                }
+                crate::api::anthropic::to_chat_request(m).map_err(GatewayError::from)
+            });
         let chat = match parsed.and_then(|r| validate_chat(&r).map(|()| r)) {
             Ok(c) => c,
             Err(e) => return reject(&gw, e, Dialect::Anthropic, "unknown"),
@@ -292,7 +297,8 @@ async fn messages(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
             started,
             headers,
             CtxBody::Chat(chat),
-            None,
+            // The client's bytes, for an Anthropic upstream while no plugin changes the body.
+            Some(bytes.clone()),
         );
         pipeline::chat(&gw, ctx).await
     }
@@ -452,8 +458,12 @@ async fn not_found(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
     };
     gw.metrics.unknown_routes.with_label_values(&[label]).inc();
     tracing::debug!(method = %method, path = req.uri().path(), "No route for the request.");
-    let body = json!({"error": {"message": format!("no route for {} {}", req.method(), req.uri().path()),
-        "type": "invalid_request_error", "param": null, "code": "not_found"}});
+    let message = format!("no route for {} {}", req.method(), req.uri().path());
+    let body = match Dialect::for_path(req.uri().path()) {
+        Dialect::Anthropic => crate::api::anthropic::error_body(StatusCode::NOT_FOUND, &message),
+        _ => json!({"error": {"message": message,
+            "type": "invalid_request_error", "param": null, "code": "not_found"}}),
+    };
     (StatusCode::NOT_FOUND, axum::Json(body)).into_response()
 }
 
