@@ -26,3 +26,4 @@ pub mod server;
 pub mod state;
 pub mod targets;
 pub mod telemetry;
+pub mod tokens;

@@ -12,6 +12,7 @@ mod support;
 
 mod admin;
 mod anthropic_inbound;
+mod anthropic_lossless;
 mod anthropic_upstream;
 mod azure_upstream;
 mod check;

@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use super::BadRequest;
 use super::openai::{
     ChatChunk, ChatMessage, ChatRequest, ChatResponse, ContentPart, FunctionCall, FunctionDef,
-    ImageUrl, MessageContent, Rest, Stop, StreamOptions, Tool, ToolCall, Usage,
+    ImageUrl, MessageContent, Reasoning, Rest, Stop, StreamOptions, Tool, ToolCall, Usage,
 };
 use super::sse::named_frame;
 
@@ -171,16 +171,20 @@ pub fn to_chat_request(req: MessagesRequest) -> Result<ChatRequest, BadRequest> 
 
     let tools = match &req.tools {
         None => None,
-        Some(tools) => Some(
-            tools
-                .iter()
-                .enumerate()
-                .map(|(i, t)| tool(t, i))
-                .collect::<Result<Vec<_>, _>>()?,
-        ),
+        Some(tools) => {
+            let mut out = Vec::with_capacity(tools.len());
+            for (i, t) in tools.iter().enumerate() {
+                if let Some(t) = tool(t, i)? {
+                    out.push(t);
+                }
+            }
+            // Only server tools: none left to offer a translated upstream.
+            (!out.is_empty()).then_some(out)
+        }
     };
     let (tool_choice, parallel_tool_calls) = match &req.tool_choice {
         None => (None, None),
+        Some(_) if tools.is_none() => (None, None),
         Some(choice) => tool_choice(choice)?,
     };
 
@@ -193,6 +197,9 @@ pub fn to_chat_request(req: MessagesRequest) -> Result<ChatRequest, BadRequest> 
     let mut rest = Rest::new();
     if let Some(k) = req.top_k {
         rest.insert("top_k".into(), json!(k));
+    }
+    if let Some(effort) = req.rest.get("thinking").and_then(reasoning_effort) {
+        rest.insert("reasoning_effort".into(), json!(effort));
     }
     Ok(ChatRequest {
         model: req.model,
@@ -396,6 +403,7 @@ fn assistant_message(content: &Content, i: usize) -> Result<ChatMessage, BadRequ
     };
     let mut text: Option<String> = None;
     let mut calls = Vec::new();
+    let mut reasoning = Vec::new();
     for (j, b) in blocks.iter().enumerate() {
         let at = format!("messages[{i}].content[{j}]");
         match b.kind.as_str() {
@@ -420,7 +428,22 @@ fn assistant_message(content: &Content, i: usize) -> Result<ChatMessage, BadRequ
                     },
                 });
             }
-            "thinking" | "redacted_thinking" => {}
+            "thinking" => reasoning.push(Reasoning {
+                kind: Reasoning::THINKING.to_owned(),
+                text: b.rest.get("thinking").and_then(Value::as_str).map(str::to_owned),
+                signature: b.rest.get("signature").and_then(Value::as_str).map(str::to_owned),
+                ..Reasoning::default()
+            }),
+            "redacted_thinking" => reasoning.push(Reasoning {
+                kind: Reasoning::REDACTED.to_owned(),
+                data: b.rest.get("data").and_then(Value::as_str).map(str::to_owned),
+                ..Reasoning::default()
+            }),
+            other if SERVER_BLOCKS.iter().any(|p| other.starts_with(p)) => {
+                // Server tool calls and results run at Anthropic; only an Anthropic upstream
+                // (sent the client's body as is) can take them back.
+                tracing::debug!(block = other, at, "Server tool block has no canonical form; dropped.");
+            }
             other => return Err(unsupported_block(&at, other, "an assistant")),
         }
     }
@@ -431,6 +454,7 @@ fn assistant_message(content: &Content, i: usize) -> Result<ChatMessage, BadRequ
     };
     let mut m = message("assistant", content);
     m.tool_calls = (!calls.is_empty()).then_some(calls);
+    m.reasoning = (!reasoning.is_empty()).then_some(reasoning);
     Ok(m)
 }
 
@@ -441,13 +465,50 @@ fn unsupported_block(at: &str, kind: &str, whose: &str) -> BadRequest {
     )
 }
 
-/// A client tool -> a function tool.
-fn tool(t: &ToolDefinition, i: usize) -> Result<Tool, BadRequest> {
+/// Prefixes of the block types of Anthropic-run (server) tools: `server_tool_use`,
+/// `web_search_tool_result`, `web_fetch_tool_result`, `code_execution_tool_result`,
+/// `mcp_tool_use`...
+const SERVER_BLOCKS: [&str; 6] = [
+    "server_tool_use",
+    "web_search_tool_result",
+    "web_fetch_tool_result",
+    "code_execution_tool_result",
+    "bash_code_execution_tool_result",
+    "mcp_tool_",
+];
+
+/// Anthropic `thinking` -> OpenAI `reasoning_effort`, by budget: up to 4096 tokens `low`, up
+/// to 16384 `medium`, more `high`. `adaptive` and `disabled` map to nothing (the model's
+/// default), with a debug line.
+fn reasoning_effort(thinking: &Value) -> Option<&'static str> {
+    match thinking.get("type").and_then(Value::as_str) {
+        Some("enabled") => {
+            let budget = thinking.get("budget_tokens").and_then(Value::as_u64)?;
+            Some(match budget {
+                0..=4096 => "low",
+                4097..=16384 => "medium",
+                _ => "high",
+            })
+        }
+        other => {
+            tracing::debug!(thinking = ?other, "Thinking mode has no reasoning_effort; left to the model.");
+            None
+        }
+    }
+}
+
+/// A client tool -> a function tool. Server tools (`web_search_20250305`, ...) have no
+/// canonical form: `None`, with a debug line (an Anthropic upstream is sent the client's own
+/// body, server tools included, while no plugin changes it).
+fn tool(t: &ToolDefinition, i: usize) -> Result<Option<Tool>, BadRequest> {
     if let Some(kind) = t.kind.as_deref().filter(|k| *k != "custom") {
-        return Err(BadRequest::field(
-            format!("tools[{i}].type"),
-            format!("tool type '{kind}' is not supported; only client tools are"),
-        ));
+        tracing::debug!(
+            tool = %t.name,
+            kind,
+            index = i,
+            "Server tool has no canonical form; dropped from the translated request."
+        );
+        return Ok(None);
     }
     if t.name.is_empty() {
         return Err(BadRequest::field(
@@ -455,7 +516,7 @@ fn tool(t: &ToolDefinition, i: usize) -> Result<Tool, BadRequest> {
             "a tool needs a name",
         ));
     }
-    Ok(Tool {
+    Ok(Some(Tool {
         kind: "function".to_owned(),
         function: FunctionDef {
             name: t.name.clone(),
@@ -467,7 +528,7 @@ fn tool(t: &ToolDefinition, i: usize) -> Result<Tool, BadRequest> {
             ),
             rest: Rest::new(),
         },
-    })
+    }))
 }
 
 /// Anthropic `tool_choice` -> OpenAI `tool_choice` and `parallel_tool_calls`.
@@ -994,11 +1055,24 @@ mod tests {
         let req: MessagesRequest = serde_json::from_str(
             r#"{"model":"m","max_tokens":10,"messages":[
                 {"role":"user","content":"hi"},
-                {"role":"assistant","content":[{"type":"server_tool_use","id":"x"}]}]}"#,
+                {"role":"assistant","content":[{"type":"future_block","id":"x"}]}]}"#,
         )
         .expect("req");
         let err = to_chat_request(req).expect_err("bad block");
         assert_eq!(err.field.as_deref(), Some("messages[1].content[0].type"));
+
+        let req: MessagesRequest = serde_json::from_str(
+            r#"{"model":"m","max_tokens":10,"messages":[
+                {"role":"user","content":"hi"},
+                {"role":"assistant","content":[{"type":"server_tool_use","id":"x"},
+                    {"type":"thinking","thinking":"hmm","signature":"sig"},
+                    {"type":"text","text":"ok"}]}]}"#,
+        )
+        .expect("req");
+        let chat = to_chat_request(req).expect("server tool blocks are dropped");
+        let reasoning = chat.messages[1].reasoning.as_deref().expect("reasoning");
+        assert_eq!(reasoning[0].text.as_deref(), Some("hmm"));
+        assert_eq!(reasoning[0].signature.as_deref(), Some("sig"));
 
         let req: MessagesRequest =
             serde_json::from_str(r#"{"model":"m","messages":[{"role":"tool","content":"x"}]}"#)
@@ -1011,8 +1085,8 @@ mod tests {
                 "tools":[{"type":"web_search_20250305","name":"web_search"}]}"#,
         )
         .expect("req");
-        let err = to_chat_request(req).expect_err("server tool");
-        assert_eq!(err.field.as_deref(), Some("tools[0].type"));
+        let chat = to_chat_request(req).expect("server tools are dropped");
+        assert_eq!(chat.tools, None);
     }
 
     #[test]

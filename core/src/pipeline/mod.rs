@@ -20,6 +20,7 @@
 //! HTTP clients, plugins) until its last byte, so a reload never changes a request in flight.
 
 pub mod client;
+pub mod count;
 pub mod error;
 pub mod onlog;
 pub mod stream;
@@ -38,6 +39,7 @@ use http::{HeaderValue, StatusCode, header};
 
 pub use crate::request::{Dialect, RequestCtx};
 pub use error::GatewayError;
+pub use count::count_tokens;
 use stream::{ChunkStream, Passthrough, StreamItem};
 use upstream::{Answer, AttemptRecord, OpenAttempt, Served, Upstream};
 

@@ -385,6 +385,38 @@ impl Upstream<'_> {
         true
     }
 
+    /// Counts the input tokens of `req` with `target`'s own counting API. `Ok(None)`: the
+    /// provider has none (the caller estimates). One attempt, no retries.
+    pub async fn count_tokens(
+        &self,
+        req: &ChatRequest,
+        client: ClientRequest<'_>,
+        target: &Target,
+    ) -> Result<Option<u64>, GatewayError> {
+        let entry = &target.provider;
+        let ProviderImpl::Http(provider) = &entry.imp else {
+            return Ok(None);
+        };
+        let provider = provider.as_ref();
+        let raw = client.raw.filter(|_| client.dialect == Dialect::Anthropic);
+        let Some(up) = provider.count_tokens_request(raw, req, &target.model) else {
+            return Ok(None);
+        };
+        let mut up = up.map_err(|e| translate_error(entry, e).error)?;
+        provider.forward_client_headers(client.headers, &mut up.headers);
+        let deadline = Instant::now() + entry.timeouts.total;
+        let mut trace = Trace::start();
+        let resp = self
+            .send(entry, provider, up, deadline, &mut trace)
+            .await
+            .map_err(|e| e.error)?;
+        let body = read_body(entry, resp, deadline).await.map_err(|e| e.error)?;
+        provider
+            .count_tokens_response(&body)
+            .map(Some)
+            .map_err(|e| translate_error(entry, e).error)
+    }
+
     async fn chat_once(
         &self,
         req: &ChatRequest,

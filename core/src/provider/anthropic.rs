@@ -154,6 +154,33 @@ impl Provider for Anthropic {
         true
     }
 
+    fn count_tokens_request(
+        &self,
+        raw: Option<&[u8]>,
+        req: &ChatRequest,
+        model: &str,
+    ) -> Option<Result<UpstreamRequest, ProviderError>> {
+        let body = match raw {
+            Some(raw) => splice_messages_body(raw, model),
+            None => count_tokens_body(req, model, self.default_max_tokens),
+        };
+        Some(body.map(|body| UpstreamRequest {
+            url: format!("{}/v1/messages/count_tokens", self.base_url),
+            headers: self.headers.clone(),
+            body,
+        }))
+    }
+
+    fn count_tokens_response(&self, body: &[u8]) -> Result<u64, ProviderError> {
+        #[derive(Deserialize)]
+        struct Count {
+            input_tokens: u64,
+        }
+        serde_json::from_slice::<Count>(body)
+            .map(|c| c.input_tokens)
+            .map_err(|e| ProviderError::InvalidResponse(e.to_string()))
+    }
+
     fn stream_decoder(&self, model: &str) -> Box<dyn StreamDecoder> {
         Box::new(AnthropicDecoder::new(model))
     }
@@ -257,6 +284,32 @@ fn fold_system_messages(body: &mut Map<String, Value>) {
         "Folded system messages into the top-level system."
     );
     body.insert("system".into(), Value::Array(system));
+}
+
+/// A `count_tokens` body from a canonical request: the Messages body without the fields
+/// that only generation takes.
+fn count_tokens_body(
+    req: &ChatRequest,
+    model: &str,
+    default_max_tokens: u32,
+) -> Result<Bytes, ProviderError> {
+    let mut body = to_messages_body(req, model, default_max_tokens)?;
+    if let Some(obj) = body.as_object_mut() {
+        for key in [
+            "max_tokens",
+            "stream",
+            "temperature",
+            "top_p",
+            "top_k",
+            "stop_sequences",
+            "metadata",
+        ] {
+            obj.remove(key);
+        }
+    }
+    serde_json::to_vec(&body)
+        .map(Bytes::from)
+        .map_err(|e| ProviderError::Unsupported(format!("cannot encode request: {e}")))
 }
 
 /// Checks that a body is an Anthropic `Message` and reads its usage, for forwarding the body

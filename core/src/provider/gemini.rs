@@ -116,6 +116,36 @@ impl Provider for Gemini {
         self.request(url, &chat_body(req)?)
     }
 
+    fn count_tokens_request(
+        &self,
+        _raw: Option<&[u8]>,
+        req: &ChatRequest,
+        model: &str,
+    ) -> Option<Result<UpstreamRequest, ProviderError>> {
+        let build = || {
+            let path = model_path(model)?;
+            let mut inner = chat_body(req)?;
+            if let Some(obj) = inner.as_object_mut() {
+                obj.insert("model".into(), Value::String(path.clone()));
+            }
+            let body = json!({ "generateContentRequest": inner });
+            self.request(format!("{}/{path}:countTokens", self.base_url), &body)
+        };
+        Some(build())
+    }
+
+    fn count_tokens_response(&self, body: &[u8]) -> Result<u64, ProviderError> {
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Count {
+            #[serde(default)]
+            total_tokens: u64,
+        }
+        serde_json::from_slice::<Count>(body)
+            .map(|c| c.total_tokens)
+            .map_err(|e| ProviderError::InvalidResponse(e.to_string()))
+    }
+
     fn chat_response(&self, body: &[u8], model: &str) -> Result<ChatResponse, ProviderError> {
         let resp: GenerateContentResponse = serde_json::from_slice(body)
             .map_err(|e| ProviderError::InvalidResponse(e.to_string()))?;

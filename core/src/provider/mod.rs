@@ -243,6 +243,25 @@ pub trait Provider: Send + Sync {
     /// `anthropic-beta`) onto an upstream request's headers. Default: none.
     fn forward_client_headers(&self, _client: &http::HeaderMap, _upstream: &mut http::HeaderMap) {}
 
+    /// The upstream request that counts a chat request's input tokens (`count_tokens`),
+    /// when the provider has such an API; `raw` is the client's Anthropic body while no
+    /// plugin changed it. `None` (the default): Weir estimates with a tokenizer.
+    fn count_tokens_request(
+        &self,
+        _raw: Option<&[u8]>,
+        _req: &ChatRequest,
+        _model: &str,
+    ) -> Option<Result<UpstreamRequest, ProviderError>> {
+        None
+    }
+
+    /// Reads the input-token count from a 2xx answer to [`Provider::count_tokens_request`].
+    fn count_tokens_response(&self, _body: &[u8]) -> Result<u64, ProviderError> {
+        Err(ProviderError::Unsupported(
+            "this provider has no token counting API".to_owned(),
+        ))
+    }
+
     /// Whether upstream answers are Anthropic Messages documents and events, so the pipeline
     /// may forward them untouched to an Anthropic client no plugin watches.
     fn speaks_anthropic(&self) -> bool {
