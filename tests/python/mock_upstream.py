@@ -20,6 +20,8 @@ TOOL_ARGS = {
 }
 PROMPT_TOKENS = 11
 COMPLETION_TOKENS = 7
+COUNTED_TOKENS = 17
+THINKING = "Let me think about that."
 
 
 def _text(content) -> str:
@@ -127,6 +129,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._openai_embeddings(body)
         if path.endswith("/messages"):
             return self._anthropic_messages(body)
+        if path.endswith("/messages/count_tokens"):
+            return self._json(200, {"input_tokens": COUNTED_TOKENS})
         return self._json(404, {"error": {"message": f"no route {path}", "type": "not_found"}})
 
     # ---- OpenAI ---------------------------------------------------------------------------
@@ -212,6 +216,8 @@ class _Handler(BaseHTTPRequestHandler):
             user = [m for m in messages if m.get("role") == "user"]
             blocks.append({"type": "text", "text": "Echo: " + (_text(user[-1].get("content")) if user else "")})
             stop = "end_turn"
+        if (req.get("thinking") or {}).get("type") in ("enabled", "adaptive"):
+            blocks.insert(0, {"type": "thinking", "thinking": THINKING, "signature": "sig-py"})
         message = {"id": "msg_py_1", "type": "message", "role": "assistant", "model": req.get("model", ""),
                    "content": blocks, "stop_reason": stop, "stop_sequence": None,
                    "usage": {"input_tokens": PROMPT_TOKENS, "output_tokens": COMPLETION_TOKENS}}
@@ -221,7 +227,17 @@ class _Handler(BaseHTTPRequestHandler):
                  "usage": {"input_tokens": PROMPT_TOKENS, "output_tokens": 1}}
         events = [("message_start", {"type": "message_start", "message": start})]
         for i, b in enumerate(blocks):
-            if b["type"] == "text":
+            if b["type"] == "thinking":
+                events.append(("content_block_start", {"type": "content_block_start", "index": i,
+                                                       "content_block": {"type": "thinking", "thinking": "",
+                                                                         "signature": ""}}))
+                for w in _words(b["thinking"]):
+                    events.append(("content_block_delta", {"type": "content_block_delta", "index": i,
+                                                           "delta": {"type": "thinking_delta", "thinking": w}}))
+                events.append(("content_block_delta", {"type": "content_block_delta", "index": i,
+                                                       "delta": {"type": "signature_delta",
+                                                                 "signature": b["signature"]}}))
+            elif b["type"] == "text":
                 events.append(("content_block_start", {"type": "content_block_start", "index": i,
                                                        "content_block": {"type": "text", "text": ""}}))
                 for w in _words(b["text"]):

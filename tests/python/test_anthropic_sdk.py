@@ -94,3 +94,41 @@ def test_unknown_model_raises_not_found(claude):
 def test_bad_input_raises_bad_request(claude):
     with pytest.raises(anthropic.BadRequestError):
         claude.messages.create(model="gpt", max_tokens=10, messages="not a list")
+
+
+def test_count_tokens_passes_through_to_anthropic(claude, upstream):
+    counted = claude.messages.count_tokens(
+        model="claude", system="Be brief.", messages=[{"role": "user", "content": "count these"}]
+    )
+    assert counted.input_tokens == 17
+    sent = upstream.last("/v1/messages/count_tokens")
+    assert sent["body"]["model"] == "claude-up"
+    assert sent["body"]["system"] == "Be brief."
+    assert sent["headers"]["anthropic-version"]
+
+
+@pytest.mark.parametrize("model", ["gpt", "mock"])
+def test_count_tokens_is_estimated_elsewhere(claude, model):
+    raw = claude.messages.with_raw_response.count_tokens(
+        model=model, messages=[{"role": "user", "content": "hello world"}]
+    )
+    assert raw.headers.get("x-weir-token-estimate") == "true"
+    assert raw.parse().input_tokens > 0
+
+
+def test_messages_stream_with_thinking(claude, upstream):
+    with claude.messages.stream(
+        model="claude", max_tokens=2048, thinking={"type": "enabled", "budget_tokens": 1024},
+        messages=[{"role": "user", "content": "think first"}],
+        extra_headers={"anthropic-beta": "interleaved-thinking-2025-05-14"},
+    ) as stream:
+        events = list(stream)
+        final = stream.get_final_message()
+    assert [b.type for b in final.content] == ["thinking", "text"]
+    assert final.content[0].thinking == "Let me think about that."
+    assert final.content[0].signature == "sig-py"
+    assert final.content[1].text == "Echo: think first"
+    assert any(e.type == "thinking" for e in events), "thinking deltas reach the client"
+    sent = upstream.last("/v1/messages")
+    assert sent["body"]["thinking"] == {"type": "enabled", "budget_tokens": 1024}
+    assert sent["headers"]["anthropic-beta"] == "interleaved-thinking-2025-05-14"

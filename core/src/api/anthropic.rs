@@ -442,7 +442,7 @@ fn assistant_message(content: &Content, i: usize) -> Result<ChatMessage, BadRequ
             other if SERVER_BLOCKS.iter().any(|p| other.starts_with(p)) => {
                 // Server tool calls and results run at Anthropic; only an Anthropic upstream
                 // (sent the client's body as is) can take them back.
-                tracing::debug!(block = other, at, "Server tool block has no canonical form; dropped.");
+                tracing::debug!(block = other, at = %at, "Server tool block has no canonical form; dropped.");
             }
             other => return Err(unsupported_block(&at, other, "an assistant")),
         }
@@ -585,14 +585,19 @@ fn message_id(id: &str) -> String {
     }
 }
 
-/// Anthropic `usage`: its `input_tokens` excludes cached input, which is reported apart.
+/// Anthropic `usage`: its `input_tokens` excludes cache reads and writes, reported apart.
 fn usage_json(usage: &Usage) -> Value {
     let cached = usage.prompt_tokens_details.map(|d| d.cached_tokens);
+    let written = usage.cache_creation_input_tokens;
     let mut u = Map::new();
-    u.insert(
-        "input_tokens".into(),
-        json!(usage.prompt_tokens.saturating_sub(cached.unwrap_or(0))),
-    );
+    let input = usage
+        .prompt_tokens
+        .saturating_sub(cached.unwrap_or(0))
+        .saturating_sub(written.unwrap_or(0));
+    u.insert("input_tokens".into(), json!(input));
+    if let Some(w) = written {
+        u.insert("cache_creation_input_tokens".into(), json!(w));
+    }
     if let Some(c) = cached {
         u.insert("cache_read_input_tokens".into(), json!(c));
     }
@@ -603,6 +608,29 @@ fn usage_json(usage: &Usage) -> Value {
 /// Tool arguments as a JSON object; unparseable arguments become `{}`.
 fn tool_input(arguments: &str) -> Value {
     serde_json::from_str(arguments).unwrap_or_else(|_| json!({}))
+}
+
+/// The message's reasoning as Anthropic `thinking` / `redacted_thinking` blocks: the
+/// canonical `reasoning`, else an OpenAI-compatible server's `reasoning_content` string.
+fn thinking_blocks(message: &ChatMessage) -> Vec<Value> {
+    if let Some(reasoning) = &message.reasoning {
+        return reasoning
+            .iter()
+            .map(|r| {
+                if r.kind == Reasoning::REDACTED {
+                    json!({"type": "redacted_thinking", "data": r.data.clone().unwrap_or_default()})
+                } else {
+                    json!({"type": "thinking",
+                        "thinking": r.text.clone().unwrap_or_default(),
+                        "signature": r.signature.clone().unwrap_or_default()})
+                }
+            })
+            .collect();
+    }
+    match message.rest.get("reasoning_content").and_then(Value::as_str) {
+        Some(t) if !t.is_empty() => vec![json!({"type": "thinking", "thinking": t, "signature": ""})],
+        _ => Vec::new(),
+    }
 }
 
 /// Translates a canonical response into an Anthropic `Message`. Only choice 0 is used;
@@ -616,6 +644,7 @@ pub fn from_chat_response(resp: &ChatResponse, model: &str) -> Value {
     let mut content = Vec::new();
     let mut reason = "end_turn";
     if let Some(choice) = choice {
+        content.extend(thinking_blocks(&choice.message));
         let text = choice.message.text();
         if !text.is_empty() {
             content.push(json!({"type": "text", "text": text}));
@@ -674,6 +703,8 @@ enum OpenBlock {
     Text(u32),
     /// A `tool_use` block at this Anthropic index.
     Tool(u32),
+    /// A `thinking` block at this Anthropic index.
+    Thinking(u32),
 }
 
 /// Encodes canonical chunks as an Anthropic Messages event stream.
@@ -725,6 +756,19 @@ impl MessagesStreamEncoder {
         }
         self.start(&chunk.id, out);
         if let Some(choice) = chunk.choices.iter().find(|c| c.index == 0) {
+            let reasoning = choice.delta.reasoning_content.as_deref();
+            if let Some(text) = reasoning.filter(|t| !t.is_empty()) {
+                let index = match self.open {
+                    Some(OpenBlock::Thinking(index)) => index,
+                    _ => self.open_block(
+                        OpenBlock::Thinking,
+                        json!({"type": "thinking", "thinking": "", "signature": ""}),
+                        out,
+                    ),
+                };
+                let delta = json!({"type": "thinking_delta", "thinking": text});
+                self.block_delta(index, delta, out);
+            }
             if let Some(text) = choice.delta.content.as_deref().filter(|t| !t.is_empty()) {
                 let index = match self.open {
                     Some(OpenBlock::Text(index)) => index,
@@ -836,7 +880,9 @@ impl MessagesStreamEncoder {
     }
 
     fn close_block(&mut self, out: &mut Vec<Bytes>) {
-        if let Some(OpenBlock::Text(index) | OpenBlock::Tool(index)) = self.open.take() {
+        if let Some(OpenBlock::Text(index) | OpenBlock::Tool(index) | OpenBlock::Thinking(index)) =
+            self.open.take()
+        {
             let event = json!({"type": "content_block_stop", "index": index});
             out.push(frame("content_block_stop", &event));
         }

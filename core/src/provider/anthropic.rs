@@ -7,7 +7,7 @@
 //!   `tool_result`), with consecutive same-role messages merged because Anthropic requires
 //!   the roles to alternate;
 //! - responses: text blocks are joined into `content`, `tool_use` blocks become `tool_calls`,
-//!   `thinking` blocks are dropped;
+//!   `thinking` blocks become the canonical `reasoning` (streamed: `reasoning_content`);
 //! - streams: [`AnthropicDecoder`] is a small state machine over the named events
 //!   (`message_start`, `content_block_*`, `message_delta`, `message_stop`).
 //!
@@ -23,7 +23,7 @@ use super::{Decoded, Provider, ProviderError, StreamDecoder, UpstreamRequest};
 use crate::api::openai::{
     ChatChunk, ChatMessage, ChatRequest, ChatResponse, Choice, ChunkChoice, ContentPart, Delta,
     EmbeddingsRequest, EmbeddingsResponse, FunctionCall, FunctionCallDelta, MessageContent,
-    PromptTokensDetails, ToolCall, ToolCallDelta, Usage,
+    PromptTokensDetails, Reasoning, ToolCall, ToolCallDelta, Usage,
 };
 use crate::api::sse::SseEvent;
 use crate::config::{ConfigError, TimeoutsConfig};
@@ -592,6 +592,26 @@ fn assistant_blocks(m: &ChatMessage, i: usize) -> Result<Vec<Value>, ProviderErr
             "messages[{i}].content[{j}]: an assistant message may only hold text on anthropic"
         )));
     }
+    // Earlier thinking goes first, as Anthropic sent it; unsigned reasoning (from another
+    // provider) cannot be verified by Anthropic and is dropped.
+    let mut thinking = Vec::new();
+    for r in m.reasoning.iter().flatten() {
+        match (r.kind.as_str(), &r.signature, &r.data) {
+            (Reasoning::REDACTED, _, Some(data)) => {
+                thinking.push(json!({"type": "redacted_thinking", "data": data}));
+            }
+            (Reasoning::THINKING, Some(sig), _) => thinking.push(json!({
+                "type": "thinking",
+                "thinking": r.text.clone().unwrap_or_default(),
+                "signature": sig,
+            })),
+            _ => tracing::debug!(message = i, "Unsigned reasoning dropped for anthropic."),
+        }
+    }
+    if !thinking.is_empty() {
+        thinking.append(&mut blocks);
+        blocks = thinking;
+    }
     for call in m.tool_calls.iter().flatten() {
         let args = call.function.arguments.trim();
         let input: Value = if args.is_empty() {
@@ -695,6 +715,12 @@ struct Block {
     name: Option<String>,
     #[serde(default)]
     input: Option<Value>,
+    #[serde(default)]
+    thinking: Option<String>,
+    #[serde(default)]
+    signature: Option<String>,
+    #[serde(default)]
+    data: Option<String>,
 }
 
 /// Anthropic `usage`. Every field is optional because `message_delta` sends a subset.
@@ -757,6 +783,7 @@ fn parse_message(body: &[u8], model: &str, created: u64) -> Result<ChatResponse,
         serde_json::from_slice(body).map_err(|e| ProviderError::InvalidResponse(e.to_string()))?;
     let mut text: Option<String> = None;
     let mut calls = Vec::new();
+    let mut reasoning = Vec::new();
     for b in &msg.content {
         match b.kind.as_str() {
             "text" => text
@@ -773,7 +800,18 @@ fn parse_message(body: &[u8], model: &str, created: u64) -> Result<ChatResponse,
                         .map_or_else(|| "{}".to_owned(), Value::to_string),
                 },
             }),
-            // thinking, redacted_thinking, server tool blocks: not part of the canonical form.
+            "thinking" => reasoning.push(Reasoning {
+                kind: Reasoning::THINKING.to_owned(),
+                text: b.thinking.clone(),
+                signature: b.signature.clone(),
+                ..Reasoning::default()
+            }),
+            "redacted_thinking" => reasoning.push(Reasoning {
+                kind: Reasoning::REDACTED.to_owned(),
+                data: b.data.clone(),
+                ..Reasoning::default()
+            }),
+            // Server tool blocks: not part of the canonical form.
             _ => {}
         }
     }
@@ -786,6 +824,7 @@ fn parse_message(body: &[u8], model: &str, created: u64) -> Result<ChatResponse,
         role: "assistant".to_owned(),
         content,
         tool_calls: (!calls.is_empty()).then_some(calls),
+        reasoning: (!reasoning.is_empty()).then_some(reasoning),
         ..ChatMessage::default()
     };
     Ok(ChatResponse {
@@ -855,6 +894,8 @@ struct BlockDelta {
     text: Option<String>,
     #[serde(default)]
     partial_json: Option<String>,
+    #[serde(default)]
+    thinking: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -1025,7 +1066,18 @@ impl StreamDecoder for AnthropicDecoder {
                         }));
                     }
                 }
-                // thinking_delta, signature_delta, citations_delta: not canonical.
+                "thinking_delta" => {
+                    if let Some(text) = delta.thinking.filter(|t| !t.is_empty()) {
+                        chunks.push(self.delta_chunk(
+                            Delta {
+                                reasoning_content: Some(text),
+                                ..Delta::default()
+                            },
+                            None,
+                        ));
+                    }
+                }
+                // signature_delta, citations_delta: not canonical.
                 _ => {}
             },
             StreamEvent::ContentBlockStop | StreamEvent::Ping | StreamEvent::Unknown => {}

@@ -173,10 +173,20 @@ impl Provider for OpenAi {
         req: &ChatRequest,
         model: &str,
     ) -> Result<UpstreamRequest, ProviderError> {
+        // Earlier reasoning (Anthropic thinking) has no OpenAI form: dropped.
+        let reasoning = req.messages.iter().any(|m| m.reasoning.is_some());
+        if reasoning {
+            tracing::debug!("Reasoning blocks of earlier turns dropped for an OpenAI upstream.");
+        }
         Ok(UpstreamRequest {
             url: format!("{}/chat/completions", self.base_url),
             headers: self.headers.clone(),
-            body: body_with_model(req, req.model == model, |r| r.model = model.to_owned())?,
+            body: body_with_model(req, req.model == model && !reasoning, |r| {
+                r.model = model.to_owned();
+                for m in &mut r.messages {
+                    m.reasoning = None;
+                }
+            })?,
         })
     }
 
