@@ -1024,6 +1024,19 @@ mod tests {
     }
 
     #[test]
+    fn response_thinking_and_cache_usage() {
+        let input = golden::read("inbound/response/thinking_cache.in.json");
+        let resp: ChatResponse = serde_json::from_str(&input).expect("response fixture");
+        let actual = from_chat_response(&resp, "claude-alias");
+        golden::check_json("inbound/response/thinking_cache.out.json", &actual);
+    }
+
+    #[test]
+    fn stream_reasoning_content_becomes_thinking() {
+        inbound_stream("thinking");
+    }
+
+    #[test]
     fn stream_text() {
         inbound_stream("text");
     }

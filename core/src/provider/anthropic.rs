@@ -1126,6 +1126,63 @@ mod tests {
     use crate::api::anthropic::golden;
     use crate::api::sse::SseParser;
 
+    #[test]
+    fn client_body_keeps_everything_and_folds_system_messages() {
+        let raw = br#"{"model":"alias","max_tokens":5,"thinking":{"type":"adaptive"},
+            "output_config":{"effort":"high"},"system":"A.",
+            "messages":[{"role":"user","content":[{"type":"text","text":"hi",
+                "cache_control":{"type":"ephemeral"}}]},
+                {"role":"system","content":"B."}]}"#;
+        let body = splice_messages_body(raw, "claude-up").expect("splice");
+        let v: Value = serde_json::from_slice(&body).expect("json");
+        assert_eq!(
+            v,
+            json!({"model":"claude-up","max_tokens":5,"thinking":{"type":"adaptive"},
+                "output_config":{"effort":"high"},
+                "system":[{"type":"text","text":"A."},{"type":"text","text":"B."}],
+                "messages":[{"role":"user","content":[{"type":"text","text":"hi",
+                    "cache_control":{"type":"ephemeral"}}]}]})
+        );
+        let untouched = splice_messages_body(br#"{"model":"a","system":"S","messages":[]}"#, "b")
+            .expect("splice");
+        let v: Value = serde_json::from_slice(&untouched).expect("json");
+        assert_eq!(v["system"], "S", "no system message: system stays a string");
+    }
+
+    #[test]
+    fn client_anthropic_headers_replace_configured_ones() {
+        let mut client = HeaderMap::new();
+        client.insert("anthropic-version", HeaderValue::from_static("2024-01-01"));
+        client.append("anthropic-beta", HeaderValue::from_static("a"));
+        client.append("anthropic-beta", HeaderValue::from_static("b"));
+        client.insert("x-api-key", HeaderValue::from_static("client"));
+        let mut up = HeaderMap::new();
+        up.insert("anthropic-version", HeaderValue::from_static("2023-06-01"));
+        up.insert("anthropic-beta", HeaderValue::from_static("configured"));
+        up.insert("x-api-key", HeaderValue::from_static("provider"));
+        forward_anthropic_headers(&client, &mut up);
+        assert_eq!(up["anthropic-version"], "2024-01-01");
+        let betas: Vec<_> = up.get_all("anthropic-beta").iter().collect();
+        assert_eq!(betas, ["a", "b"]);
+        assert_eq!(up["x-api-key"], "provider");
+
+        let mut kept = HeaderMap::new();
+        kept.insert("anthropic-beta", HeaderValue::from_static("configured"));
+        forward_anthropic_headers(&HeaderMap::new(), &mut kept);
+        assert_eq!(kept["anthropic-beta"], "configured", "nothing sent: config stays");
+    }
+
+    #[test]
+    fn peeked_usage_keeps_cache_reads_and_writes_apart() {
+        let body = br#"{"type":"message","usage":{"input_tokens":10,
+            "cache_creation_input_tokens":100,"cache_read_input_tokens":200,"output_tokens":7}}"#;
+        let u = peek_message(body).expect("peek").expect("usage");
+        assert_eq!(u.prompt_tokens, 310);
+        assert_eq!(u.cache_read_tokens(), 200);
+        assert_eq!(u.cache_write_tokens(), 100);
+        assert!(peek_message(br#"{"type":"error"}"#).is_err());
+    }
+
     const MODEL: &str = "claude-sonnet-4-5";
 
     fn provider() -> Anthropic {
