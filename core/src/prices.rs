@@ -126,7 +126,10 @@ impl Prices {
             let entry = PriceEntry {
                 input,
                 output: check("output", p.output)?,
-                cached_input: check("cached_input", p.cached_input.unwrap_or(input * CACHE_READ_FACTOR))?,
+                cached_input: check(
+                    "cached_input",
+                    p.cached_input.unwrap_or(input * CACHE_READ_FACTOR),
+                )?,
                 cache_write: check(
                     "cache_write",
                     p.cache_write.unwrap_or(input * CACHE_WRITE_FACTOR),

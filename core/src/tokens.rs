@@ -30,7 +30,16 @@ impl Encoding {
     /// The encoding for an upstream model name.
     pub fn for_model(model: &str) -> Encoding {
         let m = model.rsplit('/').next().unwrap_or(model);
-        let o200k = ["gpt-4o", "gpt-4.1", "gpt-4.5", "gpt-5", "chatgpt-4o", "o1", "o3", "o4"];
+        let o200k = [
+            "gpt-4o",
+            "gpt-4.1",
+            "gpt-4.5",
+            "gpt-5",
+            "chatgpt-4o",
+            "o1",
+            "o3",
+            "o4",
+        ];
         if o200k.iter().any(|p| m.starts_with(p)) {
             Encoding::O200kBase
         } else {

@@ -15,7 +15,10 @@ use crate::support::{ConfigBuilder, MockUpstream, TestGateway, bounded};
 
 const KEY: &str = "sk-ant-e2e";
 
-const BETAS: [&str; 2] = ["context-management-2025-06-27", "interleaved-thinking-2025-05-14"];
+const BETAS: [&str; 2] = [
+    "context-management-2025-06-27",
+    "interleaved-thinking-2025-05-14",
+];
 
 async fn anthropic_gateway(up: &MockUpstream) -> TestGateway {
     let cfg = ConfigBuilder::new()
@@ -154,7 +157,11 @@ fn expected_upstream_body(stream: bool) -> Value {
 
 fn assert_forwarded(sent: &crate::support::Recorded, stream: bool) {
     assert_eq!(sent.path, "/v1/messages");
-    assert_eq!(sent.header("x-api-key"), KEY, "the provider's key, not the client's");
+    assert_eq!(
+        sent.header("x-api-key"),
+        KEY,
+        "the provider's key, not the client's"
+    );
     assert_eq!(sent.header("anthropic-version"), "2023-06-01");
     let betas: Vec<&str> = sent
         .headers
@@ -173,10 +180,18 @@ async fn anthropic_to_anthropic_keeps_every_field_and_block() {
         let gw = anthropic_gateway(&up).await;
         let resp = gw
             .client
-            .post_json_with("/v1/messages?beta=true", &claude_code_request(false), &headers())
+            .post_json_with(
+                "/v1/messages?beta=true",
+                &claude_code_request(false),
+                &headers(),
+            )
             .await;
         assert_eq!(resp.status, 200, "{}", resp.text);
-        assert_eq!(resp.json(), thinking_message(), "the answer comes back as sent");
+        assert_eq!(
+            resp.json(),
+            thinking_message(),
+            "the answer comes back as sent"
+        );
         assert_forwarded(&up.single_request(), false);
     })
     .await;
@@ -189,7 +204,11 @@ async fn anthropic_to_anthropic_stream_keeps_thinking_deltas() {
         let gw = anthropic_gateway(&up).await;
         let resp = gw
             .client
-            .post_json_with("/v1/messages?beta=true", &claude_code_request(true), &headers())
+            .post_json_with(
+                "/v1/messages?beta=true",
+                &claude_code_request(true),
+                &headers(),
+            )
             .await;
         assert_eq!(resp.status, 200, "{}", resp.text);
         let events = named_events(&resp.text);
@@ -202,7 +221,10 @@ async fn anthropic_to_anthropic_stream_keeps_thinking_deltas() {
             .map(|(_, v)| &v["delta"])
             .collect();
         assert_eq!(deltas[0]["type"], "thinking_delta");
-        assert_eq!(deltas[2], &json!({"type": "signature_delta", "signature": "sig-3"}));
+        assert_eq!(
+            deltas[2],
+            &json!({"type": "signature_delta", "signature": "sig-3"})
+        );
         let usage = &events[0].1["message"]["usage"];
         assert_eq!(usage["cache_creation_input_tokens"], 100);
         assert_eq!(usage["cache_read_input_tokens"], 200);
@@ -219,7 +241,11 @@ async fn claude_code_request_reaches_an_openai_upstream_with_system_in_place() {
         let gw = openai_gateway(&up).await;
         let resp = gw
             .client
-            .post_json_with("/v1/messages?beta=true", &claude_code_request(true), &headers())
+            .post_json_with(
+                "/v1/messages?beta=true",
+                &claude_code_request(true),
+                &headers(),
+            )
             .await;
         assert_eq!(resp.status, 200, "{}", resp.text);
         let events = named_events(&resp.text);
@@ -235,7 +261,11 @@ async fn claude_code_request_reaches_an_openai_upstream_with_system_in_place() {
         let b = &sent.body;
         let msgs = b["messages"].as_array().unwrap();
         let roles: Vec<&str> = msgs.iter().map(|m| m["role"].as_str().unwrap()).collect();
-        assert_eq!(roles, ["system", "user", "assistant", "user", "system"], "{b}");
+        assert_eq!(
+            roles,
+            ["system", "user", "assistant", "user", "system"],
+            "{b}"
+        );
         assert_eq!(openai::content_text(&msgs[4]["content"]), "Answer briefly.");
         for field in ["context_management", "output_config", "thinking"] {
             assert!(b.get(field).is_none(), "{field} is Anthropic-only: {b}");
@@ -274,7 +304,13 @@ async fn missing_max_tokens_is_an_anthropic_400() {
         let v = resp.json();
         assert_eq!(v["type"], "error");
         assert_eq!(v["error"]["type"], "invalid_request_error");
-        assert!(v["error"]["message"].as_str().unwrap().contains("max_tokens"), "{v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("max_tokens"),
+            "{v}"
+        );
         assert_eq!(up.hits(), 0);
     })
     .await;
@@ -329,7 +365,10 @@ async fn count_tokens_is_estimated_for_openai_upstreams() {
         let up = MockUpstream::start().await;
         let gw = openai_gateway(&up).await;
         let body = json!({"model": "c", "messages": [{"role": "user", "content": "hello world"}]});
-        let resp = gw.client.post_json("/v1/messages/count_tokens", &body).await;
+        let resp = gw
+            .client
+            .post_json("/v1/messages/count_tokens", &body)
+            .await;
         assert_eq!(resp.status, 200, "{}", resp.text);
         assert_eq!(resp.header("x-weir-token-estimate"), "true");
         // o200k_base: 3 (request) + 3 (message) + 1 ("user") + 2 ("hello world").
@@ -337,7 +376,10 @@ async fn count_tokens_is_estimated_for_openai_upstreams() {
         assert_eq!(up.hits(), 0, "an estimate never reaches the upstream");
 
         let unknown = json!({"model": "nope", "messages": [{"role": "user", "content": "x"}]});
-        let resp = gw.client.post_json("/v1/messages/count_tokens", &unknown).await;
+        let resp = gw
+            .client
+            .post_json("/v1/messages/count_tokens", &unknown)
+            .await;
         assert_eq!(resp.status, 404, "{}", resp.text);
         assert_eq!(resp.json()["type"], "error");
     })

@@ -430,13 +430,25 @@ fn assistant_message(content: &Content, i: usize) -> Result<ChatMessage, BadRequ
             }
             "thinking" => reasoning.push(Reasoning {
                 kind: Reasoning::THINKING.to_owned(),
-                text: b.rest.get("thinking").and_then(Value::as_str).map(str::to_owned),
-                signature: b.rest.get("signature").and_then(Value::as_str).map(str::to_owned),
+                text: b
+                    .rest
+                    .get("thinking")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned),
+                signature: b
+                    .rest
+                    .get("signature")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned),
                 ..Reasoning::default()
             }),
             "redacted_thinking" => reasoning.push(Reasoning {
                 kind: Reasoning::REDACTED.to_owned(),
-                data: b.rest.get("data").and_then(Value::as_str).map(str::to_owned),
+                data: b
+                    .rest
+                    .get("data")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned),
                 ..Reasoning::default()
             }),
             other if SERVER_BLOCKS.iter().any(|p| other.starts_with(p)) => {
@@ -627,8 +639,14 @@ fn thinking_blocks(message: &ChatMessage) -> Vec<Value> {
             })
             .collect();
     }
-    match message.rest.get("reasoning_content").and_then(Value::as_str) {
-        Some(t) if !t.is_empty() => vec![json!({"type": "thinking", "thinking": t, "signature": ""})],
+    match message
+        .rest
+        .get("reasoning_content")
+        .and_then(Value::as_str)
+    {
+        Some(t) if !t.is_empty() => {
+            vec![json!({"type": "thinking", "thinking": t, "signature": ""})]
+        }
         _ => Vec::new(),
     }
 }

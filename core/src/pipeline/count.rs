@@ -82,7 +82,10 @@ pub async fn count_tokens(gw: &Arc<Gateway>, mut ctx: RequestCtx) -> Response {
     };
     acct.complete = true;
     acct.capture(&mut ctx);
-    let mut resp = json_response(StatusCode::OK, json!({ "input_tokens": tokens }).to_string());
+    let mut resp = json_response(
+        StatusCode::OK,
+        json!({ "input_tokens": tokens }).to_string(),
+    );
     if estimate {
         resp.headers_mut()
             .insert(ESTIMATE_HEADER, HeaderValue::from_static("true"));

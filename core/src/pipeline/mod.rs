@@ -38,8 +38,8 @@ use bytes::Bytes;
 use http::{HeaderValue, StatusCode, header};
 
 pub use crate::request::{Dialect, RequestCtx};
-pub use error::GatewayError;
 pub use count::count_tokens;
+pub use error::GatewayError;
 use stream::{ChunkStream, Passthrough, StreamItem};
 use upstream::{Answer, AttemptRecord, OpenAttempt, Served, Upstream};
 
@@ -884,7 +884,9 @@ pub fn json_response(status: StatusCode, body: impl Into<Bytes>) -> Response {
 
 /// Encodes canonical items into the client's SSE dialect.
 enum Encoder {
-    OpenAi { include_usage: bool },
+    OpenAi {
+        include_usage: bool,
+    },
     Anthropic(Box<MessagesStreamEncoder>),
     /// Anthropic events forwarded as the Anthropic upstream sent them.
     AnthropicRaw,

@@ -410,7 +410,9 @@ impl Upstream<'_> {
             .send(entry, provider, up, deadline, &mut trace)
             .await
             .map_err(|e| e.error)?;
-        let body = read_body(entry, resp, deadline).await.map_err(|e| e.error)?;
+        let body = read_body(entry, resp, deadline)
+            .await
+            .map_err(|e| e.error)?;
         provider
             .count_tokens_response(&body)
             .map(Some)
@@ -459,7 +461,9 @@ impl Upstream<'_> {
             .map_err(|e| translate_error(entry, e))?;
         provider.forward_client_headers(client.headers, &mut up.headers);
         let same_dialect = if client.dialect == Dialect::Anthropic {
-            provider.speaks_anthropic().then_some(Passthrough::Anthropic)
+            provider
+                .speaks_anthropic()
+                .then_some(Passthrough::Anthropic)
         } else if client.dialect == Dialect::OpenAi {
             provider.passthrough_stream().then_some(Passthrough::OpenAi)
         } else {

@@ -139,11 +139,13 @@ impl Provider for Anthropic {
         _req: &ChatRequest,
         model: &str,
     ) -> Option<Result<UpstreamRequest, ProviderError>> {
-        Some(splice_messages_body(raw, model).map(|body| UpstreamRequest {
-            url: format!("{}/v1/messages", self.base_url),
-            headers: self.headers.clone(),
-            body,
-        }))
+        Some(
+            splice_messages_body(raw, model).map(|body| UpstreamRequest {
+                url: format!("{}/v1/messages", self.base_url),
+                headers: self.headers.clone(),
+                body,
+            }),
+        )
     }
 
     fn forward_client_headers(&self, client: &HeaderMap, upstream: &mut HeaderMap) {
@@ -322,8 +324,8 @@ pub fn peek_message(body: &[u8]) -> Result<Option<Usage>, ProviderError> {
         #[serde(default)]
         usage: Option<AnthropicUsage>,
     }
-    let peek: Peek = serde_json::from_slice(body)
-        .map_err(|e| ProviderError::InvalidResponse(e.to_string()))?;
+    let peek: Peek =
+        serde_json::from_slice(body).map_err(|e| ProviderError::InvalidResponse(e.to_string()))?;
     if peek.kind != "message" {
         return Err(ProviderError::InvalidResponse(format!(
             "expected a message, got type '{}'",
@@ -1169,7 +1171,10 @@ mod tests {
         let mut kept = HeaderMap::new();
         kept.insert("anthropic-beta", HeaderValue::from_static("configured"));
         forward_anthropic_headers(&HeaderMap::new(), &mut kept);
-        assert_eq!(kept["anthropic-beta"], "configured", "nothing sent: config stays");
+        assert_eq!(
+            kept["anthropic-beta"], "configured",
+            "nothing sent: config stays"
+        );
     }
 
     #[test]

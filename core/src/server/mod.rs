@@ -35,7 +35,10 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/messages", post(messages))
-        .route("/v1/messages/count_tokens", post(count_tokens::count_tokens))
+        .route(
+            "/v1/messages/count_tokens",
+            post(count_tokens::count_tokens),
+        )
         .route("/v1/models", get(models))
         .route("/v1/models/{*id}", get(model))
         .route("/healthz", get(healthz))
@@ -282,13 +285,12 @@ async fn messages(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
     };
     let span = span_for(&id, "messages", Dialect::Anthropic);
     let resp = async {
-        let parsed = parse_json::<crate::api::anthropic::MessagesRequest>(&bytes)
-            .and_then(|m| {
-                if m.max_tokens.is_none() {
-                    return Err(BadRequest::field("max_tokens", "max_tokens: Field required").into());
-                }
-                crate::api::anthropic::to_chat_request(m).map_err(GatewayError::from)
-            });
+        let parsed = parse_json::<crate::api::anthropic::MessagesRequest>(&bytes).and_then(|m| {
+            if m.max_tokens.is_none() {
+                return Err(BadRequest::field("max_tokens", "max_tokens: Field required").into());
+            }
+            crate::api::anthropic::to_chat_request(m).map_err(GatewayError::from)
+        });
         let chat = match parsed.and_then(|r| validate_chat(&r).map(|()| r)) {
             Ok(c) => c,
             Err(e) => return reject(&gw, e, Dialect::Anthropic, "unknown"),
