@@ -1,9 +1,10 @@
 //! HTTP surface: the axum router, body reading, request ids, and graceful shutdown. Nothing
 //! here knows about providers or policies; handlers parse the body once and hand over to
 //! [`crate::pipeline`]. Connections (accepting, the connection cap, header and keep-alive
-//! timeouts) are in [`conn`].
+//! timeouts) are in [`conn`]; the Responses API handlers in [`responses`].
 
 mod conn;
+mod responses;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -34,6 +35,11 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/messages", post(messages))
+        .route("/v1/responses", post(responses::create))
+        .route(
+            "/v1/responses/{id}",
+            get(responses::get).delete(responses::delete),
+        )
         .route("/v1/models", get(models))
         .route("/v1/models/{*id}", get(model))
         .route("/healthz", get(healthz))
