@@ -18,6 +18,9 @@ pub enum Dialect {
     OpenAi,
     /// `/v1/messages`.
     Anthropic,
+    /// `/v1/responses`, the OpenAI Responses API. Errors are OpenAI-shaped; plugins see the
+    /// request as an OpenAI chat request.
+    Responses,
 }
 
 impl Dialect {
@@ -26,11 +29,12 @@ impl Dialect {
         match self {
             Dialect::OpenAi => "openai",
             Dialect::Anthropic => "anthropic",
+            Dialect::Responses => "responses",
         }
     }
 
     /// The dialect of errors for a request path: Anthropic's under `/v1/messages`, OpenAI's
-    /// everywhere else.
+    /// everywhere else (the Responses API's errors are OpenAI's).
     pub fn for_path(path: &str) -> Dialect {
         let anthropic = path
             .strip_prefix("/v1/messages")

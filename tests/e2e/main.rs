@@ -31,6 +31,7 @@ mod policy_redaction;
 mod policy_routing;
 mod reload;
 mod request_log;
+mod responses;
 mod shared_state;
 mod state_export;
 mod streaming;

@@ -1,9 +1,11 @@
 //! Inbound wire formats: the OpenAI dialect ([`openai`], also Weir's canonical form), the
-//! Anthropic Messages dialect ([`anthropic`]), and server-sent events ([`sse`]).
+//! Anthropic Messages dialect ([`anthropic`]), the OpenAI Responses API ([`responses`]), and
+//! server-sent events ([`sse`]).
 
 pub mod anthropic;
 pub mod open;
 pub mod openai;
+pub mod responses;
 pub mod sse;
 
 /// A client request that is well-formed JSON but not a valid request: becomes a 400 that

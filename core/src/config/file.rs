@@ -81,6 +81,10 @@ pub struct ServerConfig {
     /// startup.
     #[serde(default)]
     pub max_connections: Option<u64>,
+    /// Seconds a stored Responses API response (`store`, the default) is kept for
+    /// `previous_response_id` and `GET /v1/responses/{id}`. Default 30 days, as OpenAI.
+    #[serde(default = "default_responses_ttl")]
+    pub responses_ttl_secs: u64,
 }
 
 impl Default for ServerConfig {
@@ -93,6 +97,7 @@ impl Default for ServerConfig {
             body_read_timeout_secs: default_body_read_timeout(),
             keepalive_timeout_secs: default_keepalive_timeout(),
             max_connections: None,
+            responses_ttl_secs: default_responses_ttl(),
         }
     }
 }
@@ -114,6 +119,9 @@ fn default_body_read_timeout() -> u64 {
 }
 fn default_keepalive_timeout() -> u64 {
     75
+}
+fn default_responses_ttl() -> u64 {
+    30 * 24 * 3600
 }
 
 /// `[log]`.

@@ -241,6 +241,8 @@ pub struct Config {
     pub body_read_timeout: Duration,
     /// How long in-flight requests may run after a shutdown signal.
     pub shutdown_grace: Duration,
+    /// How long stored Responses API responses live.
+    pub responses_ttl: Duration,
     /// Client connection limits.
     pub connections: Connections,
     /// Log format.
@@ -328,6 +330,7 @@ impl Config {
                 "server.keepalive_timeout_secs",
                 file.server.keepalive_timeout_secs,
             ),
+            ("server.responses_ttl_secs", file.server.responses_ttl_secs),
         ] {
             if secs == 0 {
                 return Err(ConfigError::invalid(key, "must be at least 1"));
@@ -452,6 +455,7 @@ impl Config {
             max_body_bytes: usize::try_from(file.server.max_body_bytes).unwrap_or(usize::MAX),
             body_read_timeout: Duration::from_secs(file.server.body_read_timeout_secs),
             shutdown_grace: Duration::from_secs(file.server.shutdown_grace_secs),
+            responses_ttl: Duration::from_secs(file.server.responses_ttl_secs),
             connections,
             log_format: file.log.format,
             log_level: file.log.level.clone(),

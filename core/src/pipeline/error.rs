@@ -46,6 +46,16 @@ pub enum GatewayError {
     /// No such model in config.
     #[error("model '{0}' does not exist or is not served by this gateway")]
     ModelNotFound(String),
+    /// A stored Responses API response that does not exist, expired, or belongs to another
+    /// credential: 404 for `GET`/`DELETE /v1/responses/{id}`, 400 (param
+    /// `previous_response_id`) when a request continues it.
+    #[error("{} with id '{id}' not found", if *previous { "Previous response" } else { "Response" })]
+    ResponseNotFound {
+        /// The id asked for.
+        id: String,
+        /// Whether it was named by `previous_response_id`.
+        previous: bool,
+    },
     /// The chosen provider cannot serve this kind of request.
     #[error("{0}")]
     Unsupported(String),
@@ -117,6 +127,8 @@ impl GatewayError {
             GatewayError::UriTooLong => StatusCode::URI_TOO_LONG,
             GatewayError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             GatewayError::ModelNotFound(_) => StatusCode::NOT_FOUND,
+            GatewayError::ResponseNotFound { previous: true, .. } => StatusCode::BAD_REQUEST,
+            GatewayError::ResponseNotFound { .. } => StatusCode::NOT_FOUND,
             GatewayError::UpstreamStatus { status, .. } => *status,
             GatewayError::UpstreamFailed { .. } => StatusCode::BAD_GATEWAY,
             GatewayError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
@@ -141,6 +153,8 @@ impl GatewayError {
             GatewayError::UriTooLong => "uri_too_long",
             GatewayError::HeadersTooLarge => "headers_too_large",
             GatewayError::ModelNotFound(_) => "model_not_found",
+            GatewayError::ResponseNotFound { previous: true, .. } => "previous_response_not_found",
+            GatewayError::ResponseNotFound { .. } => "response_not_found",
             GatewayError::Unsupported(_) => "unsupported",
             GatewayError::UpstreamStatus { .. } => "upstream_status",
             GatewayError::UpstreamFailed { .. } => "upstream_failed",
@@ -179,13 +193,19 @@ impl GatewayError {
     pub fn body(&self, dialect: Dialect) -> serde_json::Value {
         let message = self.client_message();
         match dialect {
-            Dialect::OpenAi => {
+            Dialect::OpenAi | Dialect::Responses => {
                 let param = match self {
                     GatewayError::BadRequest(b) => b.field.clone(),
+                    GatewayError::ResponseNotFound { previous: true, .. } => {
+                        Some("previous_response_id".to_owned())
+                    }
                     _ => None,
                 };
                 let code = match self {
                     GatewayError::ModelNotFound(_) => Some("model_not_found"),
+                    GatewayError::ResponseNotFound { previous: true, .. } => {
+                        Some("previous_response_not_found")
+                    }
                     GatewayError::PayloadTooLarge(_) => Some("payload_too_large"),
                     GatewayError::UnsupportedMediaType(_)
                     | GatewayError::MethodNotAllowed { .. }

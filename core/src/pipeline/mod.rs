@@ -23,6 +23,7 @@ pub mod client;
 pub mod count;
 pub mod error;
 pub mod onlog;
+pub mod responses;
 pub mod stream;
 pub mod upstream;
 
@@ -40,11 +41,13 @@ use http::{HeaderValue, StatusCode, header};
 pub use crate::request::{Dialect, RequestCtx};
 pub use count::count_tokens;
 pub use error::GatewayError;
+use responses::ResponsesCall;
 use stream::{ChunkStream, Passthrough, StreamItem};
 use upstream::{Answer, AttemptRecord, OpenAttempt, Served, Upstream};
 
 use crate::api::anthropic::MessagesStreamEncoder;
 use crate::api::openai::{ChatChunk, StreamOptions, Usage};
+use crate::api::responses::ResponsesStreamEncoder;
 use crate::api::sse;
 use crate::config::{Config, Model, Target};
 use crate::plugin::contract::LogEntry;
@@ -513,6 +516,7 @@ fn admit(
     snap: &Snapshot,
     ctx: &mut RequestCtx,
     acct: &mut Accounting,
+    responses: Option<&ResponsesCall>,
 ) -> Result<(Chain, Vec<Target>), Box<Response>> {
     let dialect = ctx.dialect;
     let chain = snap.plugins.chain(ctx.body.model()).clone();
@@ -523,11 +527,14 @@ fn admit(
     }
     match chain.on_request(ctx) {
         Ok(Flow::Continue) => {}
-        Ok(Flow::Reply(reply)) => {
+        Ok(Flow::Reply(mut reply)) => {
             acct.status =
                 StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             acct.complete = true;
             acct.capture(ctx);
+            if let Some(call) = responses {
+                reply = responses_reply(reply, call, snap);
+            }
             return Err(Box::new(with_plugin_headers(
                 reply_response(reply),
                 &ctx.metadata,
@@ -559,8 +566,22 @@ fn admit(
     }
 }
 
-/// Serves a chat completion (from either dialect).
-pub async fn chat(gw: &Arc<Gateway>, mut ctx: RequestCtx) -> Response {
+/// Serves a chat completion (OpenAI or Anthropic dialect).
+pub async fn chat(gw: &Arc<Gateway>, ctx: RequestCtx) -> Response {
+    serve_chat(gw, ctx, None).await
+}
+
+/// Serves a Responses API request, translated to a chat request: the answer is encoded as a
+/// `response` object (or typed events) and stored when `call` says so.
+pub async fn responses(gw: &Arc<Gateway>, ctx: RequestCtx, call: ResponsesCall) -> Response {
+    serve_chat(gw, ctx, Some(call)).await
+}
+
+async fn serve_chat(
+    gw: &Arc<Gateway>,
+    mut ctx: RequestCtx,
+    responses: Option<ResponsesCall>,
+) -> Response {
     let snap = gw.snapshot();
     let dialect = ctx.dialect;
     let client_model = ctx.body.model().to_owned();
@@ -569,7 +590,7 @@ pub async fn chat(gw: &Arc<Gateway>, mut ctx: RequestCtx) -> Response {
     acct.log.request_id.clone_from(&ctx.request_id);
     acct.log.generation = snap.generation;
     acct.prices = Some(snap.config.prices.clone());
-    let (chain, targets) = match admit(&snap, &mut ctx, &mut acct) {
+    let (chain, targets) = match admit(&snap, &mut ctx, &mut acct, responses.as_ref()) {
         Ok(v) => v,
         Err(resp) => return *resp,
     };
@@ -649,11 +670,14 @@ pub async fn chat(gw: &Arc<Gateway>, mut ctx: RequestCtx) -> Response {
             acct.usage = resp.usage;
             match chain.on_response(&mut ctx, &mut resp) {
                 Ok(Flow::Continue) => {}
-                Ok(Flow::Reply(reply)) => {
+                Ok(Flow::Reply(mut reply)) => {
                     acct.status = StatusCode::from_u16(reply.status)
                         .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
                     acct.complete = true;
                     acct.capture(&mut ctx);
+                    if let Some(call) = &responses {
+                        reply = responses_reply(reply, call, &snap);
+                    }
                     return with_plugin_headers(reply_response(reply), &ctx.metadata);
                 }
                 Err(failure) => {
@@ -669,11 +693,17 @@ pub async fn chat(gw: &Arc<Gateway>, mut ctx: RequestCtx) -> Response {
                     return with_plugin_headers(resp, &ctx.metadata);
                 }
             }
-            let body = match dialect {
-                Dialect::OpenAi => serde_json::to_vec(&resp),
-                Dialect::Anthropic => serde_json::to_vec(
+            let body = match (&responses, dialect) {
+                (Some(call), _) => {
+                    let (object, answer) =
+                        crate::api::responses::response_object(&resp, &call.id, &call.echo);
+                    call.store(snap.services.state.as_ref(), object.clone(), answer);
+                    serde_json::to_vec(&object)
+                }
+                (None, Dialect::Anthropic) => serde_json::to_vec(
                     &crate::api::anthropic::from_chat_response(&resp, &client_model),
                 ),
+                (None, _) => serde_json::to_vec(&resp),
             };
             acct.capture(&mut ctx);
             let out = match body {
@@ -695,16 +725,20 @@ pub async fn chat(gw: &Arc<Gateway>, mut ctx: RequestCtx) -> Response {
                 .active_streams
                 .with_label_values(&[client_model.as_str()])
                 .inc();
-            let encoder = match dialect {
-                Dialect::OpenAi => Encoder::OpenAi {
-                    include_usage: client_usage,
-                },
-                Dialect::Anthropic if upstream.passthrough() == Passthrough::Anthropic => {
+            let encoder = match (responses, dialect) {
+                (Some(call), _) => Encoder::Responses(Box::new((
+                    ResponsesStreamEncoder::new(&call.id, call.echo.clone()),
+                    call,
+                ))),
+                (None, Dialect::Anthropic) if upstream.passthrough() == Passthrough::Anthropic => {
                     Encoder::AnthropicRaw
                 }
-                Dialect::Anthropic => {
+                (None, Dialect::Anthropic) => {
                     Encoder::Anthropic(Box::new(MessagesStreamEncoder::new(&client_model)))
                 }
+                (None, _) => Encoder::OpenAi {
+                    include_usage: client_usage,
+                },
             };
             // The filter takes the plugins' scratch for the stream and gives it back at the end.
             let filter = chain.wants_chunks().then(|| chain.chunk_filter(&mut ctx));
@@ -774,7 +808,7 @@ pub async fn embeddings(gw: &Arc<Gateway>, mut ctx: RequestCtx) -> Response {
     acct.log.request_id.clone_from(&ctx.request_id);
     acct.log.generation = snap.generation;
     acct.prices = Some(snap.config.prices.clone());
-    let (_chain, targets) = match admit(&snap, &mut ctx, &mut acct) {
+    let (_chain, targets) = match admit(&snap, &mut ctx, &mut acct, None) {
         Ok(v) => v,
         Err(resp) => return *resp,
     };
@@ -882,6 +916,56 @@ pub fn json_response(status: StatusCode, body: impl Into<Bytes>) -> Response {
     resp
 }
 
+/// A plugin's reply to a Responses client (plugins see it as an OpenAI chat request): a
+/// chat completion (a cache hit, a canned answer) becomes a `response` object, a chat
+/// completion stream becomes typed Responses events, and either is stored like an upstream
+/// answer. Errors are OpenAI-shaped already and pass unchanged.
+fn responses_reply(
+    mut reply: crate::plugin::Reply,
+    call: &ResponsesCall,
+    snap: &Snapshot,
+) -> crate::plugin::Reply {
+    if reply.status != 200 {
+        return reply;
+    }
+    let state = snap.services.state.as_ref();
+    let is_sse = reply
+        .headers
+        .iter()
+        .any(|(k, v)| k.eq_ignore_ascii_case("content-type") && v.starts_with("text/event-stream"));
+    if is_sse {
+        let mut parser = sse::SseParser::new();
+        let mut events = Vec::new();
+        if parser.feed(&reply.body, &mut events).is_err() {
+            return reply;
+        }
+        parser.finish();
+        let mut enc = ResponsesStreamEncoder::new(&call.id, call.echo.clone());
+        let mut frames = Vec::new();
+        for event in events.iter().filter(|e| e.data != "[DONE]") {
+            match serde_json::from_str::<ChatChunk>(&event.data) {
+                Ok(chunk) => enc.encode(&chunk, &mut frames),
+                Err(e) => {
+                    tracing::debug!(error = %e, "A plugin's stream event is not a chat chunk; skipped.")
+                }
+            }
+        }
+        enc.finish(&mut frames);
+        if let Some((object, answer)) = enc.take_result() {
+            call.store(state, object, answer);
+        }
+        reply.body = frames.concat();
+        return reply;
+    }
+    let Ok(chat) = serde_json::from_slice::<crate::api::openai::ChatResponse>(&reply.body) else {
+        return reply;
+    };
+    let (object, answer) = crate::api::responses::response_object(&chat, &call.id, &call.echo);
+    call.store(state, object.clone(), answer);
+    reply.body = object.to_string().into_bytes();
+    reply
+}
+
 /// Encodes canonical items into the client's SSE dialect.
 enum Encoder {
     OpenAi {
@@ -890,6 +974,8 @@ enum Encoder {
     Anthropic(Box<MessagesStreamEncoder>),
     /// Anthropic events forwarded as the Anthropic upstream sent them.
     AnthropicRaw,
+    /// The encoder and the call whose response is stored at the end.
+    Responses(Box<(ResponsesStreamEncoder, ResponsesCall)>),
 }
 
 struct SseBody {
@@ -967,6 +1053,16 @@ impl SseBody {
                         }
                         // The upstream's own `message_stop` has been forwarded.
                         Encoder::AnthropicRaw => {}
+                        Encoder::Responses(pair) => {
+                            let (enc, call) = &mut **pair;
+                            let mut frames = Vec::new();
+                            enc.finish(&mut frames);
+                            self.out.extend(frames);
+                            if let Some((object, answer)) = enc.take_result() {
+                                let state = self.acct.gw.snapshot().services.state.clone();
+                                call.store(state.as_ref(), object, answer);
+                            }
+                        }
                     }
                 }
             }
@@ -998,6 +1094,11 @@ impl SseBody {
                 let body = crate::api::anthropic::error_body(e.status(), &message);
                 self.out
                     .push_back(sse::named_frame("error", body.to_string().as_bytes()));
+            }
+            Encoder::Responses(pair) => {
+                let mut frames = Vec::new();
+                pair.0.error(e.reason(), &message, &mut frames);
+                self.out.extend(frames);
             }
         }
     }
@@ -1067,6 +1168,11 @@ impl SseBody {
                     }
                     Encoder::AnthropicRaw => {
                         tracing::error!("A decoded chunk on an Anthropic pass-through stream.");
+                    }
+                    Encoder::Responses(pair) => {
+                        let mut frames = Vec::new();
+                        pair.0.encode(&chunk, &mut frames);
+                        self.out.extend(frames);
                     }
                 }
             }

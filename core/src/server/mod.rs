@@ -1,10 +1,11 @@
 //! HTTP surface: the axum router, body reading, request ids, and graceful shutdown. Nothing
 //! here knows about providers or policies; handlers parse the body once and hand over to
 //! [`crate::pipeline`]. Connections (accepting, the connection cap, header and keep-alive
-//! timeouts) are in [`conn`].
+//! timeouts) are in [`conn`]; the Responses API handlers in [`responses`]; token counting in [`count_tokens`].
 
 mod conn;
 mod count_tokens;
+mod responses;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -38,6 +39,11 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route(
             "/v1/messages/count_tokens",
             post(count_tokens::count_tokens),
+        )
+        .route("/v1/responses", post(responses::create))
+        .route(
+            "/v1/responses/{id}",
+            get(responses::get).delete(responses::delete),
         )
         .route("/v1/models", get(models))
         .route("/v1/models/{*id}", get(model))

@@ -155,7 +155,8 @@ impl Chain {
         let mut view = RequestView {
             request_id: ctx.request_id.clone(),
             dialect: match ctx.dialect {
-                Dialect::OpenAi => ViewDialect::OpenAi,
+                // The Responses API reaches plugins as the chat request it was translated to.
+                Dialect::OpenAi | Dialect::Responses => ViewDialect::OpenAi,
                 Dialect::Anthropic => ViewDialect::Anthropic,
             },
             ..RequestView::default()
