@@ -221,13 +221,16 @@ async fn one_budget_across_two_instances_mid_stream_included() {
         let (sid, secret) = a
             .create_key(json!({"name": "s", "budget_usd": 0.16, "budget_period": "total"}))
             .await;
-        assert_eq!(a.chat(&secret, &ask(1)).await.status, 200);
+        // The mock honours max_tokens: 120 lets it give its whole 108-token reply.
+        assert_eq!(a.chat(&secret, &ask(120)).await.status, 200);
         eventually(Duration::from_secs(10), "first spend settled", || async {
             spend(&b, &sid).await.1 == 1
         })
         .await;
-        let mut body = ask(1);
-        body["stream"] = json!(true);
+        // No max_tokens: admitted on the plugin's default_max_tokens (1), and the mock
+        // streams its whole reply, so only the mid-stream check can stop it.
+        let body = json!({"model": "mock", "stream": true,
+            "messages": [{"role": "user", "content": "hello"}]});
         let resp = b.chat(&secret, &body).await;
         assert_eq!(resp.status, 200, "{}", resp.text);
         assert!(
