@@ -51,6 +51,7 @@ function assertSession(r, marker, weirLog) {
     assert.fail(`claude result is not JSON (${err.message})\n${dump}`);
   }
   assert.notEqual(result.is_error, true, `claude reported is_error: true (terminal_reason ${result.terminal_reason})\n${dump}`);
+  assert.equal(result.api_error_status ?? null, null, `claude reported an API error status\n${dump}`);
   assert.equal(r.code, 0, `claude exited non-zero\n${dump}`);
   assert.ok(existsSync(marker), `the Bash tool did not run (no ${marker})\n${dump}`);
   assert.match(String(result.result), new RegExp(FINAL), `the final answer did not arrive\n${dump}`);
