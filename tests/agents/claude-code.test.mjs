@@ -1,13 +1,14 @@
 // Claude Code (@anthropic-ai/claude-code, pinned in package.json) completes a non-interactive
 // session through a real weir: one Bash tool call, its result, and a final answer.
 // (a) weir's offline `mock` provider drives the loop; (b) a local fake OpenAI
-// chat-completions upstream does, with weir translating Anthropic Messages <-> OpenAI, streamed.
+// chat-completions upstream does, with weir translating Anthropic Messages <-> OpenAI, streamed;
+// (c) a local fake Anthropic upstream does, with weir passing Anthropic Messages through.
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { existsSync, mkdirSync } from 'node:fs';
 import path from 'node:path';
-import { BIN_DIR, agentEnv, describeRun, run, startFakeOpenAI, startWeir, tempDir, tomlStr } from './support.mjs';
+import { BIN_DIR, agentEnv, describeRun, run, startFakeAnthropic, startFakeOpenAI, startWeir, tempDir, tomlStr } from './support.mjs';
 
 const MODEL = 'weir-agent';
 const FINAL = 'WEIR-CLAUDE-FINAL-ANSWER';
@@ -113,6 +114,43 @@ targets = [{ provider = "up", model = "fake-gpt" }]
     assert.ok(
       chats.some((q) => (q.body?.messages || []).some((m) => m.role === 'tool')),
       'the tool result never reached the upstream as a role "tool" message',
+    );
+  } finally {
+    await weir.stop();
+    await up.close();
+    cleanup();
+  }
+});
+
+test('Claude Code: a streamed tool-call session passed through to a fake Anthropic upstream', async () => {
+  const { dir, cleanup } = tempDir('claude-anthropic');
+  const marker = path.join(dir, 'work', 'marker-anthropic');
+  const up = await startFakeAnthropic({ argsByName: { Bash: bashArgs(marker) }, finalText: FINAL });
+  const weir = await startWeir(`
+[retry]
+attempts_per_target = 1
+
+[providers.up]
+kind = "anthropic"
+base_url = "${up.base}"
+api_key = "sk-ant-fake-upstream"
+
+[[models]]
+name = "${MODEL}"
+targets = [{ provider = "up", model = "fake-claude" }]
+`);
+  try {
+    const work = path.join(dir, 'work');
+    const home = path.join(dir, 'home');
+    mkdirSync(work, { recursive: true });
+    mkdirSync(home, { recursive: true });
+    const r = await runClaude(weir.base, work, home);
+    assertSession(r, marker, weir.log);
+    const msgs = up.requests.filter((q) => q.url.startsWith('/v1/messages') && !q.url.includes('count_tokens'));
+    assert.ok(msgs.some((q) => q.body?.stream === true), 'weir did not stream from the upstream');
+    assert.ok(
+      msgs.some((q) => (q.body?.messages || []).some((m) => Array.isArray(m.content) && m.content.some((b) => b.type === 'tool_result'))),
+      'the tool result never reached the upstream as a tool_result block',
     );
   } finally {
     await weir.stop();
