@@ -25,8 +25,9 @@ targets = [{ provider = "local", model = "mock-1" }]
 });
 
 after(async () => {
-  const code = await weir?.stop();
-  assert.equal(code, 0, `weir exited with ${code} after SIGTERM:\n${weir?.log()}`);
+  if (!weir) return;
+  const code = await weir.stop();
+  assert.equal(code, 0, `weir exited with ${code} after SIGTERM:\n${weir.log()}`);
 });
 
 test('AI SDK: generateText with the default openai() model (Responses API)', async () => {
