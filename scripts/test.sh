@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Runs every test of the repository: Rust unit, golden and end-to-end tests (the e2e suite
 # starts the real `weir` binary against mock upstreams), then the real-client tests (the
-# official `openai` and `anthropic` Python packages against a running `weir`).
+# official `openai` and `anthropic` Python packages, Claude Code, Codex CLI and the JS SDKs
+# against a running `weir`).
 #
 #   scripts/test.sh
 #
-# Needs the Rust toolchain of rust-toolchain.toml and Python 3 with venv; everything else
-# (the wasm32-wasip2 target, redis-server from Debian, plugin builds, the Python packages) it
-# sets up itself.
+# Needs the Rust toolchain of rust-toolchain.toml, Python 3 with venv and Node.js 20+ with
+# npm; everything else (the wasm32-wasip2 target, redis-server from Debian, plugin builds, the
+# Python packages, the pinned npm clients) it sets up itself.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -96,6 +97,9 @@ case "$code" in
   5) failed+=("Python tests (pytest collected no tests)") ;;
   *) failed+=("Python tests (pytest exit $code)") ;;
 esac
+
+step "Real agents and JS SDKs (scripts/test-agents.sh)"
+bash scripts/test-agents.sh || failed+=("agent and JS SDK tests (scripts/test-agents.sh)")
 
 if ((${#failed[@]})); then
   printf '\ntest.sh: FAILED:\n' >&2
