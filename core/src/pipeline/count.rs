@@ -31,7 +31,7 @@ pub async fn count_tokens(gw: &Arc<Gateway>, mut ctx: RequestCtx) -> Response {
     acct.log.request_id.clone_from(&ctx.request_id);
     acct.log.generation = snap.generation;
     // No price table: a count costs nothing.
-    let (_chain, targets) = match admit(&snap, &mut ctx, &mut acct) {
+    let (_chain, targets) = match admit(&snap, &mut ctx, &mut acct, None) {
         Ok(v) => v,
         Err(resp) => return *resp,
     };
